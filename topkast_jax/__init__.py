@@ -1,0 +1,49 @@
+"""topkast_jax: Top-KAST (Top-K Always Sparse Training) for JAX and optax.
+
+Public API::
+
+    tx = topkast(inner, forward_sparsity=..., backward_sparsity=..., exploration_l2=..., ...)
+    alpha = forward_params(params, opt_state)          # θ ⊙ A
+    masks = get_masks(opt_state)                       # Masks(forward=A, backward=B)
+    penalty = exploration_penalty(params, opt_state)   # λ(½‖θ_A‖² + ½‖θ_{B∖A}‖²/D)
+    stats = mask_stats(opt_state)                      # densities, mask change, reservoir
+"""
+
+from topkast_jax import nnx, selection, sparsify
+from topkast_jax.distributions import erk_densities, keep_count, leaf_densities, mask_counts
+from topkast_jax.penalty import exploration_penalty
+from topkast_jax.plan import LeafDensity, layer_densities
+from topkast_jax.state import (
+    Masks,
+    MaskStats,
+    TopKastState,
+    find_sparse_state,
+    forward_params,
+    get_masks,
+)
+from topkast_jax.stats import count_nonzero_params, mask_stats
+from topkast_jax.transform import topkast
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LeafDensity",
+    "MaskStats",
+    "Masks",
+    "TopKastState",
+    "count_nonzero_params",
+    "erk_densities",
+    "exploration_penalty",
+    "find_sparse_state",
+    "forward_params",
+    "get_masks",
+    "keep_count",
+    "layer_densities",
+    "leaf_densities",
+    "mask_counts",
+    "mask_stats",
+    "nnx",
+    "selection",
+    "sparsify",
+    "topkast",
+]

@@ -1,0 +1,84 @@
+"""Mask statistics, cheap enough to log every step (paper Fig. 3).
+
+* forward / backward density: ``|A| / n`` and ``|B| / n``, per sparse leaf and over all of them.
+* mask change: ``|A_t ∖ A_{t−1}| / |A_{t−1}|`` at the last refresh, per leaf; its mean over leaves.
+* reservoir activation: of ``C₀`` (weights in neither ``A`` nor ``B`` at initialisation), the
+  fraction that has ever entered ``A``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from topkast_jax.state import Masks, MaskStats, find_sparse_state
+from topkast_jax.tree import sparse_leaves
+
+
+def init_stats(masks: Masks) -> MaskStats:
+    """Statistics at initialisation: nothing changed, ``ever_active = A₀``, ``C₀ = ¬B₀``."""
+    changed = jax.tree.map(lambda a: jnp.zeros((), jnp.float32), masks.forward)
+    reservoir = jax.tree.map(jnp.logical_not, masks.backward)
+    return MaskStats(changed=changed, ever_active=masks.forward, reservoir=reservoir)
+
+
+def fraction_changed(old: jax.Array, new: jax.Array) -> jax.Array:
+    """``|new ∖ old| / |old|`` (0 when ``old`` is empty), float32."""
+    entered = jnp.sum(new & ~old, dtype=jnp.float32)
+    return entered / jnp.maximum(jnp.sum(old, dtype=jnp.float32), 1.0)
+
+
+def refresh_stats(stats: MaskStats, old: Masks, new: Masks) -> MaskStats:
+    """Statistics after a refresh from ``old`` to ``new`` masks."""
+    changed = jax.tree.map(fraction_changed, old.forward, new.forward)
+    ever = jax.tree.map(jnp.logical_or, stats.ever_active, new.forward)
+    return MaskStats(changed=changed, ever_active=ever, reservoir=stats.reservoir)
+
+
+def _count(mask: jax.Array) -> jax.Array:
+    return jnp.sum(mask, dtype=jnp.float32)
+
+
+def mask_stats(opt_state: optax.OptState, *, per_leaf: bool = True) -> dict[str, jax.Array]:
+    """Flat dict of float32 scalars describing the masks; jit-able.
+
+    Keys: ``forward_density``, ``backward_density`` (over all sparse leaves), ``mask_change``
+    (mean over sparse leaves of the change at the last refresh), ``mask_change_min``,
+    ``mask_change_max``, ``reservoir_activated``; with ``per_leaf`` also
+    ``forward_density/<path>``, ``backward_density/<path>`` and ``mask_change/<path>``.
+    Empty dict when no leaf is sparse.
+    """
+    state = find_sparse_state(opt_state)
+    masks, stats = state.masks, state.stats
+    rows = sparse_leaves(
+        masks.forward, masks.backward, stats.changed, stats.ever_active, stats.reservoir
+    )
+    if not rows:
+        return {}
+    out: dict[str, jax.Array] = {}
+    sizes = jnp.array([a.size for _, a, *_ in rows], jnp.float32)
+    fwd = jnp.stack([_count(a) for _, a, *_ in rows])
+    bwd = jnp.stack([_count(b) for _, _, b, *_ in rows])
+    changed = jnp.stack([c for _, _, _, c, _, _ in rows])
+    out["forward_density"] = fwd.sum() / sizes.sum()
+    out["backward_density"] = bwd.sum() / sizes.sum()
+    out["mask_change"] = changed.mean()
+    out["mask_change_min"] = changed.min()
+    out["mask_change_max"] = changed.max()
+    reservoir = sum(_count(r) for *_, r in rows)
+    activated = sum(_count(e & r) for *_, e, r in rows)
+    out["reservoir_activated"] = activated / jnp.maximum(reservoir, 1.0)
+    if per_leaf:
+        for i, (name, *_) in enumerate(rows):
+            out[f"forward_density/{name}"] = fwd[i] / sizes[i]
+            out[f"backward_density/{name}"] = bwd[i] / sizes[i]
+            out[f"mask_change/{name}"] = changed[i]
+    return out
+
+
+def count_nonzero_params(params: Any) -> jax.Array:
+    """Number of nonzero entries over all leaves (int32 would overflow past 2³¹: float32)."""
+    return sum(jnp.sum(p != 0, dtype=jnp.float32) for p in jax.tree.leaves(params))

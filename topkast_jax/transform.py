@@ -1,0 +1,244 @@
+"""Top-KAST as an optax gradient transformation.
+
+Jayakumar, Pascanu, Rae, Osindero, Elsen. *Top-KAST: Top-K Always Sparse Training*. NeurIPS 2020.
+
+Per sparse leaf with dense parameters ``θ`` (never materialised as "dense" on the forward pass):
+
+* ``A`` = top-``D`` fraction of ``|θ|`` (forward set), ``B`` = top-``(D+M)`` fraction (backward
+  set, ``A ⊆ B``).  The model sees ``α = θ ⊙ A`` (:func:`topkast_jax.forward_params`) and the
+  gradient ``g = ∂L/∂α``.
+* ``update(g, state, θ)``:
+  (a) ``g ← g ⊙ B``;
+  (b) ``g ← g + λ s ⊙ θ`` with ``s = 1`` on ``A``, ``1/D`` on ``B∖A`` — the gradient of the
+      exploration penalty ``λ(½‖θ_A‖² + ½‖θ_{B∖A}‖²/D)``;
+  (c) the inner optimizer turns ``g`` into ``u``;
+  (d) ``u ← u ⊙ B``, and the inner optimizer's param-shaped state is zeroed outside ``B`` — the
+      run equals a truly sparse implementation that stores nothing outside ``B``;
+  (e) if ``(count + 1) % refresh_every == 0``, ``A`` and ``B`` are recomputed from ``θ + u``.
+* Dense leaves (not selected by ``sparsify``) get the inner optimizer's update untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax import tree_utils as otu
+
+from topkast_jax import distributions, selection
+from topkast_jax import masks as masks_lib
+from topkast_jax import sparsify as sparsify_lib
+from topkast_jax import stats as stats_lib
+from topkast_jax.penalty import add_penalty_gradient
+from topkast_jax.plan import LeafDensity, check_sparsity, layer_densities, unflatten_sparse
+from topkast_jax.state import Masks, TopKastState
+from topkast_jax.tree import map_sparse
+
+
+def _check_hyperparameters(
+    refresh_every: Any, exploration_l2: Any, backward_selection: str, stop_step: Any, method: str
+) -> None:
+    if not isinstance(refresh_every, int | jnp.integer) or refresh_every < 1:
+        raise ValueError(f"refresh_every must be an integer >= 1, got {refresh_every!r}.")
+    if not isinstance(exploration_l2, jax.core.Tracer) and float(exploration_l2) < 0:
+        raise ValueError(f"exploration_l2 must be >= 0, got {exploration_l2!r}.")
+    if backward_selection not in masks_lib.BACKWARD_SELECTIONS:
+        raise ValueError(
+            f"backward_selection must be one of {masks_lib.BACKWARD_SELECTIONS}, "
+            f"got {backward_selection!r}."
+        )
+    if stop_step is not None and (not isinstance(stop_step, int | jnp.integer) or stop_step < 0):
+        raise ValueError(
+            f"stop_exploration_step must be None or an integer >= 0, got {stop_step!r}."
+        )
+    selection.resolve_method(method)
+
+
+def zero_outside(tree: Any, mask_tree: Any) -> Any:
+    """``x ⊙ mask`` on sparse leaves of a params-shaped tree; dense leaves unchanged."""
+    return map_sparse(lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype)), tree, mask_tree)
+
+
+def zero_inner_state_outside(
+    inner: optax.GradientTransformation, inner_state: optax.OptState, mask_tree: Any
+) -> optax.OptState:
+    """Zero every param-shaped leaf of ``inner_state`` outside ``mask_tree`` (momenta, moments)."""
+    return otu.tree_map_params(
+        inner,
+        lambda v, m: v if m is None else jnp.where(m, v, jnp.zeros((), v.dtype)),
+        inner_state,
+        mask_tree,
+        transform_non_params=lambda v: v,
+    )
+
+
+def sparse_inner_update(
+    inner: optax.GradientTransformation,
+    grads: Any,
+    inner_state: optax.OptState,
+    params: Any,
+    backward: Any,
+    **extra_args: Any,
+) -> tuple[Any, optax.OptState]:
+    """Steps (c)–(d): the inner optimizer on ``grads``, then updates and state zeroed outside B."""
+    inner = optax.with_extra_args_support(inner)
+    updates, inner_state = inner.update(grads, inner_state, params, **extra_args)
+    return zero_outside(updates, backward), zero_inner_state_outside(inner, inner_state, backward)
+
+
+def stop_exploration(count: jax.Array, masks: Masks, stop_step: int | None) -> Masks:
+    """``B ← A`` once ``count >= stop_step`` (updates to ``B∖A`` stopped after step ``t``)."""
+    if stop_step is None:
+        return masks
+    stopped = count >= stop_step
+    backward = map_sparse(lambda b, a: jnp.where(stopped, a, b), masks.backward, masks.forward)
+    return Masks(masks.forward, backward)
+
+
+def topkast(
+    inner: optax.GradientTransformation,
+    *,
+    forward_sparsity: float,
+    backward_sparsity: float = 0.0,
+    exploration_l2: float = 0.0,
+    refresh_every: int = 1,
+    sparsify: Any = None,
+    distribution: str = "uniform",
+    global_topk: bool = False,
+    backward_selection: str = "magnitude",
+    stop_exploration_step: int | None = None,
+    selection_method: str = "auto",
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Top-KAST: always-sparse training around any optax optimizer.
+
+    Args:
+      inner: the optimizer that turns (masked, penalised) gradients into updates.
+      forward_sparsity: fraction of zeros in the forward pass; ``D = 1 − forward_sparsity``.
+      backward_sparsity: fraction of weights that receive no update; ``D + M = 1 −
+        backward_sparsity``. Must be ``<= forward_sparsity``; 0 updates every weight.
+      exploration_l2: ``λ`` of the exploration penalty ``λ(½‖θ_A‖² + ½‖θ_{B∖A}‖²/D)``.
+      refresh_every: recompute ``A`` and ``B`` every this many updates (paper App. C: 1 or 100).
+      sparsify: which leaves are sparse — a bool pytree like params or a callable
+        ``params -> bool pytree`` (``optax.masked``'s convention); default
+        :func:`topkast_jax.sparsify.kernels` (every floating leaf with ``ndim >= 2``).
+      distribution: ``"uniform"`` or ``"erk"`` densities over sparse leaves.
+      global_topk: one magnitude threshold over all sparse leaves instead of per leaf.
+      backward_selection: ``"magnitude"`` (paper) or ``"random"`` ``B∖A`` (Table 1 ablation).
+      stop_exploration_step: from this step on ``B = A`` (Table 1 ablation); ``None`` never.
+      selection_method: exact top-k method, see :mod:`topkast_jax.selection`.
+      seed: PRNG seed for ``backward_selection="random"``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, topkast_jax as tk
+      >>> params = {"w": jnp.arange(1.0, 11.0).reshape(2, 5), "b": jnp.zeros(5)}
+      >>> tx = tk.topkast(optax.sgd(0.1), forward_sparsity=0.8, backward_sparsity=0.5)
+      >>> state = tx.init(params)
+      >>> tk.forward_params(params, state)["w"]
+      Array([[ 0.,  0.,  0.,  0.,  0.],
+             [ 0.,  0.,  0.,  9., 10.]], dtype=float32)
+
+    References:
+      Jayakumar et al., 2020. https://arxiv.org/abs/2106.03517
+    """
+    forward_sparsity = check_sparsity("forward_sparsity", forward_sparsity)
+    backward_sparsity = check_sparsity("backward_sparsity", backward_sparsity)
+    if backward_sparsity > forward_sparsity:
+        raise ValueError(
+            f"backward_sparsity ({backward_sparsity}) must be <= forward_sparsity "
+            f"({forward_sparsity}): the backward set B contains the forward set A."
+        )
+    _check_hyperparameters(
+        refresh_every, exploration_l2, backward_selection, stop_exploration_step, selection_method
+    )
+    if distribution not in distributions.DISTRIBUTIONS:
+        raise ValueError(
+            f"distribution must be one of {distributions.DISTRIBUTIONS}, got {distribution!r}."
+        )
+    if global_topk and distribution != "uniform":
+        raise ValueError(
+            "global_topk=True sets one threshold for all leaves: use "
+            f"distribution='uniform', got {distribution!r}."
+        )
+    sparsify = sparsify if sparsify is not None else sparsify_lib.kernels()
+
+    def plan_for(params: Any) -> list[LeafDensity]:
+        return layer_densities(
+            params,
+            sparsify=sparsify,
+            forward_sparsity=forward_sparsity,
+            backward_sparsity=backward_sparsity,
+            distribution=distribution,
+        )
+
+    def compute_masks(params: Any, plan: list[LeafDensity], rng: jax.Array) -> Masks:
+        return masks_lib.topkast_masks(
+            params,
+            plan,
+            global_topk=global_topk,
+            backward_selection=backward_selection,
+            rng=rng,
+            method=selection_method,
+        )
+
+    def init_fn(params: Any) -> TopKastState:
+        plan = plan_for(params)
+        rng, mask_rng = jax.random.split(jax.random.PRNGKey(seed))
+        masks = stop_exploration(
+            jnp.zeros((), jnp.int32), compute_masks(params, plan, mask_rng), stop_exploration_step
+        )
+        densities = unflatten_sparse(
+            params, plan, [jnp.asarray(leaf.forward, jnp.float32) for leaf in plan if leaf.sparse]
+        )
+        return TopKastState(
+            count=jnp.zeros((), jnp.int32),
+            masks=masks,
+            densities=densities,
+            exploration_l2=jnp.asarray(exploration_l2, jnp.float32),
+            stats=stats_lib.init_stats(masks),
+            rng=rng,
+            inner_state=inner.init(params),
+        )
+
+    def update_fn(grads, state: TopKastState, params=None, **extra_args):
+        if params is None:
+            raise ValueError("topkast's update needs params: call tx.update(grads, state, params).")
+        plan = plan_for(params)
+        l2 = jnp.asarray(exploration_l2, jnp.float32)
+        masks = stop_exploration(state.count, state.masks, stop_exploration_step)
+        grads = zero_outside(grads, masks.backward)  # (a)
+        grads = add_penalty_gradient(grads, params, masks, state.densities, l2)  # (b)
+        updates, inner_state = sparse_inner_update(  # (c), (d)
+            inner, grads, state.inner_state, params, masks.backward, **extra_args
+        )
+        count = state.count + 1
+
+        def refresh():  # (e)
+            rng, mask_rng = jax.random.split(state.rng)
+            new_params = optax.apply_updates(params, updates)
+            new = stop_exploration(
+                count, compute_masks(new_params, plan, mask_rng), stop_exploration_step
+            )
+            return new, stats_lib.refresh_stats(state.stats, masks, new), rng
+
+        def keep():
+            return masks, state.stats, state.rng
+
+        new_masks, new_stats, rng = jax.lax.cond(count % refresh_every == 0, refresh, keep)
+        new_state = TopKastState(
+            count=count,
+            masks=new_masks,
+            densities=state.densities,
+            exploration_l2=l2,
+            stats=new_stats,
+            rng=rng,
+            inner_state=inner_state,
+        )
+        return updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
