@@ -27,31 +27,27 @@ def random_keys(rng: jax.Array, size: int) -> jax.Array:
     return bits.astype(jnp.int32)
 
 
-def _select_flat(
-    keys_N: jax.Array,
-    k_forward: int,
-    k_backward: int,
+def _select(
+    keys: list[jax.Array],
+    k_forward: list[int],
+    k_backward: list[int],
     backward_selection: str,
     rng: jax.Array,
     method: str,
-) -> tuple[jax.Array, jax.Array]:
-    """``(A_N, B_N)`` for one flat key vector."""
-    forward_N = selection.top_k_keys_mask(keys_N, k_forward, method=method)
-    if backward_selection == "magnitude":
-        backward_N = selection.top_k_keys_mask(keys_N, k_backward, method=method)
-    else:
-        extra = k_backward - k_forward
-        grown_N = selection.top_k_keys_mask(
-            random_keys(rng, keys_N.shape[0]), extra, ~forward_N, method=method
-        )
-        backward_N = forward_N | grown_N
-    return forward_N, backward_N
-
-
-def _unflatten_leaves(flat_N: jax.Array, splits: list[int], leaves: list[Any]) -> list[jax.Array]:
-    """Cuts a concatenation of flattened leaves back into leaf-shaped pieces."""
-    pieces = jnp.split(flat_N, splits)
-    return [piece.reshape(p.shape) for piece, p in zip(pieces, leaves, strict=True)]
+) -> tuple[list[jax.Array], list[jax.Array]]:
+    """``(A, B)`` flat masks for each flat key vector."""
+    if backward_selection == "magnitude":  # one batched selection for A and B
+        both = selection.top_k_masks(keys + keys, k_forward + k_backward, method=method)
+        return both[: len(keys)], both[len(keys) :]
+    forward = selection.top_k_masks(keys, k_forward, method=method)
+    rngs = jax.random.split(rng, len(keys))
+    grown = selection.top_k_masks(
+        [random_keys(r, x.shape[0]) for r, x in zip(rngs, keys, strict=True)],
+        [kb - ka for ka, kb in zip(k_forward, k_backward, strict=True)],
+        [~a for a in forward],
+        method=method,
+    )
+    return forward, [a | g for a, g in zip(forward, grown, strict=True)]
 
 
 def topkast_masks(
@@ -76,34 +72,26 @@ def topkast_masks(
     """
     leaves = [p for p, leaf in zip(jax.tree.leaves(params), plan, strict=True) if leaf.sparse]
     sparse_plan = [leaf for leaf in plan if leaf.sparse]
-    if rng is None:
-        rng = jax.random.PRNGKey(0)
-    if global_topk and sparse_plan:
-        keys_N = jnp.concatenate([selection.magnitude_keys(p) for p in leaves])
-        total = keys_N.shape[0]
-        k_fwd, k_bwd = distributions.mask_counts(
-            sparse_plan[0].forward, sparse_plan[0].backward, total
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    keys = [selection.magnitude_keys(p) for p in leaves]
+    if global_topk and keys:
+        sizes = [leaf.size for leaf in sparse_plan]
+        first = sparse_plan[0]
+        k_fwd, k_bwd = distributions.mask_counts(first.forward, first.backward, sum(sizes))
+        (fwd_N,), (bwd_N,) = _select(
+            [jnp.concatenate(keys)], [k_fwd], [k_bwd], backward_selection, rng, method
         )
-        fwd_N, bwd_N = _select_flat(keys_N, k_fwd, k_bwd, backward_selection, rng, method)
-        splits = list(itertools.accumulate(leaf.size for leaf in sparse_plan))[:-1]
-        forward = [
-            m.reshape(p.shape) for m, p in zip(jnp.split(fwd_N, splits), leaves, strict=True)
-        ]
-        backward = [
-            m.reshape(p.shape) for m, p in zip(jnp.split(bwd_N, splits), leaves, strict=True)
-        ]
+        splits = list(itertools.accumulate(sizes))[:-1]
+        forward, backward = jnp.split(fwd_N, splits), jnp.split(bwd_N, splits)
     else:
-        forward, backward = [], []
-        leaf_rngs = jax.random.split(rng, max(1, len(leaves)))
-        for p, leaf, leaf_rng in zip(leaves, sparse_plan, leaf_rngs, strict=False):
-            fwd_N, bwd_N = _select_flat(
-                selection.magnitude_keys(p),
-                leaf.k_forward,
-                leaf.k_backward,
-                backward_selection,
-                leaf_rng,
-                method,
-            )
-            forward.append(fwd_N.reshape(p.shape))
-            backward.append(bwd_N.reshape(p.shape))
+        forward, backward = _select(
+            keys,
+            [leaf.k_forward for leaf in sparse_plan],
+            [leaf.k_backward for leaf in sparse_plan],
+            backward_selection,
+            rng,
+            method,
+        )
+    forward = [m.reshape(p.shape) for m, p in zip(forward, leaves, strict=True)]
+    backward = [m.reshape(p.shape) for m, p in zip(backward, leaves, strict=True)]
     return Masks(unflatten_sparse(params, plan, forward), unflatten_sparse(params, plan, backward))

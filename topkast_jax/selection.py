@@ -28,6 +28,7 @@ Methods (all exact, all give identical masks):
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -69,86 +70,114 @@ def _reverse_cumsum(h: jax.Array) -> jax.Array:
     return jnp.cumsum(h[..., ::-1], axis=-1)[..., ::-1]
 
 
-def _digit_histogram(digit_N: jax.Array, valid_N: jax.Array) -> jax.Array:
-    """Counts of each 16-bit digit value among valid entries (shape ``[65536]``)."""
-    bins = jnp.where(valid_N, digit_N, _NUM_BINS)
-    return jnp.zeros(_NUM_BINS + 1, jnp.int32).at[bins].add(1, mode="drop")[:_NUM_BINS]
+def _largest_at_least(at_least_SxB: jax.Array, k_S: jax.Array, beyond_S: jax.Array):
+    """Per row ``s`` of a non-increasing ``at_least[s, b] = #(digit >= b)``: the largest ``b``
+    with ``at_least[s, b] >= k[s]``, and ``at_least[s, b + 1]`` (``beyond[s]`` past the end)."""
+    b_S = jnp.sum(at_least_SxB >= k_S[:, None], axis=-1, dtype=jnp.int32) - 1
+    padded = jnp.concatenate([at_least_SxB, beyond_S[:, None]], axis=-1)
+    return b_S, jnp.take_along_axis(padded, (b_S + 1)[:, None], axis=-1)[:, 0]
 
 
-def _largest_at_least(at_least: jax.Array, k: jax.Array, beyond: jax.Array):
-    """For non-increasing ``at_least`` (``at_least[b] = #(digit >= b)``): the largest ``b`` with
-    ``at_least[b] >= k``, and ``at_least[b + 1]`` (``beyond`` past the end)."""
-    b = jnp.sum(at_least >= k) - 1
-    return b, jnp.concatenate([at_least, beyond[None]])[b + 1]
-
-
-def _select_bucket(hist: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Largest bucket ``b`` with ``#(digit >= b) >= k``, and ``#(digit > b)``.
+def _select_bucket(hist_SxD: jax.Array, k_S: jax.Array) -> tuple[jax.Array, ...]:
+    """Per segment: the largest bucket ``b`` with ``#(digit >= b) >= k``, ``#(digit > b)`` and
+    ``#(digit == b)``.
 
     Two levels of 256 (rows of 256 buckets, then the buckets of one row), so the scan costs
     2 × 256 instead of 65,536 sequential additions.
     """
-    hist_RxC = hist.reshape(256, 256)
-    row_at_least = _reverse_cumsum(hist_RxC.sum(axis=1))
-    row, above_row = _largest_at_least(row_at_least, k, jnp.int32(0))
-    col_at_least = _reverse_cumsum(hist_RxC[row]) + above_row
-    col, above = _largest_at_least(col_at_least, k, above_row)
-    return row * 256 + col, above
+    hist_SxRxC = hist_SxD.reshape(-1, 256, 256)
+    row_at_least = _reverse_cumsum(hist_SxRxC.sum(axis=-1))
+    row_S, above_row_S = _largest_at_least(row_at_least, k_S, jnp.zeros_like(k_S))
+    row_hist_SxC = jnp.take_along_axis(hist_SxRxC, row_S[:, None, None], axis=1)[:, 0]
+    col_at_least = _reverse_cumsum(row_hist_SxC) + above_row_S[:, None]
+    col_S, above_S = _largest_at_least(col_at_least, k_S, above_row_S)
+    at_col_S = jnp.take_along_axis(col_at_least, col_S[:, None], axis=-1)[:, 0]
+    return row_S * 256 + col_S, above_S, at_col_S - above_S
 
 
-def kth_largest_histogram(keys_N: jax.Array, k: jax.Array, valid_N: jax.Array) -> jax.Array:
-    """The k-th largest valid key (1-based), by a two-digit radix select.
+class Threshold(NamedTuple):
+    """Per segment ``s``: the k-th largest valid key ``key[s]`` with ``above[s] = #(valid & key >
+    t)`` and ``tied[s] = #(valid & key == t)``; they satisfy ``above < k <= above + tied``."""
+
+    key: jax.Array
+    above: jax.Array
+    tied: jax.Array
+
+
+def _row_histogram(digit_GxN: jax.Array, valid_GxN: jax.Array) -> jax.Array:
+    """``hist[g, d]`` = number of valid entries of row ``g`` with 16-bit digit ``d``."""
+    rows = digit_GxN.shape[0]
+    base_Gx1 = jnp.arange(rows, dtype=jnp.int32)[:, None] * _NUM_BINS
+    bins_GxN = jnp.where(valid_GxN, base_Gx1 + digit_GxN, rows * _NUM_BINS)
+    hist = jnp.zeros(rows * _NUM_BINS + 1, jnp.int32).at[bins_GxN].add(1, mode="drop")
+    return hist[:-1].reshape(rows, _NUM_BINS)
+
+
+def kth_largest_histogram(keys_GxN: jax.Array, k_G: jax.Array, valid_GxN: jax.Array) -> Threshold:
+    """Per row, the k-th largest valid key (1-based), by a two-digit radix select.
+
+    Pass 1 histograms the high 16 bits of every valid key (one scatter-add for all rows) and finds,
+    per row, the bucket ``h`` holding the k-th largest; pass 2 histograms the low 16 bits of the
+    keys in bucket ``h`` and finds the k'-th largest there (``k' = k − #(high > h)``).  The counts
+    of the result come from the histograms: no further pass over the keys.
 
     Args:
-      keys_N: int32 keys ``>= 0``, shape ``[N]``.
-      k: number of entries to keep, ``1 <= k <= sum(valid_N)``.
-      valid_N: bool, shape ``[N]``; invalid entries are ignored.
-
-    Returns:
-      int32 scalar ``t`` with ``#(valid & key > t) < k <= #(valid & key >= t)``.
+      keys_GxN: int32 keys ``>= 0``, ``G`` independent rows of ``N``.
+      k_G: int32, ``1 <= k[g] <= #valid in row g``.
+      valid_GxN: bool; invalid entries are ignored.
     """
-    ukeys = lax.bitcast_convert_type(keys_N, jnp.uint32)
-    high = (ukeys >> _DIGIT_BITS).astype(jnp.int32)
-    high_bucket, above = _select_bucket(_digit_histogram(high, valid_N), k)
-    low = (ukeys & (_NUM_BINS - 1)).astype(jnp.int32)
-    in_bucket = valid_N & (high == high_bucket)
-    low_bucket, _ = _select_bucket(_digit_histogram(low, in_bucket), k - above)
-    threshold = (high_bucket.astype(jnp.uint32) << _DIGIT_BITS) | low_bucket.astype(jnp.uint32)
-    return lax.bitcast_convert_type(threshold, jnp.int32)
+    ukeys_GxN = lax.bitcast_convert_type(keys_GxN, jnp.uint32)
+    high_GxN = (ukeys_GxN >> _DIGIT_BITS).astype(jnp.int32)
+    high_G, above_high_G, _ = _select_bucket(_row_histogram(high_GxN, valid_GxN), k_G)
+    low_GxN = (ukeys_GxN & (_NUM_BINS - 1)).astype(jnp.int32)
+    in_bucket_GxN = valid_GxN & (high_GxN == high_G[:, None])
+    low_hist = _row_histogram(low_GxN, in_bucket_GxN)
+    low_G, above_low_G, tied_G = _select_bucket(low_hist, k_G - above_high_G)
+    key_G = (high_G.astype(jnp.uint32) << _DIGIT_BITS) | low_G.astype(jnp.uint32)
+    return Threshold(lax.bitcast_convert_type(key_G, jnp.int32), above_high_G + above_low_G, tied_G)
 
 
-def kth_largest_bisect(keys_N: jax.Array, k: jax.Array, valid_N: jax.Array) -> jax.Array:
-    """Same contract as :func:`kth_largest_histogram`, found bit by bit (31 counting passes)."""
-    masked = jnp.where(valid_N, keys_N, -1)
+def kth_largest_bisect(keys_GxN: jax.Array, k_G: jax.Array, valid_GxN: jax.Array) -> Threshold:
+    """Same contract as :func:`kth_largest_histogram`, found bit by bit: 31 passes of
+    ``count(key >= candidate)`` — reductions only, no scatter."""
+    masked_GxN = jnp.where(valid_GxN, keys_GxN, -1)
 
-    def set_bit(i, prefix):
-        candidate = prefix | (jnp.int32(1) << (30 - i))
-        count = jnp.sum(masked >= candidate, dtype=jnp.int32)
-        return jnp.where(count >= k, candidate, prefix)
+    def count(op, t_G):
+        return jnp.sum(op(masked_GxN, t_G[:, None]), axis=1, dtype=jnp.int32)
 
-    return lax.fori_loop(0, 31, set_bit, jnp.int32(0))
+    def set_bit(i, prefix_G):
+        candidate_G = prefix_G | (jnp.int32(1) << (30 - i))
+        return jnp.where(count(jnp.greater_equal, candidate_G) >= k_G, candidate_G, prefix_G)
+
+    t_G = lax.fori_loop(0, 31, set_bit, jnp.zeros(keys_GxN.shape[0], jnp.int32))
+    return Threshold(t_G, count(jnp.greater, t_G), count(jnp.equal, t_G))
+
+
+Kth = Callable[[jax.Array, jax.Array, jax.Array], Threshold]
 
 
 def _mask_from_threshold(
-    keys_N: jax.Array,
-    k: jax.Array,
-    valid_N: jax.Array,
-    kth: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+    keys_GxN: jax.Array, k_G: jax.Array, valid_GxN: jax.Array, kth: Kth
 ) -> jax.Array:
-    """Top-k mask given a k-th-largest routine; ties at the threshold go to lower indices."""
-    threshold = kth(keys_N, k, valid_N)
-    above_N = valid_N & (keys_N > threshold)
-    tied_N = valid_N & (keys_N == threshold)
-    needed = k - jnp.sum(above_N, dtype=jnp.int32)
+    """Top-k mask per row given a k-th-largest routine; ties go to lower indices.
+
+    Entries above the threshold are kept; of those equal to it, the first ``k − above`` of each
+    row — found only when some row's ties straddle the boundary, by a second select on
+    ``index key = N − 1 − position`` (unique, larger for lower positions) among the tied entries.
+    """
+    t = kth(keys_GxN, k_G, valid_GxN)
+    above_GxN = valid_GxN & (keys_GxN > t.key[:, None])
+    tied_GxN = valid_GxN & (keys_GxN == t.key[:, None])
+    needed_G = k_G - t.above
 
     def first_needed_ties():
-        # Lower index == larger key ~index; select `needed` of them among the tied entries.
-        index_keys_N = jnp.int32(keys_N.shape[0] - 1) - jnp.arange(keys_N.shape[0], dtype=jnp.int32)
-        index_threshold = kth(index_keys_N, needed, tied_N)
-        return above_N | (tied_N & (index_keys_N >= index_threshold))
+        n = keys_GxN.shape[1]
+        index_keys_N = jnp.int32(n - 1) - jnp.arange(n, dtype=jnp.int32)
+        index_keys_GxN = jnp.broadcast_to(index_keys_N, keys_GxN.shape)
+        index_t = kth(index_keys_GxN, needed_G, tied_GxN)
+        return above_GxN | (tied_GxN & (index_keys_GxN >= index_t.key[:, None]))
 
-    all_ties_fit = jnp.sum(tied_N, dtype=jnp.int32) == needed
-    return lax.cond(all_ties_fit, lambda: above_N | tied_N, first_needed_ties)
+    return lax.cond(jnp.all(t.tied == needed_G), lambda: above_GxN | tied_GxN, first_needed_ties)
 
 
 def _mask_top_k(keys_N: jax.Array, k: int, valid_N: jax.Array) -> jax.Array:
@@ -161,34 +190,75 @@ def _mask_sort(keys_N: jax.Array, k: int, valid_N: jax.Array) -> jax.Array:
     return jnp.zeros(keys_N.shape, bool).at[order_N[:k]].set(True)
 
 
-def top_k_keys_mask(
-    keys_N: jax.Array, k: int, valid_N: jax.Array | None = None, *, method: str = "auto"
-) -> jax.Array:
-    """Bool mask of the ``k`` largest valid keys, ties to the lower index.
+def _batched_masks(
+    keys: list[jax.Array], ks: list[int], valids: list[jax.Array], kth: Kth
+) -> list[jax.Array]:
+    """Masks for several key vectors of one length, selected together as rows of a matrix."""
+    stack = (lambda xs: xs[0][None]) if len(keys) == 1 else jnp.stack
+    mask_GxN = _mask_from_threshold(stack(keys), jnp.array(ks, jnp.int32), stack(valids), kth)
+    return list(mask_GxN)
+
+
+def top_k_masks(
+    keys: list[jax.Array],
+    ks: list[int],
+    valids: list[jax.Array | None] | None = None,
+    *,
+    method: str = "auto",
+) -> list[jax.Array]:
+    """Bool masks of the ``ks[i]`` largest valid entries of each ``keys[i]``, ties to lower index.
+
+    Vectors of equal length are selected together as the rows of one matrix, so the compiled
+    program grows with the number of distinct lengths, not of leaves.
 
     Args:
-      keys_N: int32 keys ``>= 0``, shape ``[N]``.
-      k: static count, ``0 <= k <= #valid``.
-      valid_N: optional bool mask of candidates (default: all).
+      keys: int32 key vectors ``>= 0`` (e.g. :func:`magnitude_keys`).
+      ks: static counts, ``0 <= ks[i] <= #valid in keys[i]``.
+      valids: optional candidate masks (``None`` entries: all valid).
       method: see the module docstring.
 
     Returns:
-      bool ``[N]`` with exactly ``k`` True entries, all valid.
+      One bool vector per input with exactly ``ks[i]`` True entries, all valid.
     """
-    n = keys_N.shape[0]
     method = resolve_method(method)
-    if valid_N is None:
-        if k >= n:
-            return jnp.ones((n,), bool)
-        valid_N = jnp.ones((n,), bool)
-    if k <= 0:
-        return jnp.zeros((n,), bool)
+    valids = list(valids) if valids is not None else [None] * len(keys)
+    out: list[jax.Array | None] = [None] * len(keys)
+    todo = []
+    for i, (key, k, valid) in enumerate(zip(keys, ks, valids, strict=True)):
+        n = int(key.shape[0])
+        if k <= 0:
+            out[i] = jnp.zeros((n,), bool)
+        elif valid is None and k >= n:
+            out[i] = jnp.ones((n,), bool)
+        else:
+            todo.append(i)
+    full = [v if v is not None else jnp.ones(keys[i].shape, bool) for i, v in enumerate(valids)]
     if method == "top_k":
-        return _mask_top_k(keys_N, k, valid_N)
-    if method == "sort":
-        return _mask_sort(keys_N, k, valid_N)
-    kth = kth_largest_histogram if method == "histogram" else kth_largest_bisect
-    return _mask_from_threshold(keys_N, jnp.int32(k), valid_N, kth)
+        for i in todo:
+            out[i] = _mask_top_k(keys[i], ks[i], full[i])
+    elif method == "sort":
+        for i in todo:
+            out[i] = _mask_sort(keys[i], ks[i], full[i])
+    else:
+        kth = kth_largest_bisect if method == "bisect" else kth_largest_histogram
+        by_length: dict[int, list[int]] = {}
+        for i in todo:
+            by_length.setdefault(int(keys[i].shape[0]), []).append(i)
+        for group in by_length.values():
+            masks = _batched_masks(
+                [keys[i] for i in group], [ks[i] for i in group], [full[i] for i in group], kth
+            )
+            for i, m in zip(group, masks, strict=True):
+                out[i] = m
+    return out
+
+
+def top_k_keys_mask(
+    keys_N: jax.Array, k: int, valid_N: jax.Array | None = None, *, method: str = "auto"
+) -> jax.Array:
+    """Bool ``[N]`` mask of the ``k`` largest valid keys (exactly ``k`` True), ties to the lower
+    index.  See :func:`top_k_masks`."""
+    return top_k_masks([keys_N], [k], [valid_N], method=method)[0]
 
 
 def top_k_magnitude_mask(x: jax.Array, k: int, *, method: str = "auto") -> jax.Array:
