@@ -15,14 +15,18 @@ Methods (all exact, all give identical masks):
 * ``"histogram"`` — radix select with two 16-bit digits.  Pass 1 histograms the high 16 bits
   (one scatter-add over ``N``), a reverse cumulative sum over the 65,536 bins finds the bucket
   holding the k-th largest key; pass 2 histograms the low 16 bits inside that bucket.  The k-th key
-  ``t`` is then exact, and the mask is ``key > t`` plus the first ``k - #(key > t)`` entries equal
-  to ``t`` (found, only when ties straddle the boundary, by the same select over ``~index``).
-  About 3 passes over memory; the fastest here on CPU (see BENCHMARKS.md).
+  ``t`` and the counts ``#(key > t)``, ``#(key == t)`` then come from the histograms, and the mask
+  is ``key >= t`` — unless ties straddle the boundary, when the first ``k - #(key > t)`` tied
+  entries are found by the same select over ``~index``.  About 3 passes over memory; the fastest
+  here on CPU (see BENCHMARKS.md).
 * ``"bisect"`` — the same threshold found bit by bit: 31 passes of ``count(key >= candidate)``.
   Only reductions, no scatter: the choice for TPUs, where scatter is slow.
 * ``"top_k"`` — ``jax.lax.top_k`` (documented to prefer the lower index on ties) and a scatter.
 * ``"sort"`` — a full stable ``argsort`` (what jaxpruner does); the reference point.
 * ``"auto"`` — ``"bisect"`` on TPU, ``"histogram"`` elsewhere.
+
+:func:`top_k_masks` selects many vectors at once; vectors of equal length are stacked as the rows
+of one matrix (``G`` rows of ``N``), which keeps the compiled program small for deep networks.
 """
 
 from __future__ import annotations
@@ -104,16 +108,27 @@ class Threshold(NamedTuple):
     tied: jax.Array
 
 
-def _row_histogram(digit_GxN: jax.Array, valid_GxN: jax.Array) -> jax.Array:
-    """``hist[g, d]`` = number of valid entries of row ``g`` with 16-bit digit ``d``."""
+def _row_histogram(digit_GxN: jax.Array, valid_GxN: jax.Array | None) -> jax.Array:
+    """``hist[g, d]`` = number of valid entries of row ``g`` with 16-bit digit ``d``.
+
+    ``valid_GxN=None`` (all valid) skips the masking, which costs as much as the scatter itself.
+    """
     rows = digit_GxN.shape[0]
-    base_Gx1 = jnp.arange(rows, dtype=jnp.int32)[:, None] * _NUM_BINS
-    bins_GxN = jnp.where(valid_GxN, base_Gx1 + digit_GxN, rows * _NUM_BINS)
+    bins_GxN = jnp.arange(rows, dtype=jnp.int32)[:, None] * _NUM_BINS + digit_GxN
+    if valid_GxN is None:
+        return jnp.zeros(rows * _NUM_BINS, jnp.int32).at[bins_GxN].add(1).reshape(rows, _NUM_BINS)
+    bins_GxN = jnp.where(valid_GxN, bins_GxN, rows * _NUM_BINS)
     hist = jnp.zeros(rows * _NUM_BINS + 1, jnp.int32).at[bins_GxN].add(1, mode="drop")
     return hist[:-1].reshape(rows, _NUM_BINS)
 
 
-def kth_largest_histogram(keys_GxN: jax.Array, k_G: jax.Array, valid_GxN: jax.Array) -> Threshold:
+def _and_valid(mask_GxN: jax.Array, valid_GxN: jax.Array | None) -> jax.Array:
+    return mask_GxN if valid_GxN is None else mask_GxN & valid_GxN
+
+
+def kth_largest_histogram(
+    keys_GxN: jax.Array, k_G: jax.Array, valid_GxN: jax.Array | None
+) -> Threshold:
     """Per row, the k-th largest valid key (1-based), by a two-digit radix select.
 
     Pass 1 histograms the high 16 bits of every valid key (one scatter-add for all rows) and finds,
@@ -124,23 +139,25 @@ def kth_largest_histogram(keys_GxN: jax.Array, k_G: jax.Array, valid_GxN: jax.Ar
     Args:
       keys_GxN: int32 keys ``>= 0``, ``G`` independent rows of ``N``.
       k_G: int32, ``1 <= k[g] <= #valid in row g``.
-      valid_GxN: bool; invalid entries are ignored.
+      valid_GxN: bool, or ``None`` for all valid; invalid entries are ignored.
     """
     ukeys_GxN = lax.bitcast_convert_type(keys_GxN, jnp.uint32)
     high_GxN = (ukeys_GxN >> _DIGIT_BITS).astype(jnp.int32)
     high_G, above_high_G, _ = _select_bucket(_row_histogram(high_GxN, valid_GxN), k_G)
     low_GxN = (ukeys_GxN & (_NUM_BINS - 1)).astype(jnp.int32)
-    in_bucket_GxN = valid_GxN & (high_GxN == high_G[:, None])
+    in_bucket_GxN = _and_valid(high_GxN == high_G[:, None], valid_GxN)
     low_hist = _row_histogram(low_GxN, in_bucket_GxN)
     low_G, above_low_G, tied_G = _select_bucket(low_hist, k_G - above_high_G)
     key_G = (high_G.astype(jnp.uint32) << _DIGIT_BITS) | low_G.astype(jnp.uint32)
     return Threshold(lax.bitcast_convert_type(key_G, jnp.int32), above_high_G + above_low_G, tied_G)
 
 
-def kth_largest_bisect(keys_GxN: jax.Array, k_G: jax.Array, valid_GxN: jax.Array) -> Threshold:
+def kth_largest_bisect(
+    keys_GxN: jax.Array, k_G: jax.Array, valid_GxN: jax.Array | None
+) -> Threshold:
     """Same contract as :func:`kth_largest_histogram`, found bit by bit: 31 passes of
     ``count(key >= candidate)`` — reductions only, no scatter."""
-    masked_GxN = jnp.where(valid_GxN, keys_GxN, -1)
+    masked_GxN = keys_GxN if valid_GxN is None else jnp.where(valid_GxN, keys_GxN, -1)
 
     def count(op, t_G):
         return jnp.sum(op(masked_GxN, t_G[:, None]), axis=1, dtype=jnp.int32)
@@ -157,7 +174,7 @@ Kth = Callable[[jax.Array, jax.Array, jax.Array], Threshold]
 
 
 def _mask_from_threshold(
-    keys_GxN: jax.Array, k_G: jax.Array, valid_GxN: jax.Array, kth: Kth
+    keys_GxN: jax.Array, k_G: jax.Array, valid_GxN: jax.Array | None, kth: Kth
 ) -> jax.Array:
     """Top-k mask per row given a k-th-largest routine; ties go to lower indices.
 
@@ -166,18 +183,21 @@ def _mask_from_threshold(
     ``index key = N − 1 − position`` (unique, larger for lower positions) among the tied entries.
     """
     t = kth(keys_GxN, k_G, valid_GxN)
-    above_GxN = valid_GxN & (keys_GxN > t.key[:, None])
-    tied_GxN = valid_GxN & (keys_GxN == t.key[:, None])
     needed_G = k_G - t.above
 
+    def all_at_or_above():
+        return _and_valid(keys_GxN >= t.key[:, None], valid_GxN)
+
     def first_needed_ties():
+        above_GxN = _and_valid(keys_GxN > t.key[:, None], valid_GxN)
+        tied_GxN = _and_valid(keys_GxN == t.key[:, None], valid_GxN)
         n = keys_GxN.shape[1]
         index_keys_N = jnp.int32(n - 1) - jnp.arange(n, dtype=jnp.int32)
         index_keys_GxN = jnp.broadcast_to(index_keys_N, keys_GxN.shape)
         index_t = kth(index_keys_GxN, needed_G, tied_GxN)
         return above_GxN | (tied_GxN & (index_keys_GxN >= index_t.key[:, None]))
 
-    return lax.cond(jnp.all(t.tied == needed_G), lambda: above_GxN | tied_GxN, first_needed_ties)
+    return lax.cond(jnp.all(t.tied == needed_G), all_at_or_above, first_needed_ties)
 
 
 def _mask_top_k(keys_N: jax.Array, k: int, valid_N: jax.Array) -> jax.Array:
@@ -191,11 +211,17 @@ def _mask_sort(keys_N: jax.Array, k: int, valid_N: jax.Array) -> jax.Array:
 
 
 def _batched_masks(
-    keys: list[jax.Array], ks: list[int], valids: list[jax.Array], kth: Kth
+    keys: list[jax.Array], ks: list[int], valids: list[jax.Array | None], kth: Kth
 ) -> list[jax.Array]:
     """Masks for several key vectors of one length, selected together as rows of a matrix."""
     stack = (lambda xs: xs[0][None]) if len(keys) == 1 else jnp.stack
-    mask_GxN = _mask_from_threshold(stack(keys), jnp.array(ks, jnp.int32), stack(valids), kth)
+    if all(v is None for v in valids):
+        valid_GxN = None
+    else:
+        valid_GxN = stack(
+            [jnp.ones(x.shape, bool) if v is None else v for x, v in zip(keys, valids, strict=True)]
+        )
+    mask_GxN = _mask_from_threshold(stack(keys), jnp.array(ks, jnp.int32), valid_GxN, kth)
     return list(mask_GxN)
 
 
@@ -246,7 +272,7 @@ def top_k_masks(
             by_length.setdefault(int(keys[i].shape[0]), []).append(i)
         for group in by_length.values():
             masks = _batched_masks(
-                [keys[i] for i in group], [ks[i] for i in group], [full[i] for i in group], kth
+                [keys[i] for i in group], [ks[i] for i in group], [valids[i] for i in group], kth
             )
             for i, m in zip(group, masks, strict=True):
                 out[i] = m
