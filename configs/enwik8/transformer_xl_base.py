@@ -1,0 +1,67 @@
+"""Shared body of the enwik8 Transformer-XL configs (not a runnable config by itself)."""
+
+import ml_collections
+
+from experiments.common.config_utils import parse_sparsity_arg
+
+
+def sparsity_config(arg: str | None) -> ml_collections.ConfigDict:
+    """``method="dense"`` for ``0,0`` (the default), Top-KAST otherwise."""
+    fwd, bwd = parse_sparsity_arg(arg, (0.0, 0.0))
+    s = ml_collections.ConfigDict()
+    s.method = "dense" if fwd == 0.0 and bwd == 0.0 else "topkast"
+    s.forward = fwd
+    s.backward = bwd
+    s.refresh_every = 1
+    s.exploration_l2 = 1e-4
+    s.distribution = "uniform"
+    s.exclude = ("r_w_bias", "r_r_bias")
+    return s
+
+
+def optim_config(warmup_steps: int = 4000) -> ml_collections.ConfigDict:
+    """Paper App. A: Adam, warmup 1e-7 -> 2e-4 over 4000 steps, cosine, clip 0.25."""
+    o = ml_collections.ConfigDict()
+    o.lr = 2e-4
+    o.warmup_init_lr = 1e-7
+    o.warmup_steps = warmup_steps
+    o.end_lr = 0.0
+    o.grad_clip = 0.25
+    return o
+
+
+def enwik8_config(
+    arg: str | None, *, d_model: int, d_ff: int, num_heads: int
+) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 64
+    c.seq_len = 768
+    c.mem_len = 2304
+    c.num_train_steps = 400_000
+    c.log_every_steps = 200
+    c.eval_every_steps = 4000
+    c.eval_max_windows = 100
+    c.checkpoint_every_steps = 2000
+    c.max_checkpoints_to_keep = 2
+    c.eval_batch_size = 16
+    c.eval_seq_len = 128
+    c.eval_mem_len = 5000
+    c.final_eval_max_windows = 0
+    c.data = ml_collections.ConfigDict({"name": "enwik8", "path": "data/enwik8"})
+    m = ml_collections.ConfigDict()
+    m.vocab_size = 256
+    m.num_layers = 24
+    m.d_model = d_model
+    m.num_heads = num_heads
+    m.d_head = None
+    m.d_ff = d_ff
+    m.dropout = 0.15
+    m.dropatt = 0.15
+    m.cutoffs = ()
+    m.div_val = 1
+    m.clamp_len = -1
+    c.model = m
+    c.optim = optim_config()
+    c.sparsity = sparsity_config(arg)
+    return c

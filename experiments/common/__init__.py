@@ -1,0 +1,38 @@
+"""Pieces shared by the experiments (language model, ImageNet). Small API, one concern per file.
+
+``mesh`` — data parallelism with ``jax.jit`` + ``NamedSharding`` (multi-host aware):
+  ``make_data_mesh()`` -> 1-D ``Mesh`` with axis ``"data"`` over all devices;
+  ``replicated(mesh)``, ``batch_sharded(mesh, ndim, batch_axis=0)`` -> ``NamedSharding``;
+  ``check_batch_divisible(global_bs, name)``; ``local_batch_slice(global_bs)`` -> this
+  process's rows; ``global_batch(local_BxN, mesh, global_bs)`` -> global ``jax.Array``;
+  ``put_replicated(tree, mesh)``; ``is_primary()``.
+
+``checkpoint`` — ``Checkpointer(directory, max_to_keep=2)`` around orbax ``CheckpointManager``:
+  ``.save(step, state_pytree, meta_dict)`` (meta: JSON, e.g. data position),
+  ``.restore(abstract_state, step=None) -> (state, meta)`` (always with an abstract target),
+  ``.latest_step()``, ``.wait()``, ``.close()``.
+
+``metrics`` — ``MetricsWriter(workdir, enabled=is_primary())``: ``.write(step, {name: scalar},
+  prefix="train/")`` appends to ``metrics.jsonl`` and TensorBoard events (tensorboardX);
+  ``.flush()``, ``.close()``; ``read_metrics(workdir)`` -> list of dicts.
+
+``progress`` — ``ProgressLogger(total_steps, start_step)``: ``.line(step, {name: value})`` ->
+  ``"step 120/1000 | loss 2.31 | 4.2 steps/s | ETA 3m29s"``; ``format_duration(seconds)``.
+
+``guard`` — ``check_finite(loss, step, last_good_checkpoint)`` raises ``NonFiniteLossError``
+  (call before saving the step's checkpoint, so the last good one is kept).
+
+``dry_run`` — ``layer_rows(abstract_params, sparsify=, forward_sparsity=, backward_sparsity=,
+  distribution=)`` (via ``tk.layer_densities``; works on ``jax.eval_shape`` output),
+  ``totals(rows)`` -> ``total_params, sparse_params, forward_nonzero, backward_nonzero, ...``,
+  ``format_table(rows, totals)``, ``write_dry_run(workdir, rows, extra) -> dict`` (dry_run.json).
+
+``sparsity`` — ``make_sparse_optimizer(inner, config.sparsity, sparsify, seed=0,
+  num_train_steps=None)`` (methods ``"topkast"``, ``"dense"``, and the baselines ``"static"``,
+  ``"pruning"``, ``"set"``, ``"rigl"`` via ``baselines_config``; unknown -> ValueError);
+  ``planned_densities(config.sparsity)`` -> (forward, backward) sparsities.
+
+``config_utils`` — ``validate_shared(config)`` (shared fields present and in range, ValueError
+  naming the field), ``require_fields``, ``get_field``, ``require_positive_int``,
+  ``save_config(config, workdir)``, ``parse_sparsity_arg("0.8,0.5", default)``.
+"""

@@ -1,0 +1,95 @@
+"""Per-layer parameter / density table for ``--dry_run`` (no weights materialised).
+
+Works on the output of ``jax.eval_shape(model.init, ...)`` through ``tk.layer_densities``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def layer_rows(
+    abstract_params: Any,
+    *,
+    sparsify: Any,
+    forward_sparsity: float,
+    backward_sparsity: float,
+    distribution: str = "uniform",
+) -> list[dict[str, Any]]:
+    """One dict per parameter leaf: name, shape, params, sparse, forward/backward density and
+    the exact mask sizes ``forward_nonzero`` = |A|, ``backward_nonzero`` = |B|."""
+    import topkast_jax as tk
+
+    leaves = tk.layer_densities(
+        abstract_params,
+        sparsify=sparsify,
+        forward_sparsity=forward_sparsity,
+        backward_sparsity=backward_sparsity,
+        distribution=distribution,
+    )
+    return [
+        {
+            "name": leaf.path,
+            "shape": list(leaf.shape),
+            "params": int(leaf.size),
+            "sparse": bool(leaf.sparse),
+            "forward_density": float(leaf.forward),
+            "backward_density": float(leaf.backward),
+            "forward_nonzero": int(leaf.k_forward),
+            "backward_nonzero": int(leaf.k_backward),
+        }
+        for leaf in leaves
+    ]
+
+
+def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``total_params``, ``sparse_params``, ``forward_nonzero``, ``backward_nonzero`` and the
+    overall densities ``forward_density = forward_nonzero / total_params`` (same for backward).
+    """
+    total = sum(r["params"] for r in rows)
+    sparse = sum(r["params"] for r in rows if r["sparse"])
+    fwd = sum(r["forward_nonzero"] for r in rows)
+    bwd = sum(r["backward_nonzero"] for r in rows)
+    return {
+        "total_params": total,
+        "sparse_params": sparse,
+        "forward_nonzero": fwd,
+        "backward_nonzero": bwd,
+        "forward_density": fwd / total if total else 1.0,
+        "backward_density": bwd / total if total else 1.0,
+    }
+
+
+def format_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """A fixed-width text table of ``rows`` followed by the ``summary`` totals."""
+    name_w = max([len("name")] + [len(r["name"]) for r in rows])
+    header = f"{'name':<{name_w}}  {'shape':<20}  {'params':>13}  {'fwd':>6}  {'bwd':>6}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        shape = "x".join(str(d) for d in r["shape"]) or "scalar"
+        lines.append(
+            f"{r['name']:<{name_w}}  {shape:<20}  {r['params']:>13,}  "
+            f"{r['forward_density']:>6.3f}  {r['backward_density']:>6.3f}"
+        )
+    lines.append("-" * len(header))
+    lines.append(
+        f"total params {summary['total_params']:,} | sparse params {summary['sparse_params']:,} | "
+        f"forward nonzero {summary['forward_nonzero']:,} | "
+        f"backward nonzero {summary['backward_nonzero']:,}"
+    )
+    return "\n".join(lines)
+
+
+def write_dry_run(
+    workdir: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write ``<workdir>/dry_run.json`` (totals + ``layers`` + ``extra``) and return its dict."""
+    record = dict(totals(rows))
+    record.update(extra or {})
+    record["layers"] = rows
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "dry_run.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    return record

@@ -1,0 +1,104 @@
+"""The one place where experiments turn ``config.sparsity`` into an optax optimizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+
+KNOWN_METHODS = ("topkast", "dense", "static", "pruning", "set", "rigl")
+
+
+def make_sparse_optimizer(
+    inner: optax.GradientTransformation,
+    sparsity: Any,
+    sparsify: Any,
+    seed: int = 0,
+    num_train_steps: int | None = None,
+) -> optax.GradientTransformation:
+    """Wrap ``inner`` with the sparse-training method named by ``sparsity.method``.
+
+    Args:
+      inner: the dense optimizer (e.g. clipped Adam with its schedule).
+      sparsity: config with ``method``, ``forward``, ``backward``, ``refresh_every``,
+        ``exploration_l2`` and optionally ``distribution`` (default ``"uniform"``) and the
+        Top-KAST options of :data:`TOPKAST_OPTIONS`.
+      sparsify: which leaves are sparse (bool pytree or callable params -> bool pytree).
+      seed: seed for any randomness of the method (e.g. random backward selection).
+      num_train_steps: training length, for baselines whose schedules default to fractions of
+        it (``experiments/common/baselines_config.py``).
+
+    Returns:
+      A transformation whose state holds the masks; the training step must take the gradient
+      w.r.t. ``tk.forward_params(params, opt_state)``.
+
+    ``"dense"`` is Top-KAST with both sparsities 0 and no exploration penalty, so dense and
+    sparse runs share every other line of code. ``"static"``, ``"pruning"``, ``"set"`` and
+    ``"rigl"`` go to ``tk.baselines`` through ``baselines_config.make_baseline_optimizer``.
+
+    Raises:
+      ValueError: unknown ``sparsity.method`` (the message lists the known ones), or a Top-KAST
+        option set for another method.
+    """
+    import topkast_jax as tk
+
+    method = sparsity.method
+    if method not in KNOWN_METHODS:
+        raise ValueError(
+            f"config.sparsity.method={method!r} is not supported; known methods: {KNOWN_METHODS}"
+        )
+    options = topkast_options(sparsity)
+    if options and method != "topkast":
+        raise ValueError(
+            f"config.sparsity options {sorted(options)} only apply to method 'topkast', "
+            f"got config.sparsity.method={method!r}"
+        )
+    if method not in ("topkast", "dense"):
+        from experiments.common.baselines_config import make_baseline_optimizer
+
+        return make_baseline_optimizer(
+            inner, sparsity, sparsify, num_train_steps=num_train_steps, seed=seed
+        )
+    dense = method == "dense"
+    return tk.topkast(
+        inner,
+        forward_sparsity=0.0 if dense else float(sparsity.forward),
+        backward_sparsity=0.0 if dense else float(sparsity.backward),
+        exploration_l2=0.0 if dense else float(sparsity.exploration_l2),
+        refresh_every=int(sparsity.get("refresh_every", 1)),
+        sparsify=sparsify,
+        distribution=sparsity.get("distribution", "uniform"),
+        seed=seed,
+        **options,
+    )
+
+
+#: Top-KAST ablation options (paper Table 1) -> the default under which each is inactive.
+TOPKAST_OPTIONS: dict[str, Any] = {
+    "backward_selection": "magnitude",
+    "stop_exploration_step": None,
+    "global_topk": False,
+}
+
+
+def topkast_options(sparsity: Any) -> dict[str, Any]:
+    """The Top-KAST options of ``sparsity`` set to something other than their defaults:
+    ``backward_selection`` ("random": B∖A drawn at random), ``stop_exploration_step`` (B = A from
+    step t on) and ``global_topk`` (one threshold over all sparse leaves)."""
+    return {
+        name: sparsity.get(name, default)
+        for name, default in TOPKAST_OPTIONS.items()
+        if sparsity.get(name, default) != default
+    }
+
+
+def planned_densities(sparsity: Any) -> tuple[float, float]:
+    """(forward, backward) sparsities the method will use for the sparse leaves.
+
+    Dense: (0, 0). Baselines train exactly the weights they use (B = A): (forward, forward).
+    """
+    if sparsity.method == "dense":
+        return 0.0, 0.0
+    if sparsity.method in ("static", "pruning", "set", "rigl"):
+        return float(sparsity.forward), float(sparsity.forward)
+    return float(sparsity.forward), float(sparsity.backward)

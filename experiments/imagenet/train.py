@@ -1,0 +1,595 @@
+"""ImageNet training and evaluation of a Top-KAST ResNet (paper §4, Appendix B).
+
+One jitted, donated step over a data-parallel ``Mesh`` (params and optimizer state replicated, the
+batch sharded along ``"data"``)::
+
+  α = tk.forward_params(θ, opt_state)                      # θ ⊙ A on sparse kernels
+  logits_BxK, stats' = ResNet(α, stats, normalize(images_BxSxSx3), train=True)
+  g = ∂ CE(logits, smooth(labels, 0.1)) / ∂α
+  u, opt_state = tx.update(g, opt_state, θ)               # Top-KAST around SGD + momentum
+  θ ← θ + u
+
+Evaluation uses α with BatchNorm running averages; top-1 / top-5 are counted over exactly the
+examples of the split (padding masked). The workdir holds ``config.json``, ``metrics.jsonl`` (+
+TensorBoard events), ``checkpoints/`` (state + data position + elapsed wall time; a rerun resumes
+from the latest), and at the end ``summary.json``. A non-finite training loss stops the run before
+anything is saved, keeping the last good checkpoint.
+
+Mask dynamics for Figure 3: every ``mask_stats_every_steps`` the library's ``tk.mask_stats`` are
+logged under ``masks/`` (``reservoir_activated`` = fraction of the initial reservoir C₀ that has
+entered A); every ``mask_window_steps`` (5000) the per-layer fraction of the forward mask that
+differs from the mask one window earlier, :math:`\\sum (m^t - m^{t-5000})^2 / |\\theta_\\ell|`, is
+logged as ``masks/window_change/<layer>`` (+ ``_min`` / ``_mean`` / ``_max`` over layers). The
+previous window's mask lives in the checkpointed state, so resumed runs log the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+import topkast_jax as tk
+from experiments.common import config_utils, guard
+from experiments.common import dry_run as dry_run_lib
+from experiments.common import mesh as mesh_lib
+from experiments.common.checkpoint import Checkpointer
+from experiments.common.metrics import MetricsWriter
+from experiments.common.progress import ProgressLogger
+from experiments.common.sparsity import planned_densities
+from experiments.imagenet import costs, input_pipeline, models
+from experiments.imagenet.optimizer import make_optimizer
+from topkast_jax import flops
+
+State = dict[str, Any]
+Batch = dict[str, jax.Array]
+
+SUMMARY_KEYS = (
+    "valid_top1",
+    "valid_top5",
+    "total_params",
+    "forward_density",
+    "backward_density",
+    "train_flops_vs_dense",
+    "steps",
+    "wall_seconds",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model, sparsity and FLOPs (no weights needed).
+# --------------------------------------------------------------------------------------------------
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+    """bfloat16 if ``config.half_precision`` else float32."""
+    return jnp.bfloat16 if config.get("half_precision", False) else jnp.float32
+
+
+def create_model(config: ml_collections.ConfigDict) -> models.ResNet:
+    """The configured ResNet."""
+    return models.create_model(
+        config.model, num_classes=config.num_classes, dtype=compute_dtype(config)
+    )
+
+
+def sparsify_fn(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
+    """Sparse leaves: every kernel, except the first conv and the classifier unless
+    ``sparsity.sparse_first_last``. BatchNorm scales/biases and the classifier bias stay dense."""
+    if config.sparsity.get("sparse_first_last", False):
+        return tk.sparsify.kernels(min_ndim=2)
+    return tk.sparsify.kernels_except((models.FIRST_LAYER_NAME, models.LAST_LAYER_NAME), min_ndim=2)
+
+
+def abstract_variables(model: models.ResNet, image_size: int) -> Any:
+    """``{"params", "batch_stats"}`` as ``jax.ShapeDtypeStruct`` (nothing allocated)."""
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+
+
+def layer_rows(config: ml_collections.ConfigDict, params: Any) -> list[dict[str, Any]]:
+    """Per-leaf rows (name, shape, params, sparse, forward/backward density) for the plan."""
+    forward, backward = planned_densities(config.sparsity)
+    return dry_run_lib.layer_rows(
+        params,
+        sparsify=sparsify_fn(config),
+        forward_sparsity=forward,
+        backward_sparsity=backward,
+        distribution=config.sparsity.get("distribution", "uniform"),
+    )
+
+
+def training_cost(
+    config: ml_collections.ConfigDict, model: models.ResNet, variables: Any, rows: list[dict]
+) -> dict[str, float]:
+    """``train_flops_vs_dense`` (and its parts) from the per-layer densities and multiply-adds."""
+    macs = costs.layer_macs(model, variables, (1, config.image_size, config.image_size, 3))
+    by_name = {r["name"]: r for r in rows}
+    layers = [
+        flops.LayerCost(
+            name,
+            c,
+            by_name[name]["forward_density"],
+            by_name[name]["backward_density"],
+        )
+        for name, c in macs.items()
+    ]
+    multiplier = flops.steps_multiplier(
+        config.num_train_steps, config.get("reference_steps", config.num_train_steps)
+    )
+    return {
+        "train_flops_vs_dense": flops.train_flops_vs_dense(layers, multiplier),
+        "step_flops_vs_dense": flops.step_flops_vs_dense(layers),
+        "steps_multiplier": multiplier,
+        "forward_gmacs_per_example": sum(macs.values()) / 1e9,
+    }
+
+
+def dry_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Report parameters, per-layer densities and training FLOPs without materialising weights.
+
+    Prints the table and writes ``<workdir>/dry_run.json`` (``total_params``, densities,
+    ``train_flops_vs_dense``, ``layers``).
+    """
+    model = create_model(config)
+    variables = abstract_variables(model, config.image_size)
+    rows = layer_rows(config, variables["params"])
+    extra = {"model": config.model, "sparsity": config.sparsity.to_dict()}
+    extra.update(training_cost(config, model, variables, rows))
+    record = dry_run_lib.write_dry_run(workdir, rows, extra)
+    if mesh_lib.is_primary():
+        print(dry_run_lib.format_table(rows, dry_run_lib.totals(rows)))
+        print(
+            f"train_flops_vs_dense {record['train_flops_vs_dense']:.4f} "
+            f"(per step {record['step_flops_vs_dense']:.4f} × {record['steps_multiplier']:g} "
+            f"the {config.get('reference_steps', config.num_train_steps)} reference steps)"
+        )
+    return record
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss, steps.
+# --------------------------------------------------------------------------------------------------
+
+
+def cross_entropy(logits_BxK: jax.Array, labels_B: jax.Array, smoothing: float) -> jax.Array:
+    """Mean cross-entropy against one-hot labels smoothed by ``smoothing`` (scalar, float32)."""
+    one_hot_BxK = jax.nn.one_hot(labels_B, logits_BxK.shape[-1])
+    targets_BxK = optax.smooth_labels(one_hot_BxK, smoothing) if smoothing else one_hot_BxK
+    return jnp.mean(optax.softmax_cross_entropy(logits_BxK, targets_BxK))
+
+
+def topk_correct(logits_BxK: jax.Array, labels_B: jax.Array, k: int) -> jax.Array:
+    """bool[B]: label among the ``k`` largest logits."""
+    k = min(k, logits_BxK.shape[-1])
+    _, top_BxK = jax.lax.top_k(logits_BxK, k)
+    return jnp.any(top_BxK == labels_B[:, None], axis=-1)
+
+
+def make_train_step(
+    model: models.ResNet,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    config: ml_collections.ConfigDict,
+) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
+    """The (un-jitted) train step ``(state, batch) -> (state, metrics)``."""
+    dtype = compute_dtype(config)
+    smoothing = float(config.label_smoothing)
+
+    def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+        params, opt_state = state["params"], state["opt_state"]
+        alpha = tk.forward_params(params, opt_state)
+        images = input_pipeline.normalize_images(batch["image"], dtype)
+
+        def loss_fn(alpha: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+            logits_BxK, updated = model.apply(
+                {"params": alpha, "batch_stats": state["batch_stats"]},
+                images,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            loss = cross_entropy(logits_BxK, batch["label"], smoothing)
+            return loss, (logits_BxK, updated["batch_stats"])
+
+        (loss, (logits_BxK, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(alpha)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        new_state = dict(
+            state,
+            step=state["step"] + 1,
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            loss_sum=state["loss_sum"] + loss,
+        )
+        metrics = {
+            "loss": loss,
+            "top1": jnp.mean(topk_correct(logits_BxK, batch["label"], 1)),
+            "learning_rate": schedule(state["step"]),
+            "exploration_penalty": tk.exploration_penalty(params, opt_state),
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(
+    model: models.ResNet, config: ml_collections.ConfigDict
+) -> Callable[[State, Batch], dict[str, jax.Array]]:
+    """``(state, batch) -> {"count", "top1", "top5", "loss"}`` sums over valid examples."""
+    dtype = compute_dtype(config)
+
+    def eval_step(state: State, batch: Batch) -> dict[str, jax.Array]:
+        alpha = tk.forward_params(state["params"], state["opt_state"])
+        logits_BxK = model.apply(
+            {"params": alpha, "batch_stats": state["batch_stats"]},
+            input_pipeline.normalize_images(batch["image"], dtype),
+            train=False,
+        )
+        mask_B = batch.get("mask", jnp.ones_like(batch["label"])).astype(jnp.float32)
+        one_hot = jax.nn.one_hot(batch["label"], logits_BxK.shape[-1])
+        return {
+            "count": jnp.sum(mask_B),
+            "top1": jnp.sum(mask_B * topk_correct(logits_BxK, batch["label"], 1)),
+            "top5": jnp.sum(mask_B * topk_correct(logits_BxK, batch["label"], 5)),
+            "loss": jnp.sum(mask_B * optax.softmax_cross_entropy(logits_BxK, one_hot)),
+        }
+
+    return eval_step
+
+
+def window_change(previous: Any, current: Any) -> dict[str, jax.Array]:
+    """Per sparse leaf, the fraction of positions where the two forward masks differ."""
+    out = {}
+    for path, (old, new) in _sparse_pairs(previous, current):
+        out[path] = jnp.mean(old != new, dtype=jnp.float32)
+    return out
+
+
+def _sparse_pairs(previous: Any, current: Any) -> list[tuple[str, tuple[Any, Any]]]:
+    flat_old = jax.tree_util.tree_flatten_with_path(previous, is_leaf=lambda x: x is None)[0]
+    flat_new = jax.tree.leaves(current, is_leaf=lambda x: x is None)
+    return [
+        ("/".join(str(getattr(k, "key", k)) for k in path), (old, new))
+        for (path, old), new in zip(flat_old, flat_new, strict=True)
+        if old is not None
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# State.
+# --------------------------------------------------------------------------------------------------
+
+
+def init_state(
+    model: models.ResNet, tx: optax.GradientTransformation, config: ml_collections.ConfigDict
+) -> State:
+    """Fresh train state (call under ``jax.jit``)."""
+    images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    variables = model.init(jax.random.key(config.seed), images, train=False)
+    opt_state = tx.init(variables["params"])
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": variables["params"],
+        "batch_stats": variables["batch_stats"],
+        "opt_state": opt_state,
+        "mask_snapshot": tk.get_masks(opt_state).forward,
+        "loss_sum": jnp.zeros((), jnp.float32),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Data.
+# --------------------------------------------------------------------------------------------------
+
+
+def train_iterator(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, start_step: int
+) -> Iterator[Batch]:
+    """Global, sharded train batches starting at ``start_step`` (real or synthetic)."""
+    global_bs = config.batch_size
+    if config.data.name == "synthetic":
+        sharding = {
+            "image": mesh_lib.batch_sharded(mesh, 4),
+            "label": mesh_lib.batch_sharded(mesh, 1),
+        }
+        make = jax.jit(
+            lambda key: input_pipeline.synthetic_batch(
+                key, global_bs, config.image_size, config.num_classes
+            ),
+            out_shardings=sharding,
+        )
+        key = jax.random.key(config.seed + 1)
+
+        def synthetic() -> Iterator[Batch]:
+            step = start_step
+            while True:
+                yield make(jax.random.fold_in(key, step))
+                step += 1
+
+        return synthetic()
+
+    source = input_pipeline.data_source(config.data.name, config.data.train_split, config.data.path)
+    local = input_pipeline.train_batches(
+        source,
+        batch_size=global_bs // jax.process_count(),
+        image_size=config.image_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        start_step=start_step,
+        num_threads=config.data.num_threads,
+        num_workers=config.data.num_workers,
+    )
+    return (
+        {k: mesh_lib.global_batch(v, mesh, global_bs) for k, v in batch.items()} for batch in local
+    )
+
+
+def eval_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Iterator[Batch]:
+    """Global, sharded eval batches covering the eval split once (synthetic: a few random ones)."""
+    global_bs = config.eval_batch_size
+    mesh_lib.check_batch_divisible(global_bs, "eval_batch_size")
+    if config.data.name == "synthetic":
+        key = jax.random.key(config.seed + 2)
+        num = max(1, -(-config.num_eval_examples // global_bs))
+        return (
+            jax.device_put(
+                input_pipeline.synthetic_batch(
+                    jax.random.fold_in(key, i), global_bs, config.image_size, config.num_classes
+                ),
+                {
+                    "image": mesh_lib.batch_sharded(mesh, 4),
+                    "label": mesh_lib.batch_sharded(mesh, 1),
+                },
+            )
+            for i in range(num)
+        )
+    source = input_pipeline.data_source(config.data.name, config.data.eval_split, config.data.path)
+    local = input_pipeline.eval_batches(
+        source,
+        batch_size=global_bs // jax.process_count(),
+        image_size=config.image_size,
+        resize_size=config.eval_resize_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_threads=config.data.num_threads,
+        num_examples=config.num_eval_examples or None,
+    )
+    return (
+        {k: mesh_lib.global_batch(v, mesh, global_bs) for k, v in batch.items()} for batch in local
+    )
+
+
+def evaluate(
+    eval_step: Callable[[State, Batch], dict[str, jax.Array]],
+    state: State,
+    batches: Iterator[Batch],
+) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (in %) and mean loss over all valid examples."""
+    totals: dict[str, float] = {}
+    for batch in batches:
+        for k, v in eval_step(state, batch).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    count = max(totals.get("count", 0.0), 1.0)
+    return {
+        "top1": 100.0 * totals.get("top1", 0.0) / count,
+        "top5": 100.0 * totals.get("top5", 0.0) / count,
+        "loss": totals.get("loss", 0.0) / count,
+        "count": totals.get("count", 0.0),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop.
+# --------------------------------------------------------------------------------------------------
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Shared fields plus the ImageNet ones; ValueError naming the field."""
+    config_utils.validate_shared(config)
+    for field in ("image_size", "num_classes", "eval_batch_size", "mask_window_steps"):
+        config_utils.require_positive_int(config, field)
+    config_utils.require_positive_int(config, "mask_stats_every_steps")
+    if config.data.name != "synthetic" and config.data.get("path") is not None:
+        if not os.path.isdir(os.path.expanduser(config.data.path)):
+            raise ValueError(f"config.data.path={config.data.path!r} is not a directory")
+
+
+def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train (resuming from ``workdir`` if it holds a checkpoint), evaluate, write summary.json.
+
+    Returns:
+      The summary dict (see ``SUMMARY_KEYS``).
+
+    Raises:
+      guard.NonFiniteLossError: the training loss became NaN/Inf (last good checkpoint kept).
+      FileNotFoundError: the dataset is not prepared (message has the ``tfds build`` command).
+    """
+    validate_config(config)
+    mesh_lib.check_batch_divisible(config.batch_size)
+    mesh = mesh_lib.make_data_mesh()
+    primary = mesh_lib.is_primary()
+    if primary:
+        config_utils.save_config(config, workdir)
+
+    model = create_model(config)
+    variables = abstract_variables(model, config.image_size)
+    sparsify = sparsify_fn(config)
+    tx, schedule = make_optimizer(config, variables["params"], sparsify)
+    rows = layer_rows(config, variables["params"])
+    cost = training_cost(config, model, variables, rows)
+
+    replicated = mesh_lib.replicated(mesh)
+    abstract_state = jax.eval_shape(lambda: init_state(model, tx, config))
+    state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+    abstract_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        abstract_state,
+        state_sharding,
+    )
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=2)
+    wall_before = 0.0
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(abstract_state)
+        wall_before = float(meta.get("wall_seconds", 0.0))
+        if primary:
+            print(f"resumed from step {int(meta['step'])} in {workdir}")
+    else:
+        state = jax.jit(lambda: init_state(model, tx, config), out_shardings=state_sharding)()
+    start_step = int(jax.device_get(state["step"]))
+    last_good = ckpt.latest_step()
+
+    train_step = jax.jit(
+        make_train_step(model, tx, schedule, config),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(make_eval_step(model, config))
+    stats_fn = jax.jit(lambda s: tk.mask_stats(s["opt_state"]))
+    window_fn = jax.jit(
+        lambda s: window_change(s["mask_snapshot"], tk.get_masks(s["opt_state"]).forward)
+    )
+    snapshot_fn = jax.jit(
+        lambda s: dict(s, mask_snapshot=tk.get_masks(s["opt_state"]).forward),
+        out_shardings=state_sharding,
+        donate_argnums=0,
+    )
+    reset_loss_fn = jax.jit(
+        lambda s: dict(s, loss_sum=jnp.zeros((), jnp.float32)),
+        out_shardings=state_sharding,
+        donate_argnums=0,
+    )
+
+    writer = MetricsWriter(workdir, enabled=primary)
+    progress = ProgressLogger(config.num_train_steps, start_step)
+    batches = train_iterator(config, mesh, start_step)
+    t_start = time.monotonic()
+    steps_since_check = 0
+    eval_metrics: dict[str, float] | None = None
+    last_eval_step = -1
+
+    def check_loss(step: int) -> None:
+        nonlocal state, steps_since_check
+        if steps_since_check == 0:
+            return
+        loss_sum = float(jax.device_get(state["loss_sum"]))
+        guard.check_finite(loss_sum, step, last_good)
+        state = reset_loss_fn(state)
+        steps_since_check = 0
+
+    for step in range(start_step + 1, config.num_train_steps + 1):
+        state, metrics = train_step(state, next(batches))
+        steps_since_check += 1
+        if step % config.log_every_steps == 0 or step == config.num_train_steps:
+            host = _host_metrics(metrics)
+            guard.check_finite(host["loss"], step, last_good)
+            check_loss(step)
+            writer.write(step, host, prefix="train/")
+            if primary:
+                print(progress.line(step, {"loss": host["loss"], "top1": host["top1"]}), flush=True)
+        if step % config.mask_stats_every_steps == 0 or step == config.num_train_steps:
+            writer.write(step, _host_metrics(stats_fn(state)), prefix="masks/")
+        if step % config.mask_window_steps == 0:
+            change = _host_metrics(window_fn(state))
+            if change:
+                values = np.array(list(change.values()))
+                change.update(
+                    {
+                        "_min": values.min(),
+                        "_mean": values.mean(),
+                        "_max": values.max(),
+                    }
+                )
+                writer.write(
+                    step,
+                    {
+                        ("window_change" + k if k.startswith("_") else "window_change/" + k): v
+                        for k, v in change.items()
+                    },
+                    prefix="masks/",
+                )
+            state = snapshot_fn(state)
+        if config.eval_every_steps and step % config.eval_every_steps == 0:
+            eval_metrics = evaluate(eval_step, state, eval_iterator(config, mesh))
+            last_eval_step = step
+            writer.write(step, eval_metrics, prefix="eval/")
+            if primary:
+                print(f"eval at step {step}: {json.dumps(eval_metrics)}", flush=True)
+        if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+            check_loss(step)
+            wall = wall_before + time.monotonic() - t_start
+            ckpt.save(step, state, {"step": step, "wall_seconds": wall})
+            last_good = step
+        writer.flush()
+    ckpt.wait()
+
+    if eval_metrics is None or last_eval_step != config.num_train_steps:
+        eval_metrics = evaluate(eval_step, state, eval_iterator(config, mesh))
+        writer.write(config.num_train_steps, eval_metrics, prefix="eval/")
+    wall_seconds = wall_before + time.monotonic() - t_start
+    summary = build_summary(config, state, rows, cost, eval_metrics, wall_seconds)
+    if primary:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(json.dumps(summary, indent=1))
+    writer.close()
+    ckpt.close()
+    return summary
+
+
+def build_summary(
+    config: ml_collections.ConfigDict,
+    state: State,
+    rows: list[dict[str, Any]],
+    cost: dict[str, float],
+    eval_metrics: dict[str, float],
+    wall_seconds: float,
+) -> dict[str, Any]:
+    """``summary.json``: accuracies, realised densities over all parameters, cost, steps, time.
+
+    ``forward_density`` / ``backward_density`` are |A| / |B| (dense leaves counted in full) over all
+    parameters, realised from the final masks; ``sparse_forward_density`` /
+    ``sparse_backward_density`` are over the sparse leaves only.
+    """
+    stats = _host_metrics(tk.mask_stats(state["opt_state"], per_leaf=False))
+    masks = tk.get_masks(state["opt_state"])
+    total = sum(r["params"] for r in rows)
+    forward_nonzero = _count_kept(state["params"], masks.forward)
+    backward_nonzero = _count_kept(state["params"], masks.backward)
+    return {
+        "valid_top1": eval_metrics["top1"],
+        "valid_top5": eval_metrics["top5"],
+        "valid_loss": eval_metrics["loss"],
+        "valid_examples": int(eval_metrics["count"]),
+        "total_params": total,
+        "forward_density": forward_nonzero / total,
+        "backward_density": backward_nonzero / total,
+        "sparse_forward_density": stats.get("forward_density", 1.0),
+        "sparse_backward_density": stats.get("backward_density", 1.0),
+        "train_flops_vs_dense": cost["train_flops_vs_dense"],
+        "steps": int(jax.device_get(state["step"])),
+        "wall_seconds": wall_seconds,
+    }
+
+
+def _count_kept(params: Any, mask_tree: Any) -> int:
+    """Weights in the mask on sparse leaves plus all weights of dense leaves."""
+    flat_p = jax.tree.leaves(params)
+    flat_m = jax.tree.leaves(mask_tree, is_leaf=lambda x: x is None)
+    return int(
+        sum(p.size if m is None else int(jnp.sum(m)) for p, m in zip(flat_p, flat_m, strict=True))
+    )

@@ -1,0 +1,487 @@
+"""Training and evaluation of Transformer-XL with Top-KAST (or dense), one workdir per run.
+
+The workdir holds: ``checkpoints/`` (orbax: params, optimizer + mask state, memory, RNG, step;
+JSON meta: data position, accumulated wall time), ``config.json``, ``metrics.jsonl`` and
+``tensorboard/``, and at the end ``summary.json``. Rerunning the same command resumes from the
+latest checkpoint and continues exactly as an uninterrupted run would.
+
+One step (all inside one ``jax.jit`` over the data mesh, state donated):
+
+  alpha = tk.forward_params(params, opt_state)            # theta * A
+  (loss, mems), g = value_and_grad(mean NLL)(alpha)       # memory reset at epoch starts
+  updates, opt_state = tx.update(g, opt_state, params)    # Top-KAST around clip + Adam
+  params = params + updates
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from experiments.common import config_utils, guard
+from experiments.common import dry_run as dry_run_lib
+from experiments.common import mesh as mesh_lib
+from experiments.common.checkpoint import Checkpointer
+from experiments.common.metrics import MetricsWriter
+from experiments.common.progress import ProgressLogger, format_duration
+from experiments.common.sparsity import make_sparse_optimizer, planned_densities
+from experiments.language_model import input_pipeline, models
+
+LN2 = math.log(2.0)
+
+
+# ----------------------------------------------------------------------------- configuration
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Shared checks plus the LM fields; ValueError names the bad field."""
+    config_utils.validate_shared(config)
+    config_utils.require_fields(
+        config,
+        (
+            "seq_len",
+            "mem_len",
+            "eval_batch_size",
+            "eval_seq_len",
+            "eval_mem_len",
+            "optim.lr",
+            "optim.warmup_steps",
+            "optim.grad_clip",
+            "model.num_layers",
+            "model.d_model",
+            "model.num_heads",
+            "model.d_ff",
+        ),
+    )
+    for f in ("seq_len", "eval_batch_size", "eval_seq_len", "model.num_layers", "model.d_model"):
+        config_utils.require_positive_int(config, f)
+    for f in ("mem_len", "eval_mem_len", "optim.warmup_steps"):
+        config_utils.require_positive_int(config, f, allow_zero=True)
+    if config.model.d_model % 2:
+        raise ValueError(f"config.model.d_model={config.model.d_model} must be even")
+    if config.model.get("d_head") is None and config.model.d_model % config.model.num_heads:
+        raise ValueError(
+            f"config.model.d_model={config.model.d_model} must be divisible by "
+            f"config.model.num_heads={config.model.num_heads} (or set config.model.d_head)"
+        )
+    mesh_lib.check_batch_divisible(config.batch_size, "config.batch_size")
+    mesh_lib.check_batch_divisible(config.eval_batch_size, "config.eval_batch_size")
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup ``warmup_init_lr -> lr`` over ``warmup_steps``, then cosine to ``end_lr``
+    at ``num_train_steps`` (paper App. A: 1e-7 -> 2e-4 over 4000 steps, then cosine)."""
+    o = config.optim
+    return optax.warmup_cosine_decay_schedule(
+        init_value=o.get("warmup_init_lr", 1e-7),
+        peak_value=o.lr,
+        warmup_steps=o.warmup_steps,
+        decay_steps=max(config.num_train_steps, o.warmup_steps + 1),
+        end_value=o.get("end_lr", 0.0),
+    )
+
+
+def make_optimizer(config: ml_collections.ConfigDict, sparsify: Any):
+    """``(tx, schedule)``: Top-KAST (or dense) around global-norm clipping + Adam.
+
+    No dense weight decay: the only regulariser is Top-KAST's exploration penalty.
+    """
+    schedule = learning_rate_schedule(config)
+    o = config.optim
+    inner = optax.chain(
+        optax.clip_by_global_norm(o.grad_clip),
+        optax.adam(schedule, b1=o.get("b1", 0.9), b2=o.get("b2", 0.999), eps=o.get("eps", 1e-8)),
+    )
+    tx = make_sparse_optimizer(
+        inner, config.sparsity, sparsify, seed=config.seed, num_train_steps=config.num_train_steps
+    )
+    return tx, schedule
+
+
+def sparsify_fn(config: ml_collections.ConfigDict):
+    """Sparse leaves: every kernel / embedding (ndim >= 2) except ``config.sparsity.exclude``."""
+    import topkast_jax as tk
+
+    exclude = tuple(config.sparsity.get("exclude", ("r_w_bias", "r_r_bias")))
+    return tk.sparsify.kernels_except(exclude, min_ndim=2)
+
+
+# ----------------------------------------------------------------------------- state
+def zero_mems(model: models.TransformerXL, batch_size: int, mem_len: int) -> jax.Array:
+    return jnp.zeros((model.num_layers, batch_size, mem_len, model.d_model), jnp.float32)
+
+
+def init_state(config, model, tx) -> dict[str, Any]:
+    """The train state: ``step``, ``params``, ``opt_state``, ``mems_LxBxMxD``, ``rng``."""
+    rng = jax.random.PRNGKey(config.seed)
+    rng, init_rng = jax.random.split(rng)
+    T = config.seq_len
+    dummy = jnp.zeros((1, T), jnp.int32)
+    params = model.init(init_rng, dummy, dummy, zero_mems(model, 1, config.mem_len))["params"]
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "mems": zero_mems(model, config.batch_size, config.mem_len),
+        "rng": rng,
+    }
+
+
+def state_shardings(abstract_state, mesh):
+    """Everything replicated except the memory, which is split over its batch axis."""
+    shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract_state)
+    shardings["mems"] = mesh_lib.batch_sharded(mesh, 4, batch_axis=1)
+    return shardings
+
+
+def with_shardings(abstract, shardings):
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+
+
+# ----------------------------------------------------------------------------- steps
+def make_train_step(model, tx, schedule):
+    import topkast_jax as tk
+
+    def train_step(state, batch, reset):
+        rng, dropout_rng = jax.random.split(state["rng"])
+        mems = jnp.where(reset, jnp.zeros_like(state["mems"]), state["mems"])
+        alpha = tk.forward_params(state["params"], state["opt_state"])
+
+        def loss_fn(p):
+            nll_BxT, new_mems = model.apply(
+                {"params": p},
+                batch["inputs"],
+                batch["targets"],
+                mems,
+                deterministic=False,
+                rngs={"dropout": dropout_rng},
+            )
+            return jnp.mean(nll_BxT), new_mems
+
+        (loss, new_mems), grads = jax.value_and_grad(loss_fn, has_aux=True)(alpha)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_state = {
+            "step": state["step"] + 1,
+            "params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state,
+            "mems": new_mems,
+            "rng": rng,
+        }
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(state["step"]),
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model):
+    import topkast_jax as tk
+
+    def eval_step(params, opt_state, mems, batch):
+        alpha = tk.forward_params(params, opt_state)
+        nll_BxT, new_mems = model.apply(
+            {"params": alpha}, batch["inputs"], batch["targets"], mems, deterministic=True
+        )
+        w = batch["weights"]
+        return jnp.sum(nll_BxT * w), jnp.sum(w), new_mems
+
+    return eval_step
+
+
+def score(nll_per_token: float, metric: str) -> dict[str, float]:
+    """``{"loss": nats, "bpc": nats/ln2}`` or ``{"loss": nats, "perplexity": exp(nats)}``."""
+    if metric == "bpc":
+        return {"loss": nll_per_token, "bpc": nll_per_token / LN2}
+    return {"loss": nll_per_token, "perplexity": math.exp(min(nll_per_token, 700.0))}
+
+
+class Evaluator:
+    """Evaluates one split with the eval batch size, window and memory length."""
+
+    def __init__(self, config, model, mesh, state_shard):
+        self.config, self.model, self.mesh = config, model, mesh
+        mem_shard = mesh_lib.batch_sharded(mesh, 4, batch_axis=1)
+        batch_shard = mesh_lib.batch_sharded(mesh, 2)
+        rep = mesh_lib.replicated(mesh)
+        self._step = jax.jit(
+            make_eval_step(model),
+            in_shardings=(state_shard["params"], state_shard["opt_state"], mem_shard, batch_shard),
+            out_shardings=(rep, rep, mem_shard),
+            donate_argnums=(2,),
+        )
+        self._zeros = jax.jit(
+            lambda: zero_mems(model, config.eval_batch_size, config.eval_mem_len),
+            out_shardings=mem_shard,
+        )
+
+    def __call__(self, params, opt_state, tokens_N, max_windows: int = 0) -> float:
+        """Mean NLL (nats/token) over the split (or its first ``max_windows`` windows)."""
+        c = self.config
+        batcher = input_pipeline.StreamBatcher(
+            tokens_N,
+            c.eval_batch_size,
+            c.eval_seq_len,
+            mesh_lib.local_batch_slice(c.eval_batch_size),
+        )
+        n = batcher.num_windows if not max_windows else min(max_windows, batcher.num_windows)
+        mems, total, count = self._zeros(), 0.0, 0.0
+        for w in range(n):
+            local = batcher.window(w)
+            batch = {
+                k: mesh_lib.global_batch(v, self.mesh, c.eval_batch_size) for k, v in local.items()
+            }
+            s, k, mems = self._step(params, opt_state, mems, batch)
+            total, count = total + s, count + k
+        return float(total) / float(count)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _log(msg: str) -> None:
+    if mesh_lib.is_primary():
+        print(msg, flush=True)
+
+
+def _density_summary(opt_state, params) -> dict[str, float]:
+    """Actual nonzero fractions of A and B over all parameters (dense leaves count fully)."""
+    import topkast_jax as tk
+
+    masks = tk.get_masks(opt_state)
+    total = fwd = bwd = 0
+    flat_p = jax.tree.leaves(params)
+    flat_a = jax.tree.leaves(masks.forward, is_leaf=lambda x: x is None)
+    flat_b = jax.tree.leaves(masks.backward, is_leaf=lambda x: x is None)
+    for p, a, b in zip(flat_p, flat_a, flat_b, strict=True):
+        total += p.size
+        fwd += p.size if a is None else int(jnp.sum(a))
+        bwd += p.size if b is None else int(jnp.sum(b))
+    return {
+        "total_params": int(total),
+        "forward_nonzero": int(fwd),
+        "backward_nonzero": int(bwd),
+        "forward_density": fwd / total,
+        "backward_density": bwd / total,
+    }
+
+
+def write_json(path: str, record: dict[str, Any]) -> None:
+    if mesh_lib.is_primary():
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- dry run
+def dry_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Per-layer table and totals from ``jax.eval_shape`` (no weights, no data); dry_run.json."""
+    validate_config(config)
+    model = models.model_from_config(config.model)
+    dummy = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+    mems = jax.ShapeDtypeStruct((model.num_layers, 1, 2, model.d_model), jnp.float32)
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy, dummy, mems)["params"]
+    fwd, bwd = planned_densities(config.sparsity)
+    rows = dry_run_lib.layer_rows(
+        abstract,
+        sparsify=sparsify_fn(config),
+        forward_sparsity=fwd,
+        backward_sparsity=bwd,
+        distribution=config.sparsity.get("distribution", "uniform"),
+    )
+    extra = {
+        "method": config.sparsity.method,
+        "forward_sparsity": fwd,
+        "backward_sparsity": bwd,
+        "vocab_size": model.vocab_size,
+    }
+    record = dry_run_lib.write_dry_run(workdir, rows, extra) if mesh_lib.is_primary() else {}
+    _log(dry_run_lib.format_table(rows, dry_run_lib.totals(rows)))
+    _log(f"wrote {os.path.join(workdir, 'dry_run.json')}")
+    return record or dict(dry_run_lib.totals(rows), layers=rows, **extra)
+
+
+# ----------------------------------------------------------------------------- training
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None = None
+) -> dict[str, Any] | None:
+    """Train (resuming from ``workdir`` if it holds checkpoints), evaluate, write summary.json.
+
+    Args:
+      config: the experiment config (see ``configs/demo.py``).
+      workdir: the run's directory.
+      stop_at_step: leave after saving a checkpoint at this step, as a preemption would (a time
+        slot ending); rerunning resumes. None trains to ``config.num_train_steps``.
+
+    Returns:
+      The summary dict, or None when stopped at ``stop_at_step``.
+
+    Raises:
+      FileNotFoundError: data missing (names the file and ``scripts/download_data.sh``).
+      guard.NonFiniteLossError: the loss became NaN/Inf (the last good checkpoint is kept).
+    """
+    validate_config(config)
+    input_pipeline.check_data_present(config.data)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    start_time = time.monotonic()
+    corpus = input_pipeline.load_corpus(config.data)
+    _log(
+        f"data {config.data.name}: train {len(corpus.train):,} valid {len(corpus.valid):,} "
+        f"test {len(corpus.test):,} tokens, vocab {corpus.vocab_size:,}"
+    )
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.vocab_size = corpus.vocab_size
+    if mesh_lib.is_primary():
+        config_utils.save_config(config, workdir)
+
+    mesh = mesh_lib.make_data_mesh()
+    model = models.model_from_config(config.model)
+    tx, schedule = make_optimizer(config, sparsify_fn(config))
+    init_fn = lambda: init_state(config, model, tx)
+    abstract = jax.eval_shape(init_fn)
+    shardings = state_shardings(abstract, mesh)
+
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"), config.get("max_checkpoints_to_keep", 2)
+    )
+    meta: dict[str, Any] = {"position": 0, "wall_seconds": 0.0}
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(with_shardings(abstract, shardings))
+        _log(f"resumed from step {int(state['step'])} (data position {meta['position']})")
+    else:
+        state = jax.jit(init_fn, out_shardings=shardings)()
+    step = int(state["step"])
+    prior_wall = float(meta.get("wall_seconds", 0.0))
+
+    rows = mesh_lib.local_batch_slice(config.batch_size)
+    stream = input_pipeline.TrainStream(
+        input_pipeline.StreamBatcher(corpus.train, config.batch_size, config.seq_len, rows),
+        position=meta["position"],
+    )
+    batch_shard = mesh_lib.batch_sharded(mesh, 2)
+    rep = mesh_lib.replicated(mesh)
+    train_step = jax.jit(
+        make_train_step(model, tx, schedule),
+        in_shardings=(shardings, batch_shard, rep),
+        out_shardings=(shardings, rep),
+        donate_argnums=(0,),
+    )
+    evaluator = Evaluator(config, model, mesh, shardings)
+    writer = MetricsWriter(workdir, enabled=mesh_lib.is_primary())
+    progress = ProgressLogger(config.num_train_steps, start_step=step)
+    import topkast_jax as tk
+
+    stats_fn = jax.jit(lambda s: tk.mask_stats(s, per_leaf=False))
+    last_good = ckpt.latest_step()
+    loss_sum, loss_count = jnp.zeros(()), 0
+    end = (
+        config.num_train_steps
+        if stop_at_step is None
+        else min(stop_at_step, config.num_train_steps)
+    )
+
+    def elapsed() -> float:
+        return prior_wall + time.monotonic() - start_time
+
+    def save(at_step: int) -> None:
+        ckpt.save(at_step, state, {**stream.state(), "wall_seconds": elapsed()})
+
+    while step < end:
+        local, reset = stream.next()
+        batch = {
+            k: mesh_lib.global_batch(local[k], mesh, config.batch_size)
+            for k in ("inputs", "targets")
+        }
+        state, metrics = train_step(state, batch, np.asarray(reset))
+        step += 1
+        loss_sum, loss_count = loss_sum + metrics["loss"], loss_count + 1
+        due_log = step % config.log_every_steps == 0 or step == end
+        due_ckpt = step % config.checkpoint_every_steps == 0 or step == end
+        if due_log or due_ckpt:
+            mean_loss = float(loss_sum) / loss_count
+            try:
+                guard.check_finite(mean_loss, step, last_good)
+            except guard.NonFiniteLossError:
+                ckpt.close()  # let the last good (asynchronous) save land, then stop
+                writer.close()
+                raise
+        if due_log:
+            train = {"loss": mean_loss, **score(mean_loss, corpus.metric)}
+            train.update({k: metrics[k] for k in ("grad_norm", "lr")})
+            train.update(stats_fn(state["opt_state"]))
+            writer.write(step, train, prefix="train/")
+            shown = {k: train[k] for k in ("loss", "bpc", "perplexity") if k in train}
+            _log(progress.line(step, shown))
+            loss_sum, loss_count = jnp.zeros(()), 0
+        if config.eval_every_steps and step % config.eval_every_steps == 0 and step < end:
+            eval_start = time.monotonic()
+            nll = evaluator(
+                state["params"],
+                state["opt_state"],
+                corpus.valid,
+                config.get("eval_max_windows", 0),
+            )
+            valid = score(nll, corpus.metric)
+            writer.write(step, valid, prefix="valid/")
+            _log(
+                f"step {step} valid "
+                + " ".join(f"{k} {v:.4f}" for k, v in valid.items())
+                + f" ({time.monotonic() - eval_start:.0f}s)"
+            )
+        if due_ckpt:
+            save(step)
+            last_good = step
+    ckpt.wait()
+    if stop_at_step is not None and step < config.num_train_steps:
+        ckpt.close()
+        writer.close()
+        _log(f"stopped at step {step}; rerun the same command to resume")
+        return None
+
+    results: dict[str, Any] = {}
+    final_windows = config.get("final_eval_max_windows", 0)
+    for split in ("valid", "test"):
+        eval_start = time.monotonic()
+        nll = evaluator(state["params"], state["opt_state"], getattr(corpus, split), final_windows)
+        for k, v in score(nll, corpus.metric).items():
+            results[f"{split}_{k}"] = v
+        _log(
+            f"final {split}: "
+            + " ".join(f"{k} {v:.4f}" for k, v in score(nll, corpus.metric).items())
+            + f" ({time.monotonic() - eval_start:.0f}s)"
+        )
+    writer.write(step, {k: v for k, v in results.items()}, prefix="final/")
+    summary = {
+        **results,
+        **_density_summary(state["opt_state"], state["params"]),
+        "steps": step,
+        "wall_seconds": elapsed(),
+        "data": config.data.name,
+        "method": config.sparsity.method,
+        "forward_sparsity": planned_densities(config.sparsity)[0],
+        "backward_sparsity": planned_densities(config.sparsity)[1],
+        "final_eval_max_windows": final_windows,
+    }
+    write_json(os.path.join(workdir, "summary.json"), summary)
+    ckpt.close()
+    writer.close()
+    shown = " ".join(f"{k} {summary[k]:.4f}" for k in sorted(results) if not k.endswith("_loss"))
+    _log(
+        f"done: {shown} | params {summary['total_params']:,} | forward density "
+        f"{summary['forward_density']:.3f} | backward density {summary['backward_density']:.3f} "
+        f"| {step} steps in {format_duration(summary['wall_seconds'])}"
+    )
+    _log(f"wrote {os.path.join(workdir, 'summary.json')}")
+    return summary
+
+
+__all__ = ["dry_run", "train_and_evaluate", "validate_config"]

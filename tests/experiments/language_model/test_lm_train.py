@@ -1,0 +1,270 @@
+"""End-to-end tests of the LM experiment on a tiny config and a text file the tests write.
+
+One uninterrupted single-process run (module fixture) is the reference for: interrupted and
+resumed, 8 simulated devices, and two processes on localhost with gloo collectives.
+"""
+
+import importlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from experiments.common.checkpoint import Checkpointer
+from experiments.common.guard import NonFiniteLossError
+from experiments.common.metrics import read_metrics
+from experiments.language_model import train
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+TINY = {
+    "batch_size": 8,
+    "seq_len": 8,
+    "mem_len": 8,
+    "num_train_steps": 6,
+    "log_every_steps": 1,
+    "eval_every_steps": 3,
+    "eval_max_windows": 2,
+    "checkpoint_every_steps": 3,
+    "eval_batch_size": 8,
+    "eval_seq_len": 8,
+    "eval_mem_len": 16,
+    "model.num_layers": 1,
+    "model.d_model": 16,
+    "model.num_heads": 2,
+    "model.d_ff": 32,
+    "model.dropout": 0.1,
+    "optim.lr": 1e-2,
+    "optim.warmup_steps": 2,
+}
+
+
+def tiny_config(text_path, **overrides):
+    config = demo.get_config()
+    config.data.name = "text"
+    config.data.path = str(text_path)
+    for key, value in {**TINY, **overrides}.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def cli_flags(text_path):
+    flags = [f"--config={os.path.join(REPO, 'configs', 'demo.py')}"]
+    flags += ["--config.data.name=text", f"--config.data.path={text_path}"]
+    flags += [f"--config.{k}={v}" for k, v in TINY.items()]
+    return flags
+
+
+def train_losses(workdir):
+    """The last logged train loss of each step (a resumed run may log a step twice)."""
+    losses = {}
+    for r in read_metrics(workdir):
+        if "train/loss" in r:
+            losses[r["step"]] = r["train/loss"]
+    return [losses[s] for s in sorted(losses)]
+
+
+def read_summary(workdir):
+    with open(os.path.join(workdir, "summary.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "self", "import", "value", "if", "else", "for", "in", "(x)", ":"]
+    text = " ".join(rng.choice(words, size=6000)) + "\n"
+    path = tmp_path_factory.mktemp("data") / "tiny.txt"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(text_file, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    summary = train.train_and_evaluate(tiny_config(text_file), workdir)
+    return workdir, summary
+
+
+def test_end_to_end_workdir_contents(reference):
+    workdir, summary = reference
+    for key in (
+        "valid_bpc",
+        "test_bpc",
+        "total_params",
+        "forward_density",
+        "backward_density",
+        "steps",
+        "wall_seconds",
+    ):
+        assert key in summary, key
+    assert summary["steps"] == 6
+    assert np.isfinite(summary["test_bpc"]) and 0 < summary["test_bpc"] < 8
+    assert summary == read_summary(workdir)
+    # 80% forward / 50% backward sparsity on the sparse leaves, dense leaves count fully
+    assert 0.2 < summary["forward_density"] < 0.3
+    assert 0.5 < summary["backward_density"] < 0.6
+    assert len(train_losses(workdir)) == 6
+    records = read_metrics(workdir)
+    assert any("valid/bpc" in r for r in records)
+    assert any("final/test_bpc" in r for r in records)
+    assert os.path.exists(os.path.join(workdir, "config.json"))
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    assert Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 6
+
+
+def _final_params(workdir, config):
+    model = train.models.model_from_config(config.model, vocab_size=256)
+    tx, _ = train.make_optimizer(config, train.sparsify_fn(config))
+    abstract = jax.eval_shape(lambda: train.init_state(config, model, tx))
+    state, meta = Checkpointer(os.path.join(workdir, "checkpoints")).restore(abstract)
+    return state, meta
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(reference, text_file, tmp_path):
+    ref_dir, ref_summary = reference
+    workdir = str(tmp_path / "resumed")
+    config = tiny_config(text_file)
+    assert train.train_and_evaluate(config, workdir, stop_at_step=4) is None
+    # the process "dies" after step 4 before its checkpoint lands: remove it, resume from 3
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+    summary = train.train_and_evaluate(config, workdir)
+    assert train_losses(workdir) == train_losses(ref_dir)
+    for key in ("valid_bpc", "test_bpc", "forward_density", "backward_density", "steps"):
+        assert summary[key] == ref_summary[key], key
+    state, meta = _final_params(workdir, config)
+    ref_state, ref_meta = _final_params(ref_dir, config)
+    assert meta["position"] == ref_meta["position"] == 6
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(text_file, tmp_path):
+    config = tiny_config(
+        text_file,
+        **{
+            "optim.lr": 1e30,
+            "optim.warmup_steps": 0,
+            "checkpoint_every_steps": 1,
+            "optim.warmup_init_lr": 1e30,
+            "eval_every_steps": 0,
+        },
+    )
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(NonFiniteLossError, match="non-finite training loss") as info:
+        train.train_and_evaluate(config, workdir)
+    last = Checkpointer(os.path.join(workdir, "checkpoints")).latest_step()
+    assert last is not None and f"step {last}" in str(info.value)
+    state, _ = _final_params(workdir, config)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
+
+
+def test_missing_data_fails_before_training(tmp_path):
+    config = tiny_config(tmp_path / "x.txt")
+    config.data.name = "enwik8"
+    config.data.path = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="scripts/download_data.sh enwik8"):
+        train.train_and_evaluate(config, str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+@pytest.mark.parametrize(
+    "module, arg, total, forward_nonzero",
+    [
+        ("configs.enwik8.transformer_xl_24l", "0.8,0.0", 277e6, 55e6),
+        ("configs.enwik8.transformer_xl_small", "0.8,0.6", 69e6, 14e6),
+        ("configs.wikitext103.transformer_xl_18l", "0.8,0.6", 285e6, 57e6),
+    ],
+)
+def test_dry_run_paper_model_counts(module, arg, total, forward_nonzero, tmp_path):
+    """Paper: 277M / 69M / 285M dense; 80% forward sparsity leaves 55M / 14M / 57M."""
+    config = importlib.import_module(module).get_config(arg)
+    record = train.dry_run(config, str(tmp_path))
+    # the paper rounds to whole millions (28.5M / 1.4M aside)
+    assert record["total_params"] == pytest.approx(total, abs=0.5e6)
+    assert record["forward_nonzero"] == pytest.approx(forward_nonzero, abs=0.7e6)
+    # the paper's counting: 20% of all parameters survive 80% forward sparsity
+    assert record["forward_nonzero"] == pytest.approx(0.2 * record["total_params"], rel=0.01)
+    with open(tmp_path / "dry_run.json") as f:
+        saved = json.load(f)
+    assert saved["total_params"] == record["total_params"]
+    assert saved["backward_nonzero"] >= saved["forward_nonzero"]
+    assert saved["sparse_params"] > 0.99 * saved["total_params"]
+
+
+def _run(args, extra_env):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env.update(extra_env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.language_model.main", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait(proc, timeout=400):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def test_eight_simulated_devices_match_one(reference, text_file, tmp_path):
+    ref_dir, ref_summary = reference
+    workdir = str(tmp_path / "eight")
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    _wait(_run([*cli_flags(text_file), f"--workdir={workdir}"], env))
+    np.testing.assert_allclose(train_losses(workdir), train_losses(ref_dir), rtol=2e-5)
+    summary = read_summary(workdir)
+    assert summary["test_bpc"] == pytest.approx(ref_summary["test_bpc"], rel=2e-5)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_with_gloo_match_one(reference, text_file, tmp_path):
+    ref_dir, ref_summary = reference
+    workdir = str(tmp_path / "gloo")
+    port = _free_port()
+    env = {"JAX_PLATFORMS": "cpu"}
+    procs = [
+        _run(
+            [
+                *cli_flags(text_file),
+                f"--workdir={workdir}",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                "--cpu_collectives=gloo",
+            ],
+            env,
+        )
+        for i in range(2)
+    ]
+    try:
+        for p in procs:
+            _wait(p)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    np.testing.assert_allclose(train_losses(workdir), train_losses(ref_dir), rtol=2e-5)
+    summary = read_summary(workdir)
+    assert summary["test_bpc"] == pytest.approx(ref_summary["test_bpc"], rel=2e-5)
