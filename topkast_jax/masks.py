@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from topkast_jax import distributions, selection
+from topkast_jax import distributions, selection, sharding
 from topkast_jax.plan import LeafDensity, unflatten_sparse
 from topkast_jax.state import Masks
 
@@ -92,6 +92,6 @@ def topkast_masks(
             rng,
             method,
         )
-    forward = [m.reshape(p.shape) for m, p in zip(forward, leaves, strict=True)]
-    backward = [m.reshape(p.shape) for m, p in zip(backward, leaves, strict=True)]
+    forward = [sharding.unflatten_like(m, p) for m, p in zip(forward, leaves, strict=True)]
+    backward = [sharding.unflatten_like(m, p) for m, p in zip(backward, leaves, strict=True)]
     return Masks(unflatten_sparse(params, plan, forward), unflatten_sparse(params, plan, backward))

@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from topkast_jax import sharding
+
 METHODS = ("auto", "histogram", "bisect", "top_k", "sort")
 
 _DIGIT_BITS = 16
@@ -56,7 +58,7 @@ def magnitude_keys(x: jax.Array) -> jax.Array:
     """
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"magnitude_keys needs a floating array, got dtype {x.dtype}.")
-    x32 = jnp.abs(x.astype(jnp.float32)).ravel()
+    x32 = sharding.flatten(jnp.abs(x.astype(jnp.float32)))
     return lax.bitcast_convert_type(x32, jnp.int32)
 
 
@@ -292,4 +294,4 @@ def top_k_magnitude_mask(x: jax.Array, k: int, *, method: str = "auto") -> jax.A
 
     Equals ``np.isin(arange(x.size), np.argsort(-abs(x).ravel(), kind="stable")[:k])`` reshaped.
     """
-    return top_k_keys_mask(magnitude_keys(x), k, method=method).reshape(x.shape)
+    return sharding.unflatten_like(top_k_keys_mask(magnitude_keys(x), k, method=method), x)

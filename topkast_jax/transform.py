@@ -221,15 +221,14 @@ def topkast(
         def refresh():  # (e)
             rng, mask_rng = jax.random.split(state.rng)
             new_params = optax.apply_updates(params, updates)
-            new = stop_exploration(
-                count, compute_masks(new_params, plan, mask_rng), stop_exploration_step
-            )
+            new = compute_masks(new_params, plan, mask_rng)
             return new, stats_lib.refresh_stats(state.stats, masks, new), rng
 
         def keep():
             return masks, state.stats, state.rng
 
         new_masks, new_stats, rng = jax.lax.cond(count % refresh_every == 0, refresh, keep)
+        new_masks = stop_exploration(count, new_masks, stop_exploration_step)
         new_state = TopKastState(
             count=count,
             masks=new_masks,

@@ -1,0 +1,37 @@
+"""Flattening leaves that carry explicit shardings (``jax.make_mesh``'s default axis type).
+
+Selection works on flat vectors.  With *explicit* mesh axes, JAX cannot infer how a reshape of a
+sharded array should be laid out, so the flat keys are gathered (replicated) and the masks are
+reshaped back with the leaf's own sharding.  With auto axes (or no mesh) these are plain reshapes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+
+def explicit_sharding(x: jax.Array) -> NamedSharding | None:
+    """The leaf's sharding when it is sharded over explicit mesh axes, else ``None``."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(axis is None for axis in spec):
+        return None
+    return sharding
+
+
+def flatten(x: jax.Array) -> jax.Array:
+    """``x.ravel()``, replicated when ``x`` is explicitly sharded."""
+    sharding = explicit_sharding(x)
+    if sharding is None:
+        return x.ravel()
+    return jnp.reshape(x, (-1,), out_sharding=NamedSharding(sharding.mesh, PartitionSpec()))
+
+
+def unflatten_like(flat_N: jax.Array, like: jax.Array) -> jax.Array:
+    """``flat_N`` reshaped to ``like.shape``, with ``like``'s explicit sharding if it has one."""
+    sharding = explicit_sharding(like)
+    if sharding is None:
+        return flat_N.reshape(like.shape)
+    return jnp.reshape(flat_N, like.shape, out_sharding=sharding)
