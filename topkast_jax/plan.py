@@ -55,6 +55,18 @@ def check_sparsity(name: str, value: Any) -> float:
     return value
 
 
+def check_sparsities(forward_sparsity: Any, backward_sparsity: Any) -> tuple[float, float]:
+    """Both sparsities as floats in ``[0, 1)`` with ``backward <= forward``, else a ValueError."""
+    forward_sparsity = check_sparsity("forward_sparsity", forward_sparsity)
+    backward_sparsity = check_sparsity("backward_sparsity", backward_sparsity)
+    if backward_sparsity > forward_sparsity:
+        raise ValueError(
+            f"backward_sparsity ({backward_sparsity}) must be <= forward_sparsity "
+            f"({forward_sparsity}): the backward set B contains the forward set A."
+        )
+    return forward_sparsity, backward_sparsity
+
+
 def layer_densities(
     params: Any,
     *,
@@ -76,13 +88,7 @@ def layer_densities(
       ValueError: on sparsities outside ``[0, 1)``, ``backward_sparsity > forward_sparsity``, or a
         bad ``sparsify``.
     """
-    forward_sparsity = check_sparsity("forward_sparsity", forward_sparsity)
-    backward_sparsity = check_sparsity("backward_sparsity", backward_sparsity)
-    if backward_sparsity > forward_sparsity:
-        raise ValueError(
-            f"backward_sparsity ({backward_sparsity}) must be <= forward_sparsity "
-            f"({forward_sparsity}): the backward set B contains the forward set A."
-        )
+    forward_sparsity, backward_sparsity = check_sparsities(forward_sparsity, backward_sparsity)
     flags = sparsify_lib.resolve(sparsify, params)
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     sparse_shapes = [tuple(p.shape) for (_, p), f in zip(flat, flags, strict=True) if f]

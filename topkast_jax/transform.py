@@ -32,7 +32,7 @@ from topkast_jax import masks as masks_lib
 from topkast_jax import sparsify as sparsify_lib
 from topkast_jax import stats as stats_lib
 from topkast_jax.penalty import add_penalty_gradient
-from topkast_jax.plan import LeafDensity, check_sparsity, layer_densities, unflatten_sparse
+from topkast_jax.plan import LeafDensity, check_sparsities, layer_densities, unflatten_sparse
 from topkast_jax.state import Masks, TopKastState
 from topkast_jax.tree import map_sparse
 
@@ -146,13 +146,7 @@ def topkast(
     References:
       Jayakumar et al., 2020. https://arxiv.org/abs/2106.03517
     """
-    forward_sparsity = check_sparsity("forward_sparsity", forward_sparsity)
-    backward_sparsity = check_sparsity("backward_sparsity", backward_sparsity)
-    if backward_sparsity > forward_sparsity:
-        raise ValueError(
-            f"backward_sparsity ({backward_sparsity}) must be <= forward_sparsity "
-            f"({forward_sparsity}): the backward set B contains the forward set A."
-        )
+    forward_sparsity, backward_sparsity = check_sparsities(forward_sparsity, backward_sparsity)
     _check_hyperparameters(
         refresh_every, exploration_l2, backward_selection, stop_exploration_step, selection_method
     )
