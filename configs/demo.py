@@ -20,6 +20,8 @@ only 1500 steps of 16 x 64 bytes.
 
 import ml_collections
 
+from configs.enwik8.transformer_xl_base import sparsity_config
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -60,12 +62,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.end_lr = 0.0
     c.optim.grad_clip = 0.25
 
-    c.sparsity = ml_collections.ConfigDict()
-    c.sparsity.method = "topkast"
-    c.sparsity.forward = 0.8
-    c.sparsity.backward = 0.5
-    c.sparsity.refresh_every = 1
-    c.sparsity.exploration_l2 = 1e-4
-    c.sparsity.distribution = "uniform"
-    c.sparsity.exclude = ("r_w_bias", "r_r_bias")
+    c.sparsity = sparsity_config("0.8,0.5")  # λ = 1e-4, refresh every step, uniform densities
     return c

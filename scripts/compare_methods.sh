@@ -8,7 +8,7 @@
 # standard library as text, no download). Each method trains the same STEPS steps with the same
 # schedule and seed; sparsities SPARSITIES (default 80% and 90%) on the same layers. Top-KAST uses
 # the sparse-backward pairs of the paper's Table 5 (forward 80% / backward 60%, 90% / 80%); the
-# baselines train the weights they use (backward = forward). Dense runs once.
+# baselines train the weights they use (backward = forward). Dense runs once per seed.
 #
 # Environment (defaults): PYTHON (.venv/bin/python if present, else python), STEPS (400),
 # SPARSITIES ("0.8 0.9"), UPDATE_EVERY (STEPS/16: SET/RigL ΔT and the pruning frequency, scaled
@@ -20,7 +20,8 @@
 # resumes and skips finished runs. The table goes to stdout and ROOT/results.md, the plot to
 # ROOT/test_bpc.png.
 #
-# Time: on 2 shared CPU cores one 400-step run takes about 2-3 minutes, the 11 runs ~30 minutes.
+# Time (measured, docs/method_comparison.md): on the shared 2-core CPU VM a 400-step run took
+# 0.5-4 minutes (mean 76 s) including compilation and evaluation; 11 runs per seed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Paper Table 5 (enwik8, 69M Transformer-XL): Top-KAST column (pruning arrives with the baselines).
+# Paper Table 5 (enwik8, 69M Transformer-XL): Top-KAST rows and the magnitude-pruning column
+# (Zhu & Gupta schedule, tk.baselines.magnitude_pruning) at the same forward sparsities.
 #
 #   bash scripts/reproduce_table5.sh [RUNS_DIR] [extra --config.x=y flags...]
 #
@@ -18,5 +19,12 @@ for r in "${rows[@]}"; do
   dirs+=("$dir")
   python -m experiments.language_model.main \
     --config=configs/enwik8/transformer_xl_small.py:$r --config.data.path="$data" --workdir="$dir" "$@"
+done
+for f in 0.8 0.9 0.95; do
+  dir="$runs/pruning_fwd$f"
+  dirs+=("$dir")
+  python -m experiments.language_model.main \
+    --config=configs/enwik8/transformer_xl_small.py:$f,$f --config.sparsity.method=pruning \
+    --config.data.path="$data" --workdir="$dir" "$@"
 done
 python -m experiments.language_model.collect_table bpc "${dirs[@]}"

@@ -9,8 +9,9 @@ Public API::
     stats = mask_stats(opt_state)                      # densities, mask change, reservoir
 """
 
-from topkast_jax import nnx, selection, sparsify
+from topkast_jax import baselines, flops, nnx, selection, sparsify
 from topkast_jax.distributions import erk_densities, keep_count, leaf_densities, mask_counts
+from topkast_jax.flops import LayerCost, train_flops_vs_dense
 from topkast_jax.penalty import exploration_penalty
 from topkast_jax.plan import LeafDensity, layer_densities
 from topkast_jax.state import (
@@ -27,6 +28,10 @@ from topkast_jax.transform import topkast
 __version__ = "0.1.0"
 
 __all__ = [
+    "LayerCost",
+    "baselines",
+    "flops",
+    "train_flops_vs_dense",
     "LeafDensity",
     "MaskStats",
     "Masks",

@@ -2,11 +2,15 @@
 
 import ml_collections
 
+from experiments.common.baselines_config import add_baseline_fields
 from experiments.common.config_utils import parse_sparsity_arg
 
 
 def sparsity_config(arg: str | None) -> ml_collections.ConfigDict:
-    """``method="dense"`` for ``0,0`` (the default), Top-KAST otherwise."""
+    """``method="dense"`` for ``0,0`` (the default), Top-KAST otherwise.
+
+    ``--config.sparsity.method`` switches to a baseline (static, pruning, set, rigl); their
+    fields are included."""
     fwd, bwd = parse_sparsity_arg(arg, (0.0, 0.0))
     s = ml_collections.ConfigDict()
     s.method = "dense" if fwd == 0.0 and bwd == 0.0 else "topkast"
@@ -16,7 +20,7 @@ def sparsity_config(arg: str | None) -> ml_collections.ConfigDict:
     s.exploration_l2 = 1e-4
     s.distribution = "uniform"
     s.exclude = ("r_w_bias", "r_r_bias")
-    return s
+    return add_baseline_fields(s)
 
 
 def optim_config(warmup_steps: int = 4000) -> ml_collections.ConfigDict:

@@ -38,6 +38,7 @@ only plotted in the paper, not tabulated.
 
 import ml_collections
 
+from experiments.common.baselines_config import add_baseline_fields
 from experiments.common.config_utils import parse_sparsity_arg
 
 #: Paper reference values.
@@ -97,6 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sparsity.stop_exploration_step = ml_collections.config_dict.placeholder(int)
     c.sparsity.global_topk = False
     c.sparsity.sparse_first_last = False
+    add_baseline_fields(c.sparsity)  # --config.sparsity.method=static|pruning|set|rigl
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "imagenet2012"  # or "synthetic"

@@ -62,8 +62,11 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def format_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
-    """A fixed-width text table of ``rows`` followed by the ``summary`` totals."""
+def format_table(
+    rows: list[dict[str, Any]], summary: dict[str, Any], method: str | None = None
+) -> str:
+    """A fixed-width text table of ``rows`` followed by the ``summary`` totals (and the
+    sparse-training ``method`` when given)."""
     name_w = max([len("name")] + [len(r["name"]) for r in rows])
     header = f"{'name':<{name_w}}  {'shape':<20}  {'params':>13}  {'fwd':>6}  {'bwd':>6}"
     lines = [header, "-" * len(header)]
@@ -79,6 +82,8 @@ def format_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         f"forward nonzero {summary['forward_nonzero']:,} | "
         f"backward nonzero {summary['backward_nonzero']:,}"
     )
+    if method is not None:
+        lines.append(f"method {method}")
     return "\n".join(lines)
 
 

@@ -304,7 +304,7 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "vocab_size": model.vocab_size,
     }
     record = dry_run_lib.write_dry_run(workdir, rows, extra) if mesh_lib.is_primary() else {}
-    _log(dry_run_lib.format_table(rows, dry_run_lib.totals(rows)))
+    _log(dry_run_lib.format_table(rows, dry_run_lib.totals(rows), config.sparsity.method))
     _log(f"wrote {os.path.join(workdir, 'dry_run.json')}")
     return record or dict(dry_run_lib.totals(rows), layers=rows, **extra)
 

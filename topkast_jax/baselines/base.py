@@ -1,0 +1,210 @@
+"""One optax transformation shared by the baselines; each baseline is a :class:`MaskRule`.
+
+For a sparse leaf with mask ``M`` (``|M| = k`` active weights) the model sees ``α = θ ⊙ M``
+(:func:`topkast_jax.forward_params`) and the gradient ``g = ∂L/∂α``, which is the dense gradient:
+for ``i ∉ M``, ``∂L/∂α_i`` is exactly what RigL needs to regrow.  ``update(g, state, θ)``:
+
+1. the inner optimizer runs on ``g ⊙ M``; its updates ``u`` and its param-shaped state are zeroed
+   outside ``M`` (:func:`topkast_jax.transform.sparse_inner_update`), so a weight outside ``M``
+   never moves, not even through momentum;
+2. if the step just completed is in the rule's :class:`~topkast_jax.baselines.schedules.EventTable`,
+   the rule computes the new mask ``M'`` per leaf from ``θ + u``, ``g`` and the table's count;
+3. the returned update is ``u`` on ``M ∩ M'`` and ``−θ`` elsewhere, so after
+   ``optax.apply_updates`` every weight outside ``M ∩ M'`` is exactly 0: dropped weights are
+   zeroed, grown weights (``M' ∖ M``) start at 0, and from the first update on ``θ ⊙ M = θ``;
+   the inner state is zeroed outside ``M ∩ M'`` too, so grown weights start with zero moments.
+
+Dense leaves (not selected by ``sparsify``) get the inner optimizer's update untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from topkast_jax import sparsify as sparsify_lib
+from topkast_jax import stats as stats_lib
+from topkast_jax.baselines.schedules import EventTable
+from topkast_jax.baselines.state import BaselineState
+from topkast_jax.baselines.validation import check_distribution
+from topkast_jax.plan import LeafDensity, check_sparsity, layer_densities, unflatten_sparse
+from topkast_jax.state import Masks
+from topkast_jax.transform import sparse_inner_update, zero_inner_state_outside, zero_outside
+from topkast_jax.tree import map_sparse
+
+
+class LeafUpdate(NamedTuple):
+    """What a rule sees of one sparse leaf at a mask update (all flattened, shape ``[N]``).
+
+    Attributes:
+      mask_N: bool, the current mask ``M``.
+      params_N: ``θ + u``, the weights after this step's update (zero outside ``M``).
+      grads_N: the dense gradient ``∂L/∂α`` of this step.
+      count: int32 scalar, the schedule's count for this leaf at this step.
+      rng: PRNG key for this leaf.
+    """
+
+    mask_N: jax.Array
+    params_N: jax.Array
+    grads_N: jax.Array
+    count: jax.Array
+    rng: jax.Array
+
+
+class MaskRule(NamedTuple):
+    """How one baseline chooses its masks.
+
+    Attributes:
+      initial_counts: sparse plan -> active weights per sparse leaf at initialisation.
+      initial_mask: ``(θ₀_N, k, rng) -> M₀_N`` with exactly ``k`` True entries.
+      schedule: sparse plan -> the steps and per-leaf counts of the mask updates.
+      update_mask: ``LeafUpdate -> M'_N``, the new mask of one leaf at a scheduled step.
+    """
+
+    initial_counts: Callable[[list[LeafDensity]], list[int]]
+    initial_mask: Callable[[jax.Array, int, jax.Array], jax.Array]
+    schedule: Callable[[list[LeafDensity]], EventTable]
+    update_mask: Callable[[LeafUpdate], jax.Array]
+
+
+def sparse_values(tree: Any, plan: list[LeafDensity]) -> list[Any]:
+    """The leaves of a params-shaped ``tree`` (``None`` holes allowed) marked sparse by the plan."""
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: x is None)
+    return [x for x, leaf in zip(leaves, plan, strict=True) if leaf.sparse]
+
+
+def mask_densities(mask_tree: Any) -> Any:
+    """float32 scalar ``|M| / n`` per sparse leaf (``None`` on dense leaves)."""
+    return jax.tree.map(lambda m: jnp.mean(m, dtype=jnp.float32), mask_tree)
+
+
+def drop_to_zero(updates: Any, kept: Any, params: Any) -> Any:
+    """``u`` on the kept weights, ``−θ`` elsewhere, so ``θ + update`` is exactly 0 there."""
+    return map_sparse(lambda u, k, p: jnp.where(k, u, -p.astype(u.dtype)), updates, kept, params)
+
+
+def masked_baseline(
+    inner: optax.GradientTransformation,
+    rule: MaskRule,
+    *,
+    name: str,
+    sparsity: float,
+    sparsify: Any,
+    distribution: str,
+    seed: int,
+) -> optax.GradientTransformationExtraArgs:
+    """The optax transformation of a baseline (see the module docstring).
+
+    Args:
+      inner: the optimizer that turns masked gradients into updates.
+      rule: the baseline's mask rule.
+      name: the baseline's name, for error messages.
+      sparsity: the (final) fraction of zeros on sparse leaves, in ``[0, 1)``.
+      sparsify: bool pytree or callable ``params -> bool pytree``; ``None``: every floating leaf
+        with ``ndim >= 2``.
+      distribution: ``"uniform"`` or ``"erk"``.
+      seed: PRNG seed of the random masks.
+
+    Raises:
+      ValueError: ``sparsity`` outside ``[0, 1)`` or an unknown ``distribution`` (here), a bad
+        ``sparsify`` (at ``init``).
+    """
+    sparsity = check_sparsity("sparsity", sparsity)
+    check_distribution(distribution)
+    sparsify = sparsify if sparsify is not None else sparsify_lib.kernels()
+
+    def plan_for(params: Any) -> list[LeafDensity]:
+        return layer_densities(
+            params, sparsify=sparsify, forward_sparsity=sparsity, distribution=distribution
+        )
+
+    def init_fn(params: Any) -> BaselineState:
+        plan = plan_for(params)
+        sparse_plan = [leaf for leaf in plan if leaf.sparse]
+        rng, mask_rng = jax.random.split(jax.random.PRNGKey(seed))
+        leaf_rngs = jax.random.split(mask_rng, max(1, len(sparse_plan)))
+        masks = [
+            rule.initial_mask(p.ravel(), k, r).reshape(p.shape)
+            for p, k, r in zip(
+                sparse_values(params, plan),
+                rule.initial_counts(sparse_plan),
+                leaf_rngs,
+                strict=False,
+            )
+        ]
+        mask_tree = unflatten_sparse(params, plan, masks)
+        masks = Masks(forward=mask_tree, backward=mask_tree)
+        return BaselineState(
+            count=jnp.zeros((), jnp.int32),
+            masks=masks,
+            densities=mask_densities(mask_tree),
+            exploration_l2=jnp.zeros((), jnp.float32),
+            stats=stats_lib.init_stats(masks),
+            rng=rng,
+            inner_state=inner.init(params),
+        )
+
+    def new_mask_tree(step, table, mask_tree, new_params, grads, plan, rng):
+        counts_L = table.row(step)
+        leaf_rngs = jax.random.split(rng, max(1, counts_L.shape[0]))
+        rows = zip(
+            sparse_values(mask_tree, plan),
+            sparse_values(new_params, plan),
+            sparse_values(grads, plan),
+            leaf_rngs,
+            strict=False,
+        )
+        masks = [
+            rule.update_mask(LeafUpdate(m.ravel(), p.ravel(), g.ravel(), counts_L[i], r)).reshape(
+                m.shape
+            )
+            for i, (m, p, g, r) in enumerate(rows)
+        ]
+        return unflatten_sparse(new_params, plan, masks)
+
+    def update_fn(grads, state: BaselineState, params=None, **extra_args):
+        if params is None:
+            raise ValueError(f"{name}'s update needs params: call tx.update(grads, state, params).")
+        plan = plan_for(params)
+        mask_tree = state.masks.forward
+        updates, inner_state = sparse_inner_update(
+            inner,
+            zero_outside(grads, mask_tree),
+            state.inner_state,
+            params,
+            mask_tree,
+            **extra_args,
+        )
+        step = state.count + 1
+        table = rule.schedule([leaf for leaf in plan if leaf.sparse])
+
+        def refresh():
+            rng, mask_rng = jax.random.split(state.rng)
+            new_params = optax.apply_updates(params, updates)
+            new_tree = new_mask_tree(step, table, mask_tree, new_params, grads, plan, mask_rng)
+            new_masks = Masks(forward=new_tree, backward=new_tree)
+            stats = stats_lib.refresh_stats(state.stats, state.masks, new_masks)
+            kept = jax.tree.map(jnp.logical_and, mask_tree, new_tree)
+            return new_masks, stats, rng, zero_inner_state_outside(inner, inner_state, kept)
+
+        def keep():
+            return state.masks, state.stats, state.rng, inner_state
+
+        new_masks, stats, rng, inner_state = jax.lax.cond(table.due(step), refresh, keep)
+        kept = jax.tree.map(jnp.logical_and, mask_tree, new_masks.forward)
+        new_state = BaselineState(
+            count=step,
+            masks=new_masks,
+            densities=mask_densities(new_masks.forward),
+            exploration_l2=state.exploration_l2,
+            stats=stats,
+            rng=rng,
+            inner_state=inner_state,
+        )
+        return drop_to_zero(updates, kept, params), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
