@@ -5,9 +5,10 @@ Command::
   python -m experiments.language_model.main --config=configs/demo.py --workdir=/tmp/topkast_demo
 
 Hardware: 2 CPU cores, no accelerator, no download (the text is the running Python's standard
-library sources, ~12 MB). Expected time: measured 3 min 08 s wall (3.2 CPU-minutes) on 2 CPU
-cores shared with other jobs (load average ~4), 5 min 50 s at load average ~10; of that, ~40 s
-(~85 s loaded) is the full valid + test evaluation (600k bytes each).
+library sources, ~12 MB). Expected time: measured 2 min 00 s wall with `bash scripts/run_demo.sh`
+from a fresh clone on an otherwise idle 2-core VM (load average ~1), 3 min 08 s (3.2 CPU-minutes)
+on 2 CPU cores shared with other jobs (load average ~4), 5 min 50 s at load average ~10; of that,
+~30-40 s (~85 s loaded) is the full valid + test evaluation (600k bytes each).
 Expected result (measured on Python 3.11; the text differs a little between Python versions):
 test BPC 2.385, valid BPC 2.375 after 1500 steps
 (byte-unigram entropy of this text is 4.67 bits, bigram conditional entropy 3.50), 676k
