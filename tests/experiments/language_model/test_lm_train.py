@@ -8,9 +8,11 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -268,3 +270,44 @@ def test_two_processes_with_gloo_match_one(reference, text_file, tmp_path):
     np.testing.assert_allclose(train_losses(workdir), train_losses(ref_dir), rtol=2e-5)
     summary = read_summary(workdir)
     assert summary["test_bpc"] == pytest.approx(ref_summary["test_bpc"], rel=2e-5)
+
+
+def _checkpoint_steps(workdir):
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(text_file, tmp_path):
+    """A real crash: SIGKILL once a mid-run checkpoint is on disk, rerun the same command, and the
+    resumed run logs the same losses and ends with the same BPC as an uninterrupted run."""
+    steps = ["--config.num_train_steps=240", "--config.checkpoint_every_steps=20"]
+    env = {"JAX_PLATFORMS": "cpu"}
+    ref_dir, killed_dir = str(tmp_path / "uninterrupted"), str(tmp_path / "killed")
+    _wait(_run([*cli_flags(text_file), *steps, f"--workdir={ref_dir}"], env))
+
+    args = [*cli_flags(text_file), *steps, f"--workdir={killed_dir}"]
+    proc = _run(args, env)
+    try:
+        deadline = time.monotonic() + 300
+        while not [s for s in _checkpoint_steps(killed_dir) if s >= 40]:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint at step >= 40 within 300 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(killed_dir, "summary.json")), "killed after the end"
+    last = max(_checkpoint_steps(killed_dir))
+    assert 40 <= last < 240
+
+    out = _wait(_run(args, env))
+    assert f"resumed from step {last}" in out
+    np.testing.assert_array_equal(train_losses(killed_dir), train_losses(ref_dir))
+    summary, ref_summary = read_summary(killed_dir), read_summary(ref_dir)
+    for key in ("valid_bpc", "test_bpc", "forward_density", "backward_density", "steps"):
+        assert summary[key] == ref_summary[key], key
