@@ -34,15 +34,14 @@ def optim_config(warmup_steps: int = 4000) -> ml_collections.ConfigDict:
     return o
 
 
-def enwik8_config(
-    arg: str | None, *, d_model: int, d_ff: int, num_heads: int
+def paper_config(
+    arg: str | None, *, data: dict, run: dict, model: dict
 ) -> ml_collections.ConfigDict:
+    """The fields every paper-scale Transformer-XL config shares, with its own ``data``, run
+    lengths (``run``: seq_len, mem_len, num_train_steps, eval_mem_len) and ``model`` fields."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.batch_size = 64
-    c.seq_len = 768
-    c.mem_len = 2304
-    c.num_train_steps = 400_000
     c.log_every_steps = 200
     c.eval_every_steps = 4000
     c.eval_max_windows = 100
@@ -50,22 +49,32 @@ def enwik8_config(
     c.max_checkpoints_to_keep = 2
     c.eval_batch_size = 16
     c.eval_seq_len = 128
-    c.eval_mem_len = 5000
     c.final_eval_max_windows = 0
-    c.data = ml_collections.ConfigDict({"name": "enwik8", "path": "data/enwik8"})
-    m = ml_collections.ConfigDict()
-    m.vocab_size = 256
-    m.num_layers = 24
-    m.d_model = d_model
-    m.num_heads = num_heads
-    m.d_head = None
-    m.d_ff = d_ff
-    m.dropout = 0.15
-    m.dropatt = 0.15
-    m.cutoffs = ()
-    m.div_val = 1
-    m.clamp_len = -1
-    c.model = m
+    c.update(run)
+    c.data = ml_collections.ConfigDict(data)
+    c.model = ml_collections.ConfigDict({"d_head": None, "clamp_len": -1, **model})
     c.optim = optim_config()
     c.sparsity = sparsity_config(arg)
     return c
+
+
+def enwik8_config(
+    arg: str | None, *, d_model: int, d_ff: int, num_heads: int
+) -> ml_collections.ConfigDict:
+    """enwik8, 24 layers, byte vocabulary, tied embeddings (paper Tables 2 and 5)."""
+    return paper_config(
+        arg,
+        data={"name": "enwik8", "path": "data/enwik8"},
+        run={"seq_len": 768, "mem_len": 2304, "num_train_steps": 400_000, "eval_mem_len": 5000},
+        model={
+            "vocab_size": 256,
+            "num_layers": 24,
+            "d_model": d_model,
+            "num_heads": num_heads,
+            "d_ff": d_ff,
+            "dropout": 0.15,
+            "dropatt": 0.15,
+            "cutoffs": (),
+            "div_val": 1,
+        },
+    )

@@ -20,39 +20,23 @@ batch 64, 200k steps, dropout 0.2 (paper range 0.05-0.2), exploration L2 1e-4, e
 
 import ml_collections
 
-from configs.enwik8.transformer_xl_base import optim_config, sparsity_config
+from configs.enwik8.transformer_xl_base import paper_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.batch_size = 64
-    c.seq_len = 512
-    c.mem_len = 768
-    c.num_train_steps = 200_000
-    c.log_every_steps = 200
-    c.eval_every_steps = 4000
-    c.eval_max_windows = 100
-    c.checkpoint_every_steps = 2000
-    c.max_checkpoints_to_keep = 2
-    c.eval_batch_size = 16
-    c.eval_seq_len = 128
-    c.eval_mem_len = 2000
-    c.final_eval_max_windows = 0
-    c.data = ml_collections.ConfigDict({"name": "wikitext103", "path": "data/wikitext-103"})
-    m = ml_collections.ConfigDict()
-    m.vocab_size = 267_735
-    m.num_layers = 18
-    m.d_model = 1024
-    m.num_heads = 16
-    m.d_head = None
-    m.d_ff = 4096
-    m.dropout = 0.2
-    m.dropatt = 0.2
-    m.cutoffs = (20_000, 40_000, 200_000)
-    m.div_val = 4
-    m.clamp_len = -1
-    c.model = m
-    c.optim = optim_config()
-    c.sparsity = sparsity_config(arg)
-    return c
+    return paper_config(
+        arg,
+        data={"name": "wikitext103", "path": "data/wikitext-103"},
+        run={"seq_len": 512, "mem_len": 768, "num_train_steps": 200_000, "eval_mem_len": 2000},
+        model={
+            "vocab_size": 267_735,
+            "num_layers": 18,
+            "d_model": 1024,
+            "num_heads": 16,
+            "d_ff": 4096,
+            "dropout": 0.2,
+            "dropatt": 0.2,
+            "cutoffs": (20_000, 40_000, 200_000),
+            "div_val": 4,
+        },
+    )
