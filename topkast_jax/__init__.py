@@ -22,7 +22,7 @@ from topkast_jax.state import (
     forward_params,
     get_masks,
 )
-from topkast_jax.stats import count_nonzero_params, mask_stats
+from topkast_jax.stats import mask_stats
 from topkast_jax.transform import topkast
 
 __version__ = "0.1.0"
@@ -36,7 +36,6 @@ __all__ = [
     "MaskStats",
     "Masks",
     "TopKastState",
-    "count_nonzero_params",
     "erk_densities",
     "exploration_penalty",
     "find_sparse_state",

@@ -43,12 +43,18 @@ def erk_densities(shapes: Sequence[tuple[int, ...]], density: float) -> list[flo
         dense |= over
 
 
+def check_distribution(distribution: str) -> str:
+    """``distribution`` if it is one of :data:`DISTRIBUTIONS`, else a ValueError naming it."""
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
+    return distribution
+
+
 def leaf_densities(
     shapes: Sequence[tuple[int, ...]], density: float, distribution: str = "uniform"
 ) -> list[float]:
     """Per-leaf densities for the sparse leaves ``shapes`` (same order)."""
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
+    check_distribution(distribution)
     if density >= 1.0 or not shapes:
         return [1.0] * len(shapes)
     if distribution == "uniform":

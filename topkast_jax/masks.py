@@ -32,7 +32,7 @@ def _select(
     k_forward: list[int],
     k_backward: list[int],
     backward_selection: str,
-    rng: jax.Array,
+    rng: jax.Array | None,
     method: str,
 ) -> tuple[list[jax.Array], list[jax.Array]]:
     """``(A, B)`` flat masks for each flat key vector."""
@@ -72,7 +72,8 @@ def topkast_masks(
     """
     leaves = [p for p, leaf in zip(jax.tree.leaves(params), plan, strict=True) if leaf.sparse]
     sparse_plan = [leaf for leaf in plan if leaf.sparse]
-    rng = jax.random.PRNGKey(0) if rng is None else rng
+    if backward_selection == "random" and rng is None:
+        raise ValueError('backward_selection="random" needs a PRNG key: pass rng.')
     keys = [selection.magnitude_keys(p) for p in leaves]
     if global_topk and keys:
         sizes = [leaf.size for leaf in sparse_plan]

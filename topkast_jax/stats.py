@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -77,8 +75,3 @@ def mask_stats(opt_state: optax.OptState, *, per_leaf: bool = True) -> dict[str,
             out[f"backward_density/{name}"] = bwd[i] / sizes[i]
             out[f"mask_change/{name}"] = changed[i]
     return out
-
-
-def count_nonzero_params(params: Any) -> jax.Array:
-    """Number of nonzero entries over all leaves (int32 would overflow past 2³¹: float32)."""
-    return sum(jnp.sum(p != 0, dtype=jnp.float32) for p in jax.tree.leaves(params))

@@ -27,32 +27,26 @@ import jax.numpy as jnp
 import optax
 from optax import tree_utils as otu
 
-from topkast_jax import distributions, selection
 from topkast_jax import masks as masks_lib
+from topkast_jax import selection
 from topkast_jax import sparsify as sparsify_lib
 from topkast_jax import stats as stats_lib
 from topkast_jax.penalty import add_penalty_gradient
 from topkast_jax.plan import LeafDensity, check_sparsities, layer_densities, unflatten_sparse
 from topkast_jax.state import Masks, TopKastState
 from topkast_jax.tree import map_sparse
+from topkast_jax.validation import check_choice, check_distribution, check_int
 
 
 def _check_hyperparameters(
     refresh_every: Any, exploration_l2: Any, backward_selection: str, stop_step: Any, method: str
 ) -> None:
-    if not isinstance(refresh_every, int | jnp.integer) or refresh_every < 1:
-        raise ValueError(f"refresh_every must be an integer >= 1, got {refresh_every!r}.")
+    check_int("refresh_every", refresh_every, 1)
     if not isinstance(exploration_l2, jax.core.Tracer) and float(exploration_l2) < 0:
         raise ValueError(f"exploration_l2 must be >= 0, got {exploration_l2!r}.")
-    if backward_selection not in masks_lib.BACKWARD_SELECTIONS:
-        raise ValueError(
-            f"backward_selection must be one of {masks_lib.BACKWARD_SELECTIONS}, "
-            f"got {backward_selection!r}."
-        )
-    if stop_step is not None and (not isinstance(stop_step, int | jnp.integer) or stop_step < 0):
-        raise ValueError(
-            f"stop_exploration_step must be None or an integer >= 0, got {stop_step!r}."
-        )
+    check_choice("backward_selection", backward_selection, masks_lib.BACKWARD_SELECTIONS)
+    if stop_step is not None:
+        check_int("stop_exploration_step", stop_step, 0)
     selection.resolve_method(method)
 
 
@@ -150,10 +144,7 @@ def topkast(
     _check_hyperparameters(
         refresh_every, exploration_l2, backward_selection, stop_exploration_step, selection_method
     )
-    if distribution not in distributions.DISTRIBUTIONS:
-        raise ValueError(
-            f"distribution must be one of {distributions.DISTRIBUTIONS}, got {distribution!r}."
-        )
+    check_distribution(distribution)
     if global_topk and distribution != "uniform":
         raise ValueError(
             "global_topk=True sets one threshold for all leaves: use "

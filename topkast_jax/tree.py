@@ -26,11 +26,6 @@ def path_name(path: tuple) -> str:
     return "/".join(parts)
 
 
-def leaf_names(tree: Any) -> list[str]:
-    """Path names of the leaves of ``tree`` in ``jax.tree.leaves`` order."""
-    return [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
 def map_sparse(fn: Callable[..., Any], params: Any, mask_tree: Any, *rest: Any) -> Any:
     """``fn(leaf, mask, *rest)`` on sparse leaves, the leaf unchanged on dense ones.
 

@@ -30,11 +30,11 @@ from topkast_jax import sparsify as sparsify_lib
 from topkast_jax import stats as stats_lib
 from topkast_jax.baselines.schedules import EventTable
 from topkast_jax.baselines.state import BaselineState
-from topkast_jax.baselines.validation import check_distribution
 from topkast_jax.plan import LeafDensity, check_sparsity, layer_densities, unflatten_sparse
 from topkast_jax.state import Masks
 from topkast_jax.transform import sparse_inner_update, zero_inner_state_outside, zero_outside
 from topkast_jax.tree import map_sparse
+from topkast_jax.validation import check_distribution
 
 
 class LeafUpdate(NamedTuple):

@@ -26,9 +26,9 @@ from topkast_jax.baselines import schedules
 from topkast_jax.baselines.base import LeafUpdate, MaskRule, masked_baseline
 from topkast_jax.baselines.select import top_k_magnitude_traced, top_k_mask_traced
 from topkast_jax.baselines.static import planned_counts, random_mask
-from topkast_jax.baselines.validation import check_choice, check_fraction, check_int
 from topkast_jax.masks import random_keys
 from topkast_jax.plan import LeafDensity
+from topkast_jax.validation import check_choice, check_fraction, check_int
 
 GrowKeys = Callable[[LeafUpdate], jax.Array]
 

@@ -19,8 +19,8 @@ from topkast_jax import selection
 from topkast_jax.baselines import schedules
 from topkast_jax.baselines.base import LeafUpdate, MaskRule, masked_baseline
 from topkast_jax.baselines.select import top_k_magnitude_traced
-from topkast_jax.baselines.validation import check_int
 from topkast_jax.plan import LeafDensity, check_sparsity
+from topkast_jax.validation import check_int
 
 
 def magnitude_mask(params_N: jax.Array, k: int, rng: jax.Array) -> jax.Array:
