@@ -46,20 +46,23 @@ _DIGIT_BITS = 16
 _NUM_BINS = 1 << _DIGIT_BITS
 
 
-def magnitude_keys(x: jax.Array) -> jax.Array:
-    """Integer keys ordered like ``|x|``.
+def elementwise_magnitude_keys(x: jax.Array) -> jax.Array:
+    """Integer keys ordered like ``|x|``, in the shape of ``x`` (the one definition of the key).
 
     Args:
       x: float array of any shape (bfloat16/float16 are widened to float32 exactly).
 
     Returns:
-      int32 array of ``x.size`` keys ``>= 0`` (row-major), with ``key_i < key_j`` iff
-      ``|x_i| < |x_j|``.
+      int32 array shaped like ``x``, keys ``>= 0``, with ``key_i < key_j`` iff ``|x_i| < |x_j|``.
     """
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"magnitude_keys needs a floating array, got dtype {x.dtype}.")
-    x32 = sharding.flatten(jnp.abs(x.astype(jnp.float32)))
-    return lax.bitcast_convert_type(x32, jnp.int32)
+    return lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.int32)
+
+
+def magnitude_keys(x: jax.Array) -> jax.Array:
+    """:func:`elementwise_magnitude_keys` flattened: int32 ``[x.size]`` (row-major)."""
+    return sharding.flatten(elementwise_magnitude_keys(x))
 
 
 def resolve_method(method: str) -> str:
