@@ -32,7 +32,11 @@
   ``"pruning"``, ``"set"``, ``"rigl"`` via ``baselines_config``; unknown -> ValueError);
   ``planned_densities(config.sparsity)`` -> (forward, backward) sparsities.
 
-``config_utils`` — ``validate_shared(config)`` (shared fields present and in range, ValueError
-  naming the field), ``require_fields``, ``get_field``, ``require_positive_int``,
-  ``save_config(config, workdir)``, ``parse_sparsity_arg("0.8,0.5", default)``.
+``config_rules`` — declarative checks: ``Rule``/``Relation`` rows (``int_at_least``, ``real_in``,
+  ``one_of``, ...), ``SHARED_RULES`` (every experiment) and ``check_rules(config, rules)``
+  (ValueError naming the field, its value and the allowed range); each experiment's ``train.RULES``
+  is ``SHARED_RULES + its own``.
+
+``config_utils`` — ``validate_shared(config)`` (``SHARED_RULES``), ``save_config(config,
+  workdir)``, ``parse_sparsity_arg("0.8,0.5", default)``.
 """

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 import topkast_jax as tk
-from experiments.common import config_utils, guard
+from experiments.common import config_rules, config_utils, guard
 from experiments.common import dry_run as dry_run_lib
 from experiments.common import mesh as mesh_lib
 from experiments.common.checkpoint import Checkpointer
@@ -393,15 +393,65 @@ def evaluate(
 # --------------------------------------------------------------------------------------------------
 
 
+#: Every ImageNet config field with a constraint (the shared ones first); checked before anything
+#: is built, so a bad value fails in well under a second.
+RULES: tuple[config_rules.Rule | config_rules.Relation, ...] = config_rules.SHARED_RULES + (
+    config_rules.nonempty_string("data.name"),
+    config_rules.nonempty_string("data.train_split"),
+    config_rules.nonempty_string("data.eval_split"),
+    config_rules.int_at_least("data.num_threads", 1),
+    config_rules.int_at_least("data.num_workers", 0),
+    config_rules.nonempty_string("model"),
+    config_rules.int_at_least("num_classes", 1),
+    config_rules.int_at_least("image_size", 1),
+    config_rules.int_at_least("eval_resize_size", 1),
+    config_rules.Relation(
+        ("eval_resize_size", "image_size"),
+        "config.eval_resize_size >= config.image_size (the centre crop)",
+        lambda resize, size: resize >= size,
+    ),
+    config_rules.boolean("half_precision"),
+    config_rules.int_at_least("eval_batch_size", 1),
+    config_rules.int_at_least("num_train_examples", 1),
+    config_rules.int_at_least("num_eval_examples", 0, "0: the whole split"),
+    config_rules.int_at_least("reference_steps", 1, optional=True),
+    config_rules.int_at_least("mask_stats_every_steps", 1),
+    config_rules.int_at_least("mask_window_steps", 1),
+    config_rules.real_in("label_smoothing", 0.0, 1.0),
+    config_rules.real_in("optimizer.base_learning_rate", 0.0, low_open=True),
+    config_rules.real_in("optimizer.momentum", 0.0, 1.0),
+    config_rules.boolean("optimizer.nesterov"),
+    config_rules.real_in("optimizer.warmup_epochs", 0.0),
+    config_rules.real_in("optimizer.decay_factor", 0.0, 1.0, low_open=True, high_open=False),
+    config_rules.real_in("optimizer.weight_decay", 0.0),
+)
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Shared fields plus the ImageNet ones; ValueError naming the field."""
+    """The CLI's validation: :data:`RULES`, the batch sizes against the device count, and an
+    existing ``data.path`` directory for real data.
+
+    Raises:
+      ValueError: naming the bad field, its value and the allowed range.
+    """
     config_utils.validate_shared(config)
-    for field in ("image_size", "num_classes", "eval_batch_size", "mask_window_steps"):
-        config_utils.require_positive_int(config, field)
-    config_utils.require_positive_int(config, "mask_stats_every_steps")
+    config_rules.check_rules(config, RULES)
+    mesh_lib.check_batch_divisible(config.batch_size, "config.batch_size")
+    mesh_lib.check_batch_divisible(config.eval_batch_size, "config.eval_batch_size")
     if config.data.name != "synthetic" and config.data.get("path") is not None:
         if not os.path.isdir(os.path.expanduser(config.data.path)):
             raise ValueError(f"config.data.path={config.data.path!r} is not a directory")
+
+
+def check_data_prepared(config: ml_collections.ConfigDict) -> None:
+    """Fail within seconds, before any model is built, if the real dataset is not prepared.
+
+    Raises:
+      FileNotFoundError / ValueError: see ``input_pipeline.find_prepared`` (the message holds
+        the ``tfds build`` command).
+    """
+    if config.data.name != "synthetic":
+        input_pipeline.find_prepared(config.data.name, config.data.path)
 
 
 def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
@@ -419,7 +469,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       FileNotFoundError: the dataset is not prepared (message has the ``tfds build`` command).
     """
     validate_config(config)
-    mesh_lib.check_batch_divisible(config.batch_size)
+    check_data_prepared(config)
     mesh = mesh_lib.make_data_mesh()
     primary = mesh_lib.is_primary()
     if primary:

@@ -29,6 +29,7 @@ import io
 import os
 import sysconfig
 import zipfile
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +37,7 @@ import numpy as np
 
 DOWNLOAD_HINT = "fetch it with: bash scripts/download_data.sh {name} {dest}"
 ENWIK8_BYTES = 100_000_000
+DATASETS = ("pystdlib", "text", "enwik8", "wikitext103")
 EOS = "<eos>"
 EXCLUDED_STDLIB_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages"})
 
@@ -137,16 +139,23 @@ def read_enwik8(path: str) -> Corpus:
     if not path:
         raise ValueError("config.data.path must name the enwik8 file or its directory")
     found = _find_enwik8(path)
+    refetch = "bash scripts/download_data.sh enwik8 " + (os.path.dirname(found) or ".")
     if found.endswith(".zip"):
-        with zipfile.ZipFile(found) as z:
-            raw = z.read("enwik8")
+        try:
+            with zipfile.ZipFile(found) as z:
+                raw = z.read("enwik8")
+        except (zipfile.BadZipFile, KeyError, EOFError, zlib.error) as e:
+            raise ValueError(
+                f"{found} is not a readable enwik8 zip ({type(e).__name__}: {e}); delete it and "
+                f"re-fetch it with: {refetch}"
+            ) from None
     else:
         with open(found, "rb") as f:
             raw = f.read()
     if len(raw) != ENWIK8_BYTES:
         raise ValueError(
             f"{found} has {len(raw):,} bytes, expected {ENWIK8_BYTES:,}; re-fetch it with "
-            f"bash scripts/download_data.sh enwik8 {os.path.dirname(found) or '.'}"
+            + refetch
         )
     data = np.frombuffer(raw, dtype=np.uint8)
     n = 90_000_000
@@ -223,9 +232,7 @@ def load_corpus(data_config: Any) -> Corpus:
         return read_enwik8(path)
     if name == "wikitext103":
         return read_wikitext103(path)
-    raise ValueError(
-        f"config.data.name={name!r} unknown; use one of pystdlib, text, enwik8, wikitext103"
-    )
+    raise ValueError(f"config.data.name={name!r} unknown; use one of {DATASETS}")
 
 
 def check_data_present(data_config: Any) -> None:
@@ -240,6 +247,36 @@ def check_data_present(data_config: Any) -> None:
                 raise _missing("wikitext103", f)
     elif name == "text" and not (path and os.path.isfile(path)):
         raise FileNotFoundError(f"text data not found: config.data.path={path!r} is not a file")
+
+
+def check_split_lengths(
+    corpus: Corpus, batch_size: int, seq_len: int, eval_batch_size: int
+) -> None:
+    """Fail before any model is built if a split is too short for the configured windows.
+
+    Training needs one full window: streams of ``S = len(train) // batch_size`` tokens with
+    ``seq_len <= S - 1``. Evaluation needs ``len(split) // eval_batch_size >= 2`` tokens per
+    stream (one input and its target) in ``valid`` and ``test``.
+
+    Raises:
+      ValueError: naming the split, its length and the config field to change.
+    """
+    stream = len(corpus.train) // batch_size
+    if stream - 1 < seq_len:
+        raise ValueError(
+            f"config.seq_len={seq_len} is too long for the training split: "
+            f"{len(corpus.train):,} tokens in config.batch_size={batch_size} streams give "
+            f"{stream:,} tokens per stream, so seq_len must be <= {max(stream - 1, 0)} "
+            "(lower seq_len or batch_size, or use more data)"
+        )
+    for name in ("valid", "test"):
+        n = len(getattr(corpus, name))
+        if n // eval_batch_size < 2:
+            raise ValueError(
+                f"the {name} split has {n:,} tokens, too short for "
+                f"config.eval_batch_size={eval_batch_size} streams (needs >= "
+                f"{2 * eval_batch_size} tokens); lower eval_batch_size or use more data"
+            )
 
 
 class StreamBatcher:

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from experiments.common import config_utils, guard
+from experiments.common import config_rules, config_utils, guard
 from experiments.common import dry_run as dry_run_lib
 from experiments.common import mesh as mesh_lib
 from experiments.common.checkpoint import Checkpointer
@@ -40,37 +40,55 @@ LN2 = math.log(2.0)
 
 
 # ----------------------------------------------------------------------------- configuration
+#: Every LM config field with a constraint (the shared ones first); checked before anything is
+#: built, so a bad value fails in well under a second.
+RULES: tuple[config_rules.Rule | config_rules.Relation, ...] = config_rules.SHARED_RULES + (
+    config_rules.one_of("data.name", input_pipeline.DATASETS),
+    config_rules.int_at_least("seq_len", 1),
+    config_rules.int_at_least("mem_len", 0),
+    config_rules.int_at_least("eval_batch_size", 1),
+    config_rules.int_at_least("eval_seq_len", 1),
+    config_rules.int_at_least("eval_mem_len", 0),
+    config_rules.int_at_least("eval_max_windows", 0, "0: every window", optional=True),
+    config_rules.int_at_least("final_eval_max_windows", 0, "0: every window", optional=True),
+    config_rules.int_at_least("max_checkpoints_to_keep", 1, optional=True),
+    config_rules.int_at_least("model.vocab_size", 1, optional=True),
+    config_rules.int_at_least("model.num_layers", 1),
+    config_rules.int_at_least("model.d_model", 2),
+    config_rules.Relation(
+        ("model.d_model",), "config.model.d_model even (sinusoidal positions)", lambda d: d % 2 == 0
+    ),
+    config_rules.int_at_least("model.num_heads", 1),
+    config_rules.int_at_least("model.d_head", 1, optional=True, allow_none=True),
+    config_rules.Relation(
+        ("model.d_model", "model.num_heads", "model.d_head"),
+        "config.model.d_model divisible by config.model.num_heads (or set config.model.d_head)",
+        lambda d, h, d_head: d_head is not None or d % h == 0,
+    ),
+    config_rules.int_at_least("model.d_ff", 1),
+    config_rules.real_in("model.dropout", 0.0, 1.0),
+    config_rules.real_in("model.dropatt", 0.0, 1.0, optional=True),
+    config_rules.int_at_least("model.div_val", 1, optional=True),
+    config_rules.int_at_least("model.clamp_len", -1, "-1: no clamping", optional=True),
+    config_rules.real_in("optim.lr", 0.0, low_open=True),
+    config_rules.real_in("optim.warmup_init_lr", 0.0, optional=True),
+    config_rules.int_at_least("optim.warmup_steps", 0),
+    config_rules.real_in("optim.end_lr", 0.0, optional=True),
+    config_rules.real_in("optim.grad_clip", 0.0, low_open=True),
+    config_rules.real_in("optim.b1", 0.0, 1.0, optional=True),
+    config_rules.real_in("optim.b2", 0.0, 1.0, optional=True),
+    config_rules.real_in("optim.eps", 0.0, low_open=True, optional=True),
+)
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Shared checks plus the LM fields; ValueError names the bad field."""
+    """The CLI's validation: :data:`RULES` plus the batch sizes against the device count.
+
+    Raises:
+      ValueError: naming the bad field, its value and the allowed range.
+    """
     config_utils.validate_shared(config)
-    config_utils.require_fields(
-        config,
-        (
-            "seq_len",
-            "mem_len",
-            "eval_batch_size",
-            "eval_seq_len",
-            "eval_mem_len",
-            "optim.lr",
-            "optim.warmup_steps",
-            "optim.grad_clip",
-            "model.num_layers",
-            "model.d_model",
-            "model.num_heads",
-            "model.d_ff",
-        ),
-    )
-    for f in ("seq_len", "eval_batch_size", "eval_seq_len", "model.num_layers", "model.d_model"):
-        config_utils.require_positive_int(config, f)
-    for f in ("mem_len", "eval_mem_len", "optim.warmup_steps"):
-        config_utils.require_positive_int(config, f, allow_zero=True)
-    if config.model.d_model % 2:
-        raise ValueError(f"config.model.d_model={config.model.d_model} must be even")
-    if config.model.get("d_head") is None and config.model.d_model % config.model.num_heads:
-        raise ValueError(
-            f"config.model.d_model={config.model.d_model} must be divisible by "
-            f"config.model.num_heads={config.model.num_heads} (or set config.model.d_head)"
-        )
+    config_rules.check_rules(config, RULES)
     mesh_lib.check_batch_divisible(config.batch_size, "config.batch_size")
     mesh_lib.check_batch_divisible(config.eval_batch_size, "config.eval_batch_size")
 
@@ -331,9 +349,12 @@ def train_and_evaluate(
     validate_config(config)
     input_pipeline.check_data_present(config.data)
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
     start_time = time.monotonic()
     corpus = input_pipeline.load_corpus(config.data)
+    input_pipeline.check_split_lengths(
+        corpus, config.batch_size, config.seq_len, config.eval_batch_size
+    )
+    os.makedirs(workdir, exist_ok=True)
     _log(
         f"data {config.data.name}: train {len(corpus.train):,} valid {len(corpus.valid):,} "
         f"test {len(corpus.test):,} tokens, vocab {corpus.vocab_size:,}"

@@ -131,7 +131,7 @@ def test_validate_shared_accepts_good_config():
         ("batch_size", 0, "config.batch_size"),
         ("num_train_steps", -3, "config.num_train_steps"),
         ("sparsity.forward", 1.0, "config.sparsity.forward"),
-        ("sparsity.backward", 0.9, "config.sparsity.backward=0.9 must be <="),
+        ("sparsity.backward", 0.9, "config.sparsity.backward=0.9, config.sparsity.forward=0.8"),
         ("sparsity.exploration_l2", -1.0, "exploration_l2"),
     ],
 )
