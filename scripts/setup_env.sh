@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import topkast_jax, flax, orbax.checkpoint, grain, hypothesis, ruff" 2>/dev/null; then
+if ! .venv/bin/python -c "import topkast_jax, flax, orbax.checkpoint, grain, hypothesis, ruff, build, twine" 2>/dev/null; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[experiments,test]"
 fi
