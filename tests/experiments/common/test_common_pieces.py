@@ -1,4 +1,5 @@
-"""Tests of experiments.common: checkpointing, metrics, progress, guard, config, mesh."""
+"""Tests of experiments.common: checkpointing, metrics, guard, config, mesh (progress:
+test_progress.py)."""
 
 import json
 import math
@@ -15,7 +16,6 @@ from experiments.common import config_utils, guard
 from experiments.common import mesh as mesh_lib
 from experiments.common.checkpoint import Checkpointer
 from experiments.common.metrics import MetricsWriter, read_metrics
-from experiments.common.progress import ProgressLogger, format_duration
 
 
 def _adam_state():
@@ -82,20 +82,6 @@ def test_metrics_writer_disabled_writes_nothing(tmp_path):
 def test_metrics_writer_rejects_non_scalars(tmp_path):
     with pytest.raises(ValueError, match="scalar"):
         MetricsWriter(str(tmp_path), tensorboard=False).write(1, {"x": np.ones(3)})
-
-
-def test_progress_line_rate_and_eta():
-    now = [100.0]
-    logger = ProgressLogger(total_steps=1000, start_step=0, clock=lambda: now[0])
-    now[0] = 110.0  # 100 steps in 10 s -> 10 steps/s, 900 left -> 90 s
-    line = logger.line(100, {"loss": 2.5, "bpc": 3.6})
-    assert line == "step 100/1000 | loss 2.5 | bpc 3.6 | 10 steps/s | ETA 1m30s"
-
-
-def test_format_duration():
-    assert format_duration(3725) == "1h02m05s"
-    assert format_duration(65) == "1m05s"
-    assert format_duration(7.2) == "7s"
 
 
 def test_check_finite_raises_on_nan_and_inf():
