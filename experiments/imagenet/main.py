@@ -1,4 +1,4 @@
-"""ResNet-50 / ImageNet experiments with Top-KAST (paper §4, Appendix B).
+r"""ResNet-50 / ImageNet experiments with Top-KAST (paper §4, Appendix B).
 
   python -m experiments.imagenet.main --config configs/imagenet/resnet50.py:0.8,0.5 \
       --workdir /tmp/imagenet/80_50 --config.data.path=$TFDS_DATA_DIR
@@ -15,11 +15,12 @@ Rerunning the same command resumes from the latest checkpoint in the workdir.
 
 from __future__ import annotations
 
-from absl import app
+from absl import app, flags
 
 from experiments.common import launch
 
 launch.define_flags()
+flags.adopt_module_key_flags(launch)  # --help lists --config, --workdir, --dry_run, ...
 
 
 def main(argv: list[str]) -> None:

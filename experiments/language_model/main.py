@@ -1,4 +1,4 @@
-"""Transformer-XL language-model experiments with Top-KAST.
+r"""Transformer-XL language-model experiments with Top-KAST.
 
   python -m experiments.language_model.main --config=configs/demo.py --workdir=/tmp/demo
   python -m experiments.language_model.main --config=configs/enwik8/transformer_xl_24l.py:0.8,0.5 \
@@ -12,11 +12,12 @@ Rerunning the same command resumes from the latest checkpoint in the workdir.
 
 from __future__ import annotations
 
-from absl import app
+from absl import app, flags
 
 from experiments.common import launch
 
 launch.define_flags()
+flags.adopt_module_key_flags(launch)  # --help lists --config, --workdir, --dry_run, ...
 
 
 def main(argv: list[str]) -> None:
