@@ -10,14 +10,20 @@ Flags: ``--config`` (ml_collections config file, ``file.py:ARG`` and ``--config.
 ``--workdir``, ``--dry_run``, and for several processes ``--coordinator_address``,
 ``--num_processes``, ``--process_id`` (or ``--distributed`` to auto-detect on TPU pods / SLURM),
 ``--cpu_collectives=gloo`` for CPU hosts; ``--verbose_logs`` keeps absl INFO logs.
+
+A run stopped by SIGTERM/SIGINT saves a checkpoint, prints where to resume and exits with
+``128 + signal`` (143 / 130); see ``experiments.common.signals``.
 """
 
 from __future__ import annotations
 
+import sys
 from types import ModuleType
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from experiments.common import signals
 
 FLAGS = flags.FLAGS
 
@@ -61,5 +67,9 @@ def run(argv: list[str], train: ModuleType) -> None:
     initialize_processes()
     if FLAGS.dry_run:
         train.dry_run(FLAGS.config, FLAGS.workdir)
-    else:
+        return
+    try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except signals.Interrupted as e:  # SIGTERM/SIGINT: checkpoint saved, one line, 128 + signal
+        print(e, file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)

@@ -15,6 +15,7 @@ One step (all inside one ``jax.jit`` over the data mesh, state donated):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import optax
 from experiments.common import config_rules, config_utils, guard
 from experiments.common import dry_run as dry_run_lib
 from experiments.common import mesh as mesh_lib
+from experiments.common import workdir as workdir_lib
 from experiments.common.checkpoint import Checkpointer
 from experiments.common.metrics import MetricsWriter
 from experiments.common.progress import ProgressLogger, format_duration
@@ -328,10 +330,20 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- training
+#: What to change after a divergence (the NaN guard's advice).
+DIVERGENCE_HINT = (
+    "a lower --config.optim.lr or --config.optim.grad_clip, or a longer --config.optim.warmup_steps"
+)
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None = None
 ) -> dict[str, Any] | None:
     """Train (resuming from ``workdir`` if it holds checkpoints), evaluate, write summary.json.
+
+    Everything that can be checked without a model is checked first (config, data files, split
+    lengths); then the workdir is locked and its identity checked (``experiments.common.workdir``).
+    A workdir whose run already finished returns its ``summary.json`` without recomputing.
 
     Args:
       config: the experiment config (see ``configs/demo.py``).
@@ -344,26 +356,39 @@ def train_and_evaluate(
 
     Raises:
       FileNotFoundError: data missing (names the file and ``scripts/download_data.sh``).
-      guard.NonFiniteLossError: the loss became NaN/Inf (the last good checkpoint is kept).
+      ValueError: a bad config field, or data too short for it.
+      workdir.WorkdirError: the workdir is in use or holds another experiment.
+      guard.NonFiniteLossError: the loss or state became NaN/Inf (the last good checkpoint is kept).
+      checkpoint.CheckpointError: no checkpoint restores, or a save failed.
+      signals.Interrupted: SIGTERM/SIGINT; a checkpoint of the current step was saved.
     """
     validate_config(config)
     input_pipeline.check_data_present(config.data)
-    workdir = os.path.abspath(workdir)
     start_time = time.monotonic()
     corpus = input_pipeline.load_corpus(config.data)
     input_pipeline.check_split_lengths(
         corpus, config.batch_size, config.seq_len, config.eval_batch_size
     )
-    os.makedirs(workdir, exist_ok=True)
     _log(
         f"data {config.data.name}: train {len(corpus.train):,} valid {len(corpus.valid):,} "
         f"test {len(corpus.test):,} tokens, vocab {corpus.vocab_size:,}"
     )
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.vocab_size = corpus.vocab_size
-    if mesh_lib.is_primary():
-        config_utils.save_config(config, workdir)
+    primary = mesh_lib.is_primary()
+    with workdir_lib.session(workdir, config, primary, _log) as run:
+        if run.finished is not None:
+            _log(
+                f"{run.workdir} already finished; its summary.json is returned (delete it to redo)"
+            )
+            return run.finished
+        with contextlib.ExitStack() as closing:
+            return _train(config, run, corpus, stop_at_step, start_time, closing)
 
+
+def _train(config, run, corpus, stop_at_step, start_time, closing) -> dict[str, Any] | None:
+    """The body of :func:`train_and_evaluate` once the workdir is held (``run``)."""
+    workdir = run.workdir
     mesh = mesh_lib.make_data_mesh()
     model = models.model_from_config(config.model)
     tx, schedule = make_optimizer(config, sparsify_fn(config))
@@ -372,12 +397,18 @@ def train_and_evaluate(
     shardings = state_shardings(abstract, mesh)
 
     ckpt = Checkpointer(
-        os.path.join(workdir, "checkpoints"), config.get("max_checkpoints_to_keep", 2)
+        os.path.join(workdir, "checkpoints"),
+        config.get("max_checkpoints_to_keep", 2),
+        primary=run.primary,
     )
+    closing.callback(ckpt.close)
+    ckpt.check_free_space(abstract)
     meta: dict[str, Any] = {"position": 0, "wall_seconds": 0.0}
-    if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(with_shardings(abstract, shardings))
+    restored = ckpt.restore_latest(with_shardings(abstract, shardings), log=_log)
+    if restored is not None:
+        state, meta = restored
         _log(f"resumed from step {int(state['step'])} (data position {meta['position']})")
+        run.resumed(int(state["step"]))
     else:
         state = jax.jit(init_fn, out_shardings=shardings)()
     step = int(state["step"])
@@ -397,7 +428,8 @@ def train_and_evaluate(
         donate_argnums=(0,),
     )
     evaluator = Evaluator(config, model, mesh, shardings)
-    writer = MetricsWriter(workdir, enabled=mesh_lib.is_primary())
+    writer = MetricsWriter(workdir, enabled=run.primary, start_step=step)
+    closing.callback(writer.close)
     progress = ProgressLogger(config.num_train_steps, start_step=step)
     import topkast_jax as tk
 
@@ -414,8 +446,11 @@ def train_and_evaluate(
         return prior_wall + time.monotonic() - start_time
 
     def save(at_step: int) -> None:
+        guard.check_state_finite(state, at_step, last_good, DIVERGENCE_HINT)
         ckpt.save(at_step, state, {**stream.state(), "wall_seconds": elapsed()})
 
+    if step < end and run.should_stop(at_sync_point=True):
+        raise run.stop.interrupted(step, ckpt.directory, saved=False)
     while step < end:
         local, reset = stream.next()
         batch = {
@@ -426,15 +461,11 @@ def train_and_evaluate(
         step += 1
         loss_sum, loss_count = loss_sum + metrics["loss"], loss_count + 1
         due_log = step % config.log_every_steps == 0 or step == end
-        due_ckpt = step % config.checkpoint_every_steps == 0 or step == end
+        stopping = run.should_stop(at_sync_point=due_log)
+        due_ckpt = step % config.checkpoint_every_steps == 0 or step == end or stopping
         if due_log or due_ckpt:
             mean_loss = float(loss_sum) / loss_count
-            try:
-                guard.check_finite(mean_loss, step, last_good)
-            except guard.NonFiniteLossError:
-                ckpt.close()  # let the last good (asynchronous) save land, then stop
-                writer.close()
-                raise
+            guard.check_finite(mean_loss, step, last_good, DIVERGENCE_HINT)
         if due_log:
             train = {"loss": mean_loss, **score(mean_loss, corpus.metric)}
             train.update({k: metrics[k] for k in ("grad_norm", "lr")})
@@ -461,10 +492,9 @@ def train_and_evaluate(
         if due_ckpt:
             save(step)
             last_good = step
-    ckpt.wait()
+        if stopping:
+            raise run.stop.interrupted(step, ckpt.directory)
     if stop_at_step is not None and step < config.num_train_steps:
-        ckpt.close()
-        writer.close()
         _log(f"stopped at step {step}; rerun the same command to resume")
         return None
 
@@ -493,8 +523,6 @@ def train_and_evaluate(
         "final_eval_max_windows": final_windows,
     }
     write_json(os.path.join(workdir, "summary.json"), summary)
-    ckpt.close()
-    writer.close()
     shown = " ".join(f"{k} {summary[k]:.4f}" for k in sorted(results) if not k.endswith("_loss"))
     _log(
         f"done: {shown} | params {summary['total_params']:,} | forward density "
