@@ -35,3 +35,12 @@ def unflatten_like(flat_N: jax.Array, like: jax.Array) -> jax.Array:
     if sharding is None:
         return flat_N.reshape(like.shape)
     return jnp.reshape(flat_N, like.shape, out_sharding=sharding)
+
+
+def unsharded_axis(x: jax.Array) -> int:
+    """The first axis of ``x`` not explicitly sharded (0 when none is, or for scalars)."""
+    sharding = explicit_sharding(x)
+    if sharding is None or x.ndim == 0:
+        return 0
+    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    return next((axis for axis, name in enumerate(spec) if name is None), 0)

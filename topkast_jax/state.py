@@ -1,19 +1,24 @@
 """The optimizer-state types of sparse training and how to find them inside any optax state.
 
 Every sparse method of the library (Top-KAST and the baselines) keeps its masks in a NamedTuple
-state with a field ``masks: Masks``.  :func:`find_sparse_state` locates that state wherever it
+state with a ``masks: Masks`` field (the baselines: bool arrays) or property (Top-KAST: unpacked
+from two bits per weight).  :func:`find_sparse_state` locates that state wherever it
 sits inside ``optax.chain``, ``optax.MultiSteps``, ``optax.inject_hyperparams`` or any other
 wrapper, so :func:`forward_params` and :func:`get_masks` work on the whole optimizer state.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from topkast_jax import codes as codes_lib
+from topkast_jax import sharding
 from topkast_jax.tree import map_sparse
 
 
@@ -44,30 +49,92 @@ class MaskStats(NamedTuple):
     reservoir: Any
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["bits"], meta_fields=["shape", "axis"]
+)
+@dataclasses.dataclass(frozen=True)
+class PackedSets:
+    """Two bits per weight of one leaf (see :mod:`topkast_jax.codes`): ``bits`` is uint8 of shape
+    ``codes.packed_shape(shape, axis)``; ``shape`` and ``axis`` (the packing axis) are static."""
+
+    bits: jax.Array
+    shape: tuple[int, ...]
+    axis: int = 0
+
+    @classmethod
+    def from_codes(cls, code: jax.Array) -> PackedSets:
+        """Packs uint8 codes (values 0–3) of a leaf along its first axis that is not explicitly
+        sharded (so the packed array keeps the leaf's sharding)."""
+        axis = sharding.unsharded_axis(code)
+        return cls(codes_lib.pack(code, axis), tuple(code.shape), axis)
+
+    def codes(self) -> jax.Array:
+        """uint8 codes of the leaf's shape."""
+        return codes_lib.unpack(self.bits, self.shape, self.axis)
+
+
+def is_set_leaf(x: Any) -> bool:
+    """``None`` (dense leaf) or :class:`PackedSets`: the leaves of a sets pytree."""
+    return x is None or isinstance(x, PackedSets)
+
+
+def unpack_tree(tree: Any, bit: int) -> Any:
+    """Bool pytree (``None`` on dense leaves) of one bit of every :class:`PackedSets` leaf."""
+    return jax.tree.map(
+        lambda p: None if p is None else (p.codes() & bit) != 0, tree, is_leaf=is_set_leaf
+    )
+
+
+def sets_masks(sets: Any) -> Masks:
+    """``Masks(A, B)`` (bool pytrees) of a pytree of :class:`PackedSets`."""
+    return Masks(unpack_tree(sets, codes_lib.IN_A), unpack_tree(sets, codes_lib.IN_B))
+
+
+class SetStats(NamedTuple):
+    """Mask dynamics of :func:`topkast_jax.topkast` at two bits per weight at most.
+
+    Attributes:
+      changed: per sparse leaf, float32 scalar ``|A_new ∖ A_old| / |A_old|`` at the last refresh.
+      history: ``None`` unless ``track_reservoir=True``; then per sparse leaf a
+        :class:`PackedSets` whose bit ``codes.IN_A`` marks weights that have ever been in ``A`` and
+        bit ``codes.IN_B`` the initial reservoir ``C₀`` (in neither ``A`` nor ``B`` at init).
+    """
+
+    changed: Any
+    history: Any
+
+
 class TopKastState(NamedTuple):
     """State of :func:`topkast_jax.topkast`.
 
     Attributes:
       count: int32 number of updates applied.
-      masks: the current ``A`` and ``B``.
+      sets: per sparse leaf a :class:`PackedSets` holding ``A`` and ``B`` (2 bits per weight),
+        ``None`` on dense leaves; :attr:`masks` unpacks them.
       densities: per sparse leaf, float32 scalar forward density ``D`` (for the penalty).
       exploration_l2: float32 scalar ``λ``.
-      stats: mask dynamics.
+      stats: mask dynamics (:class:`SetStats`).
       rng: PRNG key (uint32[2]) for the random-``B∖A`` ablation.
       inner_state: the wrapped optimizer's state, zero outside ``B`` on param-shaped leaves.
     """
 
     count: jax.Array
-    masks: Masks
+    sets: Any
     densities: Any
     exploration_l2: jax.Array
-    stats: MaskStats
+    stats: SetStats
     rng: jax.Array
     inner_state: optax.OptState
 
+    @property
+    def masks(self) -> Masks:
+        """``Masks(A, B)`` as bool pytrees (unpacked; fuses into its consumers under jit)."""
+        return sets_masks(self.sets)
+
 
 def _is_sparse_state(node: Any) -> bool:
-    return isinstance(node, tuple) and isinstance(getattr(node, "masks", None), Masks)
+    """A NamedTuple state with a ``masks`` field (the baselines) or property (Top-KAST)."""
+    return isinstance(node, tuple) and hasattr(type(node), "masks")
 
 
 def find_sparse_state(opt_state: optax.OptState) -> Any:

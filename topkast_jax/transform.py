@@ -12,10 +12,20 @@ Per sparse leaf with dense parameters ``θ`` (never materialised as "dense" on t
   (b) ``g ← g + λ s ⊙ θ`` with ``s = 1`` on ``A``, ``1/D`` on ``B∖A`` — the gradient of the
       exploration penalty ``λ(½‖θ_A‖² + ½‖θ_{B∖A}‖²/D)``;
   (c) the inner optimizer turns ``g`` into ``u``;
-  (d) ``u ← u ⊙ B``, and the inner optimizer's param-shaped state is zeroed outside ``B`` — the
-      run equals a truly sparse implementation that stores nothing outside ``B``;
+  (d) ``u ← u ⊙ B``; the inner optimizer's param-shaped state is zeroed outside ``B`` (as it
+      enters the optimizer, see :func:`sparse_inner_update`) — the run equals a truly sparse
+      implementation that stores nothing outside ``B``;
   (e) if ``(count + 1) % refresh_every == 0``, ``A`` and ``B`` are recomputed from ``θ + u``.
 * Dense leaves (not selected by ``sparsify``) get the inner optimizer's update untouched.
+
+Cost.  The state holds ``A`` and ``B`` at two bits per weight
+(:class:`~topkast_jax.state.PackedSets`) and the statistics at no per-weight cost unless
+``track_reservoir``; unpacking fuses into the elementwise passes that read the masks.  A refresh
+selects with :mod:`topkast_jax.streaming` (a few chunked passes over ``θ + u``, no leaf-sized
+temporaries).  With ``refresh_every > 1`` the
+refresh sits in a ``lax.cond``, whose compiled program holds both branches; a training loop that
+knows its step can pass ``refresh_masks=True/False`` (a Python bool) to ``update`` and compile the
+two cases apart, so non-refresh steps contain no selection at all.
 """
 
 from __future__ import annotations
@@ -27,13 +37,14 @@ import jax.numpy as jnp
 import optax
 from optax import tree_utils as otu
 
+from topkast_jax import codes as codes_lib
+from topkast_jax import distributions, selection, streaming
 from topkast_jax import masks as masks_lib
-from topkast_jax import selection
 from topkast_jax import sparsify as sparsify_lib
 from topkast_jax import stats as stats_lib
 from topkast_jax.penalty import add_penalty_gradient
 from topkast_jax.plan import LeafDensity, check_sparsities, layer_densities, unflatten_sparse
-from topkast_jax.state import Masks, TopKastState
+from topkast_jax.state import Masks, PackedSets, TopKastState, is_set_leaf, sets_masks
 from topkast_jax.tree import map_sparse
 from topkast_jax.validation import check_choice, check_distribution, check_int
 
@@ -76,10 +87,20 @@ def sparse_inner_update(
     backward: Any,
     **extra_args: Any,
 ) -> tuple[Any, optax.OptState]:
-    """Steps (c)–(d): the inner optimizer on ``grads``, then updates and state zeroed outside B."""
+    """Steps (c)–(d): the inner optimizer on ``grads`` with its state zeroed outside B, then the
+    updates zeroed outside B.
+
+    The state is zeroed as it *enters* the optimizer: the result equals zeroing it after the
+    previous update (a weight entering ``B`` starts from zero) for every optimizer whose state
+    stays zero under a zero gradient and zero state — optax's first-order ones (SGD, momentum,
+    Adam(W), RMSprop, Adagrad after its first step, ...) — and then the stored state is zero
+    outside ``B`` as well.  Zeroing first lets XLA compute the updates from the state it stores
+    (no second evaluation of the moments, no copy of the donated state).
+    """
     inner = optax.with_extra_args_support(inner)
+    inner_state = zero_inner_state_outside(inner, inner_state, backward)
     updates, inner_state = inner.update(grads, inner_state, params, **extra_args)
-    return zero_outside(updates, backward), zero_inner_state_outside(inner, inner_state, backward)
+    return zero_outside(updates, backward), inner_state
 
 
 def stop_exploration(count: jax.Array, masks: Masks, stop_step: int | None) -> Masks:
@@ -89,6 +110,74 @@ def stop_exploration(count: jax.Array, masks: Masks, stop_step: int | None) -> M
     stopped = count >= stop_step
     backward = map_sparse(lambda b, a: jnp.where(stopped, a, b), masks.backward, masks.forward)
     return Masks(masks.forward, backward)
+
+
+def _stop_exploration_sets(count: jax.Array, sets: Any, stop_step: int) -> Any:
+    """Packed sets with ``B ← A`` once ``count >= stop_step``."""
+    stopped = count >= stop_step
+
+    def stop(p: PackedSets) -> PackedSets:
+        code = p.codes()
+        forward_only = jnp.where(codes_lib.forward_of(code), jnp.uint8(3), jnp.uint8(0))
+        return PackedSets.from_codes(jnp.where(stopped, forward_only, code))
+
+    return jax.tree.map(lambda p: None if p is None else stop(p), sets, is_leaf=is_set_leaf)
+
+
+def _streaming_sets(params: Any, plan: list[LeafDensity], global_topk: bool) -> Any:
+    """Packed ``A``/``B`` of ``θ`` by :mod:`topkast_jax.streaming` (magnitude ``B``)."""
+    xs = [p for p, leaf in zip(jax.tree.leaves(params), plan, strict=True) if leaf.sparse]
+    sparse_plan = [leaf for leaf in plan if leaf.sparse]
+    if global_topk and xs:
+        first = sparse_plan[0]
+        k_fwd, k_bwd = distributions.mask_counts(
+            first.forward, first.backward, sum(leaf.size for leaf in sparse_plan)
+        )
+        thresholds = streaming.global_thresholds(xs, k_fwd, k_bwd)
+    else:
+        thresholds = [
+            streaming.leaf_thresholds(x, leaf.k_forward, leaf.k_backward)
+            for x, leaf in zip(xs, sparse_plan, strict=True)
+        ]
+    sets = [
+        PackedSets.from_codes(streaming.codes_from_thresholds(x, th))
+        for x, th in zip(xs, thresholds, strict=True)
+    ]
+    return unflatten_sparse(params, plan, sets)
+
+
+def select_sets(
+    params: Any,
+    plan: list[LeafDensity],
+    *,
+    global_topk: bool,
+    backward_selection: str,
+    rng: jax.Array,
+    method: str,
+) -> Any:
+    """``A`` and ``B`` of ``θ`` as :class:`PackedSets`.
+
+    The paper's magnitude ``B`` with the histogram method streams (no leaf-sized temporaries);
+    the other methods and the random-``B∖A`` ablation go through :func:`masks.topkast_masks`.
+    """
+    if backward_selection == "magnitude" and selection.resolve_method(method) == "histogram":
+        return _streaming_sets(params, plan, global_topk)
+    masks = masks_lib.topkast_masks(
+        params,
+        plan,
+        global_topk=global_topk,
+        backward_selection=backward_selection,
+        rng=rng,
+        method=method,
+    )
+    return jax.tree.map(
+        lambda a, b: PackedSets.from_codes(codes_lib.encode(a, b)), masks.forward, masks.backward
+    )
+
+
+def _is_zero(value: Any) -> bool:
+    """``value`` is a concrete number equal to 0 (a traced λ is never skipped)."""
+    return not isinstance(value, jax.core.Tracer) and float(value) == 0.0
 
 
 def topkast(
@@ -105,6 +194,7 @@ def topkast(
     stop_exploration_step: int | None = None,
     selection_method: str = "auto",
     seed: int = 0,
+    track_reservoir: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Top-KAST: always-sparse training around any optax optimizer.
 
@@ -124,9 +214,17 @@ def topkast(
       stop_exploration_step: from this step on ``B = A`` (Table 1 ablation); ``None`` never.
       selection_method: exact top-k method, see :mod:`topkast_jax.selection`.
       seed: PRNG seed for ``backward_selection="random"``.
+      track_reservoir: keep, at two bits per weight, which weights have ever been in ``A`` and
+        the initial reservoir, so :func:`~topkast_jax.mask_stats` reports
+        ``reservoir_activated`` (paper Fig. 3).  Off by default: the state then holds two bits
+        per sparse weight in all.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``.
+      An ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params,
+      refresh_masks=None)`` requires ``params``.  ``refresh_masks`` (a Python bool, optional)
+      says statically whether this update refreshes ``A`` and ``B``: pass
+      ``(step + 1) % refresh_every == 0`` from a loop that compiles the two cases apart, so the
+      non-refresh program holds no selection.  ``None`` (default) decides from the state's count.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, topkast_jax as tk
@@ -161,8 +259,8 @@ def topkast(
             distribution=distribution,
         )
 
-    def compute_masks(params: Any, plan: list[LeafDensity], rng: jax.Array) -> Masks:
-        return masks_lib.topkast_masks(
+    def compute_sets(params: Any, plan: list[LeafDensity], rng: jax.Array) -> Any:
+        return select_sets(
             params,
             plan,
             global_topk=global_topk,
@@ -174,49 +272,67 @@ def topkast(
     def init_fn(params: Any) -> TopKastState:
         plan = plan_for(params)
         rng, mask_rng = jax.random.split(jax.random.PRNGKey(seed))
-        masks = stop_exploration(
-            jnp.zeros((), jnp.int32), compute_masks(params, plan, mask_rng), stop_exploration_step
-        )
+        sets = compute_sets(params, plan, mask_rng)
+        if stop_exploration_step is not None:
+            sets = _stop_exploration_sets(jnp.zeros((), jnp.int32), sets, stop_exploration_step)
+        masks = sets_masks(sets)
         densities = unflatten_sparse(
             params, plan, [jnp.asarray(leaf.forward, jnp.float32) for leaf in plan if leaf.sparse]
         )
         return TopKastState(
             count=jnp.zeros((), jnp.int32),
-            masks=masks,
+            sets=sets,
             densities=densities,
             exploration_l2=jnp.asarray(exploration_l2, jnp.float32),
-            stats=stats_lib.init_stats(masks),
+            stats=stats_lib.init_set_stats(masks, track_reservoir),
             rng=rng,
             inner_state=inner.init(params),
         )
 
-    def update_fn(grads, state: TopKastState, params=None, **extra_args):
+    def update_fn(grads, state: TopKastState, params=None, refresh_masks=None, **extra_args):
         if params is None:
             raise ValueError("topkast's update needs params: call tx.update(grads, state, params).")
+        if refresh_masks is not None and not isinstance(refresh_masks, bool):
+            raise ValueError(
+                "refresh_masks must be a Python bool (static) or None, got "
+                f"{type(refresh_masks).__name__}; for a traced decision leave it None."
+            )
         plan = plan_for(params)
         l2 = jnp.asarray(exploration_l2, jnp.float32)
         masks = stop_exploration(state.count, state.masks, stop_exploration_step)
         grads = zero_outside(grads, masks.backward)  # (a)
-        grads = add_penalty_gradient(grads, params, masks, state.densities, l2)  # (b)
+        if not _is_zero(exploration_l2):
+            grads = add_penalty_gradient(grads, params, masks, state.densities, l2)  # (b)
         updates, inner_state = sparse_inner_update(  # (c), (d)
             inner, grads, state.inner_state, params, masks.backward, **extra_args
         )
         count = state.count + 1
 
-        def refresh():  # (e)
+        # (e) selects from θ + u written exactly as optax.apply_updates writes it, outside any
+        # branch: XLA merges it with the caller's apply_updates (CSE), so the selection reads the
+        # step's output params instead of a second leaf-sized buffer.
+        new_params = optax.apply_updates(params, updates)
+
+        def refresh():
             rng, mask_rng = jax.random.split(state.rng)
-            new_params = optax.apply_updates(params, updates)
-            new = compute_masks(new_params, plan, mask_rng)
-            return new, stats_lib.refresh_stats(state.stats, masks, new), rng
+            sets = compute_sets(new_params, plan, mask_rng)
+            new = sets_masks(sets)
+            return sets, stats_lib.refresh_set_stats(state.stats, masks, new), rng
 
         def keep():
-            return masks, state.stats, state.rng
+            return state.sets, state.stats, state.rng
 
-        new_masks, new_stats, rng = jax.lax.cond(count % refresh_every == 0, refresh, keep)
-        new_masks = stop_exploration(count, new_masks, stop_exploration_step)
+        if refresh_every == 1 or refresh_masks is True:
+            new_sets, new_stats, rng = refresh()
+        elif refresh_masks is False:
+            new_sets, new_stats, rng = keep()
+        else:
+            new_sets, new_stats, rng = jax.lax.cond(count % refresh_every == 0, refresh, keep)
+        if stop_exploration_step is not None:
+            new_sets = _stop_exploration_sets(count, new_sets, stop_exploration_step)
         new_state = TopKastState(
             count=count,
-            masks=new_masks,
+            sets=new_sets,
             densities=state.densities,
             exploration_l2=l2,
             stats=new_stats,

@@ -41,6 +41,7 @@ def run(num_devices: int, axis_type: str, out_path: str) -> None:
         forward_sparsity=0.8,
         backward_sparsity=0.5,
         exploration_l2=0.01,
+        track_reservoir=True,
     )
 
     def loss_fn(alpha, x, y):

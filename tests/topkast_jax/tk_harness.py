@@ -170,7 +170,9 @@ def trajectory(name: str):
         refresh_every=case["refresh_every"],
     )
     inner = optax.sgd(LR, momentum=case["momentum"] or None)
-    got = train(tk.topkast(inner, **tx_kwargs), params, problem.loss, TRAJECTORY_STEPS)
+    got = train(
+        tk.topkast(inner, track_reservoir=True, **tx_kwargs), params, problem.loss, TRAJECTORY_STEPS
+    )
     cfgs = leaf_configs(params, tx_kwargs)
     want = reference.run(
         [np.asarray(p) for p in jax.tree.leaves(params)],
