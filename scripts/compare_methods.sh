@@ -10,7 +10,7 @@
 # the sparse-backward pairs of the paper's Table 5 (forward 80% / backward 60%, 90% / 80%); the
 # baselines train the weights they use (backward = forward). Dense runs once per seed.
 #
-# Environment (defaults): PYTHON (.venv/bin/python if present, else python), STEPS (400),
+# Environment (defaults): PYTHON (.venv/bin/python if present, else python3), STEPS (400),
 # SPARSITIES ("0.8 0.9"), UPDATE_EVERY (STEPS/16: SET/RigL ΔT and the pruning frequency, scaled
 # down from the papers' 100-of-32k so short runs still update the masks), EVAL_WINDOWS (50 test
 # windows of 16x128 bytes at the end; 0 = the whole test split), METHODS (all), SEEDS ("0"; the
@@ -23,13 +23,10 @@
 # Time (measured, docs/method_comparison.md): on the shared 2-core CPU VM a 400-step run took
 # 0.5-4 minutes (mean 76 s) including compilation and evaluation; 11 runs per seed.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"  # cwd: the repository; PYTHON: .venv/bin/python or python3
 
-ROOT="${1:-workdirs/compare}"
+ROOT="$(from_caller "${1:-$REPO_DIR/workdirs/compare}")"
 shift $(( $# >= 1 ? 1 : 0 ))
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
-fi
 STEPS="${STEPS:-400}"
 SPARSITIES="${SPARSITIES:-0.8 0.9}"
 UPDATE_EVERY="${UPDATE_EVERY:-$(( STEPS / 16 > 0 ? STEPS / 16 : 1 ))}"

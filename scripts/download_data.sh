@@ -5,7 +5,8 @@
 #   bash scripts/download_data.sh wikitext103 [DEST]   # DEST default: data/wikitext-103
 #
 # enwik8: http://mattmahoney.net/dc/enwik8.zip, unzipped to DEST/enwik8 (100,000,000 bytes,
-#   md5 checked). wikitext103: the Salesforce/Smerity wikitext-103-v1.zip (tokens, not raw),
+#   md5 checked). wikitext103: wikitext-103-v1.zip (tokens, not raw) from wikitext.smerity.com,
+#   falling back to the original Salesforce S3 address,
 #   unzipped to DEST/wiki.{train,valid,test}.tokens (line counts checked).
 # Nothing in the experiment code downloads; this script is the only place that does.
 set -euo pipefail
@@ -38,9 +39,10 @@ if [[ "$name" == enwik8 ]]; then
   echo "enwik8 ready in $dest (100,000,000 bytes, md5 ok)"
 else
   if [[ ! -f "$dest/wiki.train.tokens" ]]; then
-    url=https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip
-    fetch "$url" "$dest/wikitext-103-v1.zip" \
-      || fetch https://wikitext.smerity.com/wikitext-103-v1.zip "$dest/wikitext-103-v1.zip"
+    # The live mirror first; the original S3 address (dead in several trackers) as a fallback.
+    fetch https://wikitext.smerity.com/wikitext-103-v1.zip "$dest/wikitext-103-v1.zip" \
+      || fetch https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip \
+        "$dest/wikitext-103-v1.zip"
     (cd "$dest" && python3 - <<'PY'
 import os, zipfile
 with zipfile.ZipFile("wikitext-103-v1.zip") as z:

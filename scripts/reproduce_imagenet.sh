@@ -5,7 +5,7 @@
 #
 # TABLE: table1 (B∖A selection and stopped exploration), table6 (mask refresh every 1 / 100
 # steps) or figure2 (forward 80% × backward 0–80% × 1/2/5× length; forward 90–99%).
-# ROOT (default ./imagenet_runs): each run writes ROOT/TABLE/RUN (rerunning resumes; finished runs
+# ROOT (default ./imagenet_runs, relative to where you run it): each run writes ROOT/TABLE/RUN (rerunning resumes; finished runs
 # are skipped). The table goes to stdout and ROOT/TABLE/results.md.
 #
 # Needs imagenet2012 prepared as array_record (the trainer prints the `tfds build` command if not)
@@ -16,10 +16,9 @@
 set -euo pipefail
 
 TABLE="${1:?usage: $0 TABLE [ROOT] [extra flags]  (TABLE: table1, table6, figure2)}"
-ROOT="${2:-./imagenet_runs}"
+source "$(dirname "$0")/common.sh"  # cwd: the repository; PYTHON: .venv/bin/python or python3
+ROOT="$(from_caller "${2:-./imagenet_runs}")"
 shift $(( $# >= 2 ? 2 : 1 ))
-PYTHON="${PYTHON:-python}"
-cd "$(dirname "$0")/.."
 
 RUNS=$("$PYTHON" -c "import sys; from configs.imagenet import grid; print(' '.join(grid.RUNS[sys.argv[1]]))" "$TABLE")
 for RUN in $RUNS; do

@@ -7,24 +7,25 @@
 # Runs every row (fwd,bwd sparsities) one after the other in RUNS_DIR/<row>, each resumable
 # (rerun the script to continue), then prints the markdown table from the summary.json files.
 # Paper-scale: meant for an accelerator slice (see the config docstring for hardware and time).
-# Set DATA to the dataset path (default data/enwik8); fetch it with scripts/download_data.sh.
+# Works from any directory and with only `python3` (see scripts/common.sh); relative RUNS_DIR
+# and DATA are taken from the directory you run it in. ROWS="fwd,bwd ..." and PRUNING="fwd ..."
+# (empty: none) run a subset.
+# Set DATA to the dataset path (default: data/enwik8 in the repository); fetch it with
+# scripts/download_data.sh.
 set -euo pipefail
-runs="${1:-runs/reproduce_table5}"
-shift || true
-data="${DATA:-data/enwik8}"
-rows=(0,0 0.8,0.0 0.8,0.6 0.9,0.0 0.9,0.8 0.95,0.0 0.95,0.9)
-dirs=()
-for r in "${rows[@]}"; do
-  dir="$runs/fwd${r%,*}_bwd${r#*,}"
-  dirs+=("$dir")
-  python -m experiments.language_model.main \
-    --config=configs/enwik8/transformer_xl_small.py:$r --config.data.path="$data" --workdir="$dir" "$@"
-done
-for f in 0.8 0.9 0.95; do
+source "$(dirname "$0")/common.sh"
+runs="$(from_caller "${1:-$REPO_DIR/runs/reproduce_table5}")"
+shift $(( $# >= 1 ? 1 : 0 ))
+data="$(from_caller "${DATA:-$REPO_DIR/data/enwik8}")"
+read -r -a rows <<< "${ROWS:-0,0 0.8,0.0 0.8,0.6 0.9,0.0 0.9,0.8 0.95,0.0 0.95,0.9}"
+LM_DIRS=()
+run_lm_rows configs/enwik8/transformer_xl_small.py "$runs" "$data" "${rows[@]}" -- "$@"
+read -r -a pruning <<< "${PRUNING-0.8 0.9 0.95}"
+for f in "${pruning[@]}"; do
   dir="$runs/pruning_fwd$f"
-  dirs+=("$dir")
-  python -m experiments.language_model.main \
+  LM_DIRS+=("$dir")
+  "$PYTHON" -m experiments.language_model.main \
     --config=configs/enwik8/transformer_xl_small.py:$f,$f --config.sparsity.method=pruning \
     --config.data.path="$data" --workdir="$dir" "$@"
 done
-python -m experiments.language_model.collect_table bpc "${dirs[@]}"
+"$PYTHON" -m experiments.language_model.collect_table bpc "${LM_DIRS[@]}"
