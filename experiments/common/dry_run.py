@@ -7,7 +7,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
+
+#: Decimal places of the densities written to ``dry_run.json`` (the exact sizes are the counts).
+DENSITY_DIGITS = 6
+
+
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that orders numbers by value: ``layer_2/w`` before ``layer_10/w``."""
+    return tuple(
+        (0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name)
+    )
 
 
 def layer_rows(
@@ -18,8 +29,10 @@ def layer_rows(
     backward_sparsity: float,
     distribution: str = "uniform",
 ) -> list[dict[str, Any]]:
-    """One dict per parameter leaf: name, shape, params, sparse, forward/backward density and
-    the exact mask sizes ``forward_nonzero`` = |A|, ``backward_nonzero`` = |B|."""
+    """One dict per parameter leaf, in natural order of the names (``layer_2`` before
+    ``layer_10``): name, shape, params, sparse, forward/backward density (rounded to
+    :data:`DENSITY_DIGITS` places) and the exact mask sizes ``forward_nonzero`` = |A|,
+    ``backward_nonzero`` = |B|."""
     import topkast_jax as tk
 
     leaves = tk.layer_densities(
@@ -29,24 +42,26 @@ def layer_rows(
         backward_sparsity=backward_sparsity,
         distribution=distribution,
     )
-    return [
+    rows = [
         {
             "name": leaf.path,
             "shape": list(leaf.shape),
             "params": int(leaf.size),
             "sparse": bool(leaf.sparse),
-            "forward_density": float(leaf.forward),
-            "backward_density": float(leaf.backward),
+            "forward_density": round(float(leaf.forward), DENSITY_DIGITS),
+            "backward_density": round(float(leaf.backward), DENSITY_DIGITS),
             "forward_nonzero": int(leaf.k_forward),
             "backward_nonzero": int(leaf.k_backward),
         }
         for leaf in leaves
     ]
+    return sorted(rows, key=lambda r: natural_key(r["name"]))
 
 
 def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """``total_params``, ``sparse_params``, ``forward_nonzero``, ``backward_nonzero`` and the
-    overall densities ``forward_density = forward_nonzero / total_params`` (same for backward).
+    overall densities ``forward_density = forward_nonzero / total_params`` (same for backward),
+    rounded to :data:`DENSITY_DIGITS` places.
     """
     total = sum(r["params"] for r in rows)
     sparse = sum(r["params"] for r in rows if r["sparse"])
@@ -57,8 +72,8 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "sparse_params": sparse,
         "forward_nonzero": fwd,
         "backward_nonzero": bwd,
-        "forward_density": fwd / total if total else 1.0,
-        "backward_density": bwd / total if total else 1.0,
+        "forward_density": round(fwd / total, DENSITY_DIGITS) if total else 1.0,
+        "backward_density": round(bwd / total, DENSITY_DIGITS) if total else 1.0,
     }
 
 
@@ -81,6 +96,10 @@ def format_table(
         f"total params {summary['total_params']:,} | sparse params {summary['sparse_params']:,} | "
         f"forward nonzero {summary['forward_nonzero']:,} | "
         f"backward nonzero {summary['backward_nonzero']:,}"
+    )
+    lines.append(
+        f"forward density {summary['forward_density']:.3f} | "
+        f"backward density {summary['backward_density']:.3f}"
     )
     if method is not None:
         lines.append(f"method {method}")
