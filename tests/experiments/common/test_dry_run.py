@@ -44,8 +44,9 @@ def test_rows_in_natural_order_with_rounded_densities(tmp_path):
     assert kernel["backward_density"] == 0.5
     record = dry_run.write_dry_run(str(tmp_path), rows)
     on_disk = json.loads((tmp_path / "dry_run.json").read_text())
-    assert on_disk["forward_density"] == round(4 * 20 / 440 + 4 * 10 / 440, 6)
+    assert on_disk["forward_density"] == round((4 * 20 + 40) / 440, 6)
     assert record["forward_density"] == on_disk["forward_density"]
     table = dry_run.format_table(rows, dry_run.totals(rows)).splitlines()
     assert table[2].startswith("embed/bias") and table[-4].startswith("layer_10/kernel")
-    assert table[-1] == "forward density 0.273 | backward density 0.591"
+    fwd, bwd = (4 * 20 + 40) / 440, (4 * 50 + 40) / 440  # 4 kernels of 100, 4 dense biases
+    assert table[-1] == f"forward density {fwd:.3f} | backward density {bwd:.3f}"
