@@ -24,7 +24,8 @@ from typing import Any
 from experiments.common import config_utils, signals
 
 #: Config fields that may change when a run is resumed: the run's length (schedules that depend on
-#: it follow the new length from the resumed step on) and what is logged, evaluated or kept.
+#: it follow the new length from the resumed step on) and what is logged, evaluated, reported or
+#: kept. To branch a run with any other change, copy its ``checkpoints/`` into a new workdir.
 RESUMABLE_CHANGES = (
     "num_train_steps",
     "log_every_steps",
@@ -34,6 +35,7 @@ RESUMABLE_CHANGES = (
     "final_eval_max_windows",
     "max_checkpoints_to_keep",
     "mask_stats_every_steps",
+    "reference_steps",
     "data.num_threads",
     "data.num_workers",
 )

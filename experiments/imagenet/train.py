@@ -25,6 +25,7 @@ previous window's mask lives in the checkpointed state, so resumed runs log the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -41,6 +42,7 @@ import topkast_jax as tk
 from experiments.common import config_rules, config_utils, guard
 from experiments.common import dry_run as dry_run_lib
 from experiments.common import mesh as mesh_lib
+from experiments.common import workdir as workdir_lib
 from experiments.common.checkpoint import Checkpointer
 from experiments.common.metrics import MetricsWriter
 from experiments.common.progress import ProgressLogger
@@ -465,16 +467,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       The summary dict (see ``SUMMARY_KEYS``).
 
     Raises:
-      guard.NonFiniteLossError: the training loss became NaN/Inf (last good checkpoint kept).
+      ValueError: a bad config field.
       FileNotFoundError: the dataset is not prepared (message has the ``tfds build`` command).
+      workdir.WorkdirError: the workdir is in use or holds another experiment.
+      guard.NonFiniteLossError: the loss or state became NaN/Inf (last good checkpoint kept).
+      checkpoint.CheckpointError: no checkpoint restores, or a save failed.
+      signals.Interrupted: SIGTERM/SIGINT; a checkpoint of the current step was saved.
     """
     validate_config(config)
     check_data_prepared(config)
-    mesh = mesh_lib.make_data_mesh()
-    primary = mesh_lib.is_primary()
-    if primary:
-        config_utils.save_config(config, workdir)
+    with workdir_lib.session(workdir, config, mesh_lib.is_primary(), _log) as run:
+        if run.finished is not None:
+            _log(f"{run.workdir} already finished; returning its summary.json (delete it to redo)")
+            return run.finished
+        with contextlib.ExitStack() as closing:
+            return _train(config, run, closing)
 
+
+#: What to change after a divergence (the NaN guard's advice).
+DIVERGENCE_HINT = (
+    "a lower --config.optimizer.base_learning_rate or a longer --config.optimizer.warmup_epochs"
+)
+
+
+def _log(message: str) -> None:
+    if mesh_lib.is_primary():
+        print(message, flush=True)
+
+
+def _train(
+    config: ml_collections.ConfigDict, run: workdir_lib.Session, closing: contextlib.ExitStack
+) -> dict[str, Any]:
+    """The body of :func:`train_and_evaluate` once the workdir is held (``run``)."""
+    workdir = run.workdir
+    mesh = mesh_lib.make_data_mesh()
+    primary = run.primary
     model = create_model(config)
     variables = abstract_variables(model, config.image_size)
     sparsify = sparsify_fn(config)
@@ -491,13 +518,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state_sharding,
     )
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=2)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=2, primary=primary)
+    closing.callback(ckpt.close)
+    ckpt.check_free_space(abstract_state)
     wall_before = 0.0
-    if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(abstract_state)
+    restored = ckpt.restore_latest(abstract_state, log=_log)
+    if restored is not None:
+        state, meta = restored
         wall_before = float(meta.get("wall_seconds", 0.0))
-        if primary:
-            print(f"resumed from step {int(meta['step'])} in {workdir}")
+        _log(f"resumed from step {int(meta['step'])} in {workdir}")
+        run.resumed(int(meta["step"]))
     else:
         state = jax.jit(lambda: init_state(model, tx, config), out_shardings=state_sharding)()
     start_step = int(jax.device_get(state["step"]))
@@ -524,7 +554,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         donate_argnums=0,
     )
 
-    writer = MetricsWriter(workdir, enabled=primary)
+    writer = MetricsWriter(workdir, enabled=primary, start_step=start_step)
+    closing.callback(writer.close)
     progress = ProgressLogger(config.num_train_steps, start_step)
     batches = train_iterator(config, mesh, start_step)
     t_start = time.monotonic()
@@ -537,16 +568,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if steps_since_check == 0:
             return
         loss_sum = float(jax.device_get(state["loss_sum"]))
-        guard.check_finite(loss_sum, step, last_good)
+        guard.check_finite(loss_sum, step, last_good, DIVERGENCE_HINT)
         state = reset_loss_fn(state)
         steps_since_check = 0
 
+    if start_step < config.num_train_steps and run.should_stop(at_sync_point=True):
+        raise run.stop.interrupted(start_step, ckpt.directory, saved=False)
     for step in range(start_step + 1, config.num_train_steps + 1):
         state, metrics = train_step(state, next(batches))
         steps_since_check += 1
-        if step % config.log_every_steps == 0 or step == config.num_train_steps:
+        due_log = step % config.log_every_steps == 0 or step == config.num_train_steps
+        stopping = run.should_stop(at_sync_point=due_log)
+        if due_log:
             host = _host_metrics(metrics)
-            guard.check_finite(host["loss"], step, last_good)
+            guard.check_finite(host["loss"], step, last_good, DIVERGENCE_HINT)
             check_loss(step)
             writer.write(step, host, prefix="train/")
             if primary:
@@ -579,13 +614,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             writer.write(step, eval_metrics, prefix="eval/")
             if primary:
                 print(f"eval at step {step}: {json.dumps(eval_metrics)}", flush=True)
-        if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+        if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps or stopping:
             check_loss(step)
+            guard.check_state_finite(state, step, last_good, DIVERGENCE_HINT)
             wall = wall_before + time.monotonic() - t_start
             ckpt.save(step, state, {"step": step, "wall_seconds": wall})
             last_good = step
         writer.flush()
-    ckpt.wait()
+        if stopping:
+            raise run.stop.interrupted(step, ckpt.directory)
 
     if eval_metrics is None or last_eval_step != config.num_train_steps:
         eval_metrics = evaluate(eval_step, state, eval_iterator(config, mesh))
@@ -596,8 +633,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         print(json.dumps(summary, indent=1))
-    writer.close()
-    ckpt.close()
     return summary
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -217,12 +218,19 @@ def test_tiny_resnet_trains_resumes_and_stops_on_nan(tmp_path):
     assert any("masks/reservoir_activated" in r for r in records)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
 
-    # 2) Continue towards 9 steps with an absurd learning rate: the loss turns non-finite,
-    #    training stops, and the newest checkpoint is still the good one from step 6.
+    # 2) Another learning rate is another experiment: the workdir refuses it, naming the field.
     out = _run_cli(workdir, 9, cache, **{"optimizer.base_learning_rate": 1e30})
     assert out.returncode != 0
+    assert "config.optimizer.base_learning_rate: 25.6 -> 1e+30" in out.stderr
+    #    Branched into a new workdir (its checkpoints copied), the absurd learning rate makes the
+    #    state non-finite: training stops and the newest checkpoint is still the good one, step 6.
+    branch = str(tmp_path / "branch")
+    shutil.copytree(os.path.join(workdir, "checkpoints"), os.path.join(branch, "checkpoints"))
+    out = _run_cli(branch, 9, cache, **{"optimizer.base_learning_rate": 1e30})
+    assert out.returncode != 0
     assert "NonFiniteLossError" in out.stderr and "last good checkpoint (step 6)" in out.stderr
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+    assert "repeats the divergence" in out.stderr
+    assert sorted(os.listdir(os.path.join(branch, "checkpoints"))) == ["3", "6"]
 
     # 3) Rerunning the normal command resumes from step 6 and finishes at step 8.
     out = _run_cli(workdir, 8, cache, reference_steps=8)
