@@ -213,9 +213,12 @@ class Checkpointer:
                 raise
 
 
-def _reason(e: BaseException) -> str:
+def _reason(e: BaseException, limit: int = 400) -> str:
+    """``"Type: first line"``, long lines cut in the middle (the OS error is at the end)."""
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {first[:300]}"
+    if len(first) > limit:
+        first = first[: limit // 3] + " ... " + first[-(2 * limit) // 3 :]
+    return f"{type(e).__name__}: {first}"
 
 
 def _as_abstract(x: Any) -> Any:
