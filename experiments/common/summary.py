@@ -91,6 +91,25 @@ def realised_densities(params: Any, opt_state: Any) -> dict[str, float]:
     }
 
 
+def throughput(steps_per_second: float, items_per_step: int, unit: str) -> dict[str, float]:
+    """``{"steps_per_second": r, "<unit>_per_second": r * items_per_step}`` (``unit``:
+    ``"tokens"`` or ``"examples"``)."""
+    return {
+        "steps_per_second": steps_per_second,
+        f"{unit}_per_second": steps_per_second * items_per_step,
+    }
+
+
+def exploration_penalty(params: Any, opt_state: Any) -> jax.Array:
+    """``tk.exploration_penalty`` for Top-KAST (and dense, where it is 0); 0 for the baselines,
+    which have no exploration penalty. Jit-able (the method is known at trace time)."""
+    import topkast_jax as tk
+
+    if not hasattr(tk.state.find_sparse_state(opt_state), "exploration_l2"):
+        return jnp.zeros((), jnp.float32)
+    return tk.exploration_penalty(params, opt_state)
+
+
 def build_summary(
     *,
     experiment: str,

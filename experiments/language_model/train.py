@@ -16,7 +16,6 @@ One step (all inside one ``jax.jit`` over the data mesh, state donated):
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -28,9 +27,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from experiments.common import config_rules, config_utils, guard
+from experiments.common import config_rules, config_utils, guard, mask_dynamics
 from experiments.common import dry_run as dry_run_lib
 from experiments.common import mesh as mesh_lib
+from experiments.common import summary as summary_lib
 from experiments.common import workdir as workdir_lib
 from experiments.common.checkpoint import Checkpointer
 from experiments.common.metrics import MetricsWriter
@@ -139,18 +139,23 @@ def zero_mems(model: models.TransformerXL, batch_size: int, mem_len: int) -> jax
 
 
 def init_state(config, model, tx) -> dict[str, Any]:
-    """The train state: ``step``, ``params``, ``opt_state``, ``mems_LxBxMxD``, ``rng``."""
+    """The train state: ``step``, ``params``, ``opt_state``, ``mems_LxBxMxD``, ``rng`` and
+    ``mask_snapshot`` (the forward mask at the last mask-dynamics window, for Figure 3)."""
+    import topkast_jax as tk
+
     rng = jax.random.PRNGKey(config.seed)
     rng, init_rng = jax.random.split(rng)
     T = config.seq_len
     dummy = jnp.zeros((1, T), jnp.int32)
     params = model.init(init_rng, dummy, dummy, zero_mems(model, 1, config.mem_len))["params"]
+    opt_state = tx.init(params)
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
-        "opt_state": tx.init(params),
+        "opt_state": opt_state,
         "mems": zero_mems(model, config.batch_size, config.mem_len),
         "rng": rng,
+        "mask_snapshot": tk.get_masks(opt_state).forward,
     }
 
 
@@ -189,17 +194,20 @@ def make_train_step(model, tx, schedule):
 
         (loss, new_mems), grads = jax.value_and_grad(loss_fn, has_aux=True)(alpha)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new_state = {
-            "step": state["step"] + 1,
-            "params": optax.apply_updates(state["params"], updates),
-            "opt_state": opt_state,
-            "mems": new_mems,
-            "rng": rng,
-        }
+        params = optax.apply_updates(state["params"], updates)
+        new_state = dict(
+            state,
+            step=state["step"] + 1,
+            params=params,
+            opt_state=opt_state,
+            mems=new_mems,
+            rng=rng,
+        )
         metrics = {
             "loss": loss,
             "grad_norm": optax.tree.norm(grads),
-            "lr": schedule(state["step"]),
+            "learning_rate": schedule(state["step"]),
+            "exploration_penalty": summary_lib.exploration_penalty(params, opt_state),
         }
         return new_state, metrics
 
@@ -246,16 +254,25 @@ class Evaluator:
             out_shardings=mem_shard,
         )
 
-    def __call__(self, params, opt_state, tokens_N, max_windows: int = 0) -> float:
-        """Mean NLL (nats/token) over the split (or its first ``max_windows`` windows)."""
+    def _batcher(self, tokens_N) -> input_pipeline.StreamBatcher:
         c = self.config
-        batcher = input_pipeline.StreamBatcher(
+        return input_pipeline.StreamBatcher(
             tokens_N,
             c.eval_batch_size,
             c.eval_seq_len,
             mesh_lib.local_batch_slice(c.eval_batch_size),
         )
-        n = batcher.num_windows if not max_windows else min(max_windows, batcher.num_windows)
+
+    def num_windows(self, tokens_N, max_windows: int = 0) -> int:
+        """Windows one evaluation of the split runs (its first ``max_windows``; 0: all)."""
+        n = self._batcher(tokens_N).num_windows
+        return n if not max_windows else min(max_windows, n)
+
+    def __call__(self, params, opt_state, tokens_N, max_windows: int = 0) -> float:
+        """Mean NLL (nats/token) over the split (or its first ``max_windows`` windows)."""
+        c = self.config
+        batcher = self._batcher(tokens_N)
+        n = self.num_windows(tokens_N, max_windows)
         mems, total, count = self._zeros(), 0.0, 0.0
         for w in range(n):
             local = batcher.window(w)
@@ -273,32 +290,42 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def _density_summary(opt_state, params) -> dict[str, float]:
-    """Actual nonzero fractions of A and B over all parameters (dense leaves count fully)."""
-    import topkast_jax as tk
+def training_cost(
+    config: ml_collections.ConfigDict, rows: list[dict[str, Any]]
+) -> dict[str, float]:
+    """Training FLOPs relative to dense (``topkast_jax.flops``) from the per-layer plan.
 
-    masks = tk.get_masks(opt_state)
-    total = fwd = bwd = 0
-    flat_p = jax.tree.leaves(params)
-    flat_a = jax.tree.leaves(masks.forward, is_leaf=lambda x: x is None)
-    flat_b = jax.tree.leaves(masks.backward, is_leaf=lambda x: x is None)
-    for p, a, b in zip(flat_p, flat_a, flat_b, strict=True):
-        total += p.size
-        fwd += p.size if a is None else int(jnp.sum(a))
-        bwd += p.size if b is None else int(jnp.sum(b))
+    Every weight matrix (a leaf with ndim >= 2: projections, feed-forward kernels, and the
+    embedding table, which the tied softmax applies once per token) costs ``size`` multiply-adds
+    per token; attention scores, norms and biases are not counted (the RigL convention), and the
+    adaptive softmax's tail clusters are counted as if every token reached them.
+    """
+    from topkast_jax import flops
+
+    layers = [
+        flops.LayerCost(r["name"], r["params"], r["forward_density"], r["backward_density"])
+        for r in rows
+        if len(r["shape"]) >= 2
+    ]
+    multiplier = flops.steps_multiplier(
+        config.num_train_steps, config.get("reference_steps", config.num_train_steps)
+    )
     return {
-        "total_params": int(total),
-        "forward_nonzero": int(fwd),
-        "backward_nonzero": int(bwd),
-        "forward_density": fwd / total,
-        "backward_density": bwd / total,
+        "train_flops_vs_dense": flops.train_flops_vs_dense(layers, multiplier),
+        "step_flops_vs_dense": flops.step_flops_vs_dense(layers),
     }
 
 
-def write_json(path: str, record: dict[str, Any]) -> None:
-    if mesh_lib.is_primary():
-        with open(path, "w") as f:
-            json.dump(record, f, indent=1, sort_keys=True)
+def plan_rows(config: ml_collections.ConfigDict, abstract_params: Any) -> list[dict[str, Any]]:
+    """Per-leaf plan (name, shape, params, densities) of the configured sparsity."""
+    fwd, bwd = planned_densities(config.sparsity)
+    return dry_run_lib.layer_rows(
+        abstract_params,
+        sparsify=sparsify_fn(config),
+        forward_sparsity=fwd,
+        backward_sparsity=bwd,
+        distribution=config.sparsity.get("distribution", "uniform"),
+    )
 
 
 # ----------------------------------------------------------------------------- dry run
@@ -310,18 +337,13 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mems = jax.ShapeDtypeStruct((model.num_layers, 1, 2, model.d_model), jnp.float32)
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy, dummy, mems)["params"]
     fwd, bwd = planned_densities(config.sparsity)
-    rows = dry_run_lib.layer_rows(
-        abstract,
-        sparsify=sparsify_fn(config),
-        forward_sparsity=fwd,
-        backward_sparsity=bwd,
-        distribution=config.sparsity.get("distribution", "uniform"),
-    )
+    rows = plan_rows(config, abstract)
     extra = {
         "method": config.sparsity.method,
         "forward_sparsity": fwd,
         "backward_sparsity": bwd,
         "vocab_size": model.vocab_size,
+        **training_cost(config, rows),
     }
     record = dry_run_lib.write_dry_run(workdir, rows, extra) if mesh_lib.is_primary() else {}
     _log(dry_run_lib.format_table(rows, dry_run_lib.totals(rows), config.sparsity.method))
@@ -430,10 +452,29 @@ def _train(config, run, corpus, stop_at_step, start_time, closing) -> dict[str, 
     evaluator = Evaluator(config, model, mesh, shardings)
     writer = MetricsWriter(workdir, enabled=run.primary, start_step=step)
     closing.callback(writer.close)
-    progress = ProgressLogger(config.num_train_steps, start_step=step)
+    if run.primary:
+        summary_lib.write_provenance(workdir)
+    final_windows = config.get("final_eval_max_windows", 0)
+    progress = ProgressLogger(
+        config.num_train_steps,
+        start_step=step,
+        eval_units_after=eval_plan(config, evaluator, corpus),
+    )
+    rows_plan = plan_rows(config, abstract["params"])
+    window = mask_dynamics.window_steps(config)
     import topkast_jax as tk
 
     stats_fn = jax.jit(lambda s: tk.mask_stats(s, per_leaf=False))
+    window_fn = jax.jit(
+        lambda s: mask_dynamics.window_change(
+            s["mask_snapshot"], tk.get_masks(s["opt_state"]).forward
+        )
+    )
+    snapshot_fn = jax.jit(
+        lambda s: dict(s, mask_snapshot=tk.get_masks(s["opt_state"]).forward),
+        out_shardings=shardings,
+        donate_argnums=0,
+    )
     last_good = ckpt.latest_step()
     loss_sum, loss_count = jnp.zeros(()), 0
     end = (
@@ -441,23 +482,36 @@ def _train(config, run, corpus, stop_at_step, start_time, closing) -> dict[str, 
         if stop_at_step is None
         else min(stop_at_step, config.num_train_steps)
     )
+    tokens_per_step = config.batch_size * config.seq_len
 
     def elapsed() -> float:
         return prior_wall + time.monotonic() - start_time
 
     def save(at_step: int) -> None:
         guard.check_state_finite(state, at_step, last_good, DIVERGENCE_HINT)
-        ckpt.save(at_step, state, {**stream.state(), "wall_seconds": elapsed()})
+        with progress.excluded("checkpoint"):
+            ckpt.save(at_step, state, {**stream.state(), "wall_seconds": elapsed()})
+
+    def evaluate(tokens_N, max_windows: int) -> tuple[dict[str, float], float]:
+        """Scores of one split and the seconds it took (excluded from the training rate)."""
+        jax.block_until_ready(state["params"])  # pending training steps count as training
+        eval_start = time.monotonic()
+        with progress.excluded("eval", evaluator.num_windows(tokens_N, max_windows)):
+            nll = evaluator(state["params"], state["opt_state"], tokens_N, max_windows)
+        return score(nll, corpus.metric), time.monotonic() - eval_start
 
     if step < end and run.should_stop(at_sync_point=True):
         raise run.stop.interrupted(step, ckpt.directory, saved=False)
+    first = True
     while step < end:
         local, reset = stream.next()
         batch = {
             k: mesh_lib.global_batch(local[k], mesh, config.batch_size)
             for k in ("inputs", "targets")
         }
-        state, metrics = train_step(state, batch, np.asarray(reset))
+        with progress.excluded("compile") if first else contextlib.nullcontext():
+            state, metrics = train_step(state, batch, np.asarray(reset))
+        first = False
         step += 1
         loss_sum, loss_count = loss_sum + metrics["loss"], loss_count + 1
         due_log = step % config.log_every_steps == 0 or step == end
@@ -468,26 +522,29 @@ def _train(config, run, corpus, stop_at_step, start_time, closing) -> dict[str, 
             guard.check_finite(mean_loss, step, last_good, DIVERGENCE_HINT)
         if due_log:
             train = {"loss": mean_loss, **score(mean_loss, corpus.metric)}
-            train.update({k: metrics[k] for k in ("grad_norm", "lr")})
-            train.update(stats_fn(state["opt_state"]))
-            writer.write(step, train, prefix="train/")
             shown = {k: train[k] for k in ("loss", "bpc", "perplexity") if k in train}
-            _log(progress.line(step, shown))
-            loss_sum, loss_count = jnp.zeros(()), 0
-        if config.eval_every_steps and step % config.eval_every_steps == 0 and step < end:
-            eval_start = time.monotonic()
-            nll = evaluator(
-                state["params"],
-                state["opt_state"],
-                corpus.valid,
-                config.get("eval_max_windows", 0),
+            line = progress.line(step, shown)
+            train.update(
+                {k: metrics[k] for k in ("grad_norm", "learning_rate", "exploration_penalty")}
             )
-            valid = score(nll, corpus.metric)
-            writer.write(step, valid, prefix="valid/")
+            train.update(
+                summary_lib.throughput(progress.steps_per_second, tokens_per_step, "tokens")
+            )
+            writer.write(step, train, prefix="train/")
+            writer.write(step, stats_fn(state["opt_state"]), prefix="masks/")
+            _log(line)
+            loss_sum, loss_count = jnp.zeros(()), 0
+        if step % window == 0:
+            change = {k: float(v) for k, v in jax.device_get(window_fn(state)).items()}
+            writer.write(step, mask_dynamics.window_metrics(change, window), prefix="masks/")
+            state = snapshot_fn(state)
+        if config.eval_every_steps and step % config.eval_every_steps == 0 and step < end:
+            scores, seconds = evaluate(corpus.valid, config.get("eval_max_windows", 0))
+            writer.write(step, scores, prefix="eval/")
             _log(
-                f"step {step} valid "
-                + " ".join(f"{k} {v:.4f}" for k, v in valid.items())
-                + f" ({time.monotonic() - eval_start:.0f}s)"
+                f"step {step} eval (valid) "
+                + " ".join(f"{k} {v:.4f}" for k, v in scores.items())
+                + f" ({seconds:.0f}s)"
             )
         if due_ckpt:
             save(step)
@@ -498,39 +555,68 @@ def _train(config, run, corpus, stop_at_step, start_time, closing) -> dict[str, 
         _log(f"stopped at step {step}; rerun the same command to resume")
         return None
 
-    results: dict[str, Any] = {}
-    final_windows = config.get("final_eval_max_windows", 0)
+    results: dict[str, float] = {}
     for split in ("valid", "test"):
-        eval_start = time.monotonic()
-        nll = evaluator(state["params"], state["opt_state"], getattr(corpus, split), final_windows)
-        for k, v in score(nll, corpus.metric).items():
-            results[f"{split}_{k}"] = v
+        scores, seconds = evaluate(getattr(corpus, split), final_windows)
+        results.update({f"{split}_{k}": v for k, v in scores.items()})
         _log(
             f"final {split}: "
-            + " ".join(f"{k} {v:.4f}" for k, v in score(nll, corpus.metric).items())
-            + f" ({time.monotonic() - eval_start:.0f}s)"
+            + " ".join(f"{k} {v:.4f}" for k, v in scores.items())
+            + f" ({seconds:.0f}s)"
         )
-    writer.write(step, {k: v for k, v in results.items()}, prefix="final/")
-    summary = {
-        **results,
-        **_density_summary(state["opt_state"], state["params"]),
-        "steps": step,
-        "wall_seconds": elapsed(),
-        "data": config.data.name,
-        "method": config.sparsity.method,
-        "forward_sparsity": planned_densities(config.sparsity)[0],
-        "backward_sparsity": planned_densities(config.sparsity)[1],
-        "final_eval_max_windows": final_windows,
-    }
-    write_json(os.path.join(workdir, "summary.json"), summary)
+    writer.write(step, results, prefix="final/")
+    fwd, bwd = planned_densities(config.sparsity)
+    train_seconds = progress.training_seconds()
+    summary = summary_lib.build_summary(
+        experiment="language_model",
+        data=config.data.name,
+        method=config.sparsity.method,
+        forward_sparsity=fwd,
+        backward_sparsity=bwd,
+        densities=summary_lib.realised_densities(state["params"], state["opt_state"]),
+        train_flops_vs_dense=training_cost(config, rows_plan)["train_flops_vs_dense"],
+        steps=step,
+        wall_seconds=elapsed(),
+        final=results,
+        extra={
+            "final_eval_max_windows": final_windows,
+            **summary_lib.throughput(
+                progress.rate() if train_seconds > 0 else float("nan"), tokens_per_step, "tokens"
+            ),
+        },
+    )
+    if run.primary:
+        path = summary_lib.write_summary(workdir, summary)
     shown = " ".join(f"{k} {summary[k]:.4f}" for k in sorted(results) if not k.endswith("_loss"))
     _log(
         f"done: {shown} | params {summary['total_params']:,} | forward density "
         f"{summary['forward_density']:.3f} | backward density {summary['backward_density']:.3f} "
         f"| {step} steps in {format_duration(summary['wall_seconds'])}"
     )
-    _log(f"wrote {os.path.join(workdir, 'summary.json')}")
+    if run.primary:
+        _log(f"wrote {path}")
     return summary
+
+
+def eval_plan(config: ml_collections.ConfigDict, evaluator: Evaluator, corpus) -> Any:
+    """``step -> eval windows still to run`` (periodic valid evaluations at ``step`` and later,
+    then the final valid + test evaluation), for the progress ETA."""
+    every = config.eval_every_steps
+    total = config.num_train_steps
+    periodic = evaluator.num_windows(corpus.valid, config.get("eval_max_windows", 0))
+    final = sum(
+        evaluator.num_windows(tokens, config.get("final_eval_max_windows", 0))
+        for tokens in (corpus.valid, corpus.test)
+    )
+
+    def units(step: int) -> float:
+        count = 0
+        if every:
+            first = -(-step // every) * every
+            count = 0 if first >= total else (total - 1 - first) // every + 1
+        return count * periodic + final
+
+    return units
 
 
 __all__ = ["dry_run", "train_and_evaluate", "validate_config"]

@@ -118,11 +118,17 @@ def test_end_to_end_workdir_contents(reference):
     assert 0.5 < summary["backward_density"] < 0.6
     assert len(train_losses(workdir)) == 6
     records = read_metrics(workdir)
-    assert any("valid/bpc" in r for r in records)
+    assert any("eval/bpc" in r for r in records)
     assert any("final/test_bpc" in r for r in records)
     assert os.path.exists(os.path.join(workdir, "config.json"))
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     assert Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 6
+
+
+def test_metric_names_and_summary_follow_the_shared_schema(reference, metric_schema):
+    workdir, summary = reference
+    metric_schema(workdir, summary, "tokens", ("bpc",))
+    assert summary["experiment"] == "language_model" and summary["method"] == "topkast"
 
 
 def _final_params(workdir, config):
