@@ -10,6 +10,7 @@ Public API::
 """
 
 from topkast_jax import baselines, flops, nnx, selection, sparsify
+from topkast_jax.always_sparse import AlwaysSparse, AlwaysSparseState
 from topkast_jax.distributions import erk_densities, keep_count, leaf_densities, mask_counts
 from topkast_jax.flops import LayerCost, train_flops_vs_dense
 from topkast_jax.penalty import exploration_penalty
@@ -28,6 +29,8 @@ from topkast_jax.transform import topkast
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlwaysSparse",
+    "AlwaysSparseState",
     "LayerCost",
     "baselines",
     "flops",

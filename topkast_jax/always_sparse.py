@@ -1,0 +1,461 @@
+"""Always-sparse execution of Top-KAST: the device holds only ``B``, the dense ``θ`` the host.
+
+Paper §2.4 / App. C: "the accelerator need only know the actual sparse weights", with the top-k
+recomputed on the CPU every ``refresh_every`` steps.  :class:`AlwaysSparse` is an exact refactor of
+the masked :func:`topkast_jax.topkast`: the same inputs give the same ``A`` and ``B`` at every step
+and, up to float reassociation, the same parameters.
+
+* Device, between steps (:class:`~topkast_jax.always_sparse_device.DeviceState`): per sparse leaf
+  ``θ_B[k_B]``, ``idx[k_B]`` int32 ascending, ``in_a[k_B]`` bool and the inner optimizer's state
+  for those ``k_B`` entries; dense leaves as they are.  No device array has a sparse leaf's size.
+* Each step (jitted, :func:`~topkast_jax.always_sparse_device.device_step`): dense ``α`` per leaf
+  from the ``k_B`` values, ``∂L/∂α`` gathered at ``B``, the exploration-penalty gradient, the inner
+  optimizer on the ``k_B``-vectors.
+* When ``(count + 1) % refresh_every == 0`` (the masked transform's rule), on the host: ``θ_B`` is
+  written into the host ``θ`` (numpy), ``A`` and ``B`` are selected exactly
+  (:mod:`topkast_jax.always_sparse_host`), the new ``θ_B``, indices and flags go to the device and
+  the inner state is carried over — entries staying in ``B`` keep it, entering ones start at zero.
+
+Example:
+  >>> import jax.numpy as jnp, optax, topkast_jax as tk
+  >>> params = {"w": jnp.arange(1.0, 11.0).reshape(2, 5), "b": jnp.zeros(5)}
+  >>> sparse = tk.AlwaysSparse(optax.sgd(0.1), forward_sparsity=0.8, backward_sparsity=0.5)
+  >>> state = sparse.init(params)
+  >>> step = sparse.make_step(lambda p, x: jnp.sum((p["w"] @ x + p["b"]) ** 2))
+  >>> state, loss = step(state, jnp.ones(5))
+  >>> sparse.masks(state).forward["w"].sum(), sparse.masks(state).backward["w"].sum()
+  (np.int64(2), np.int64(5))
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from topkast_jax import always_sparse_device as dev
+from topkast_jax import always_sparse_host as host
+from topkast_jax import masks as masks_lib
+from topkast_jax import selection
+from topkast_jax import sparsify as sparsify_lib
+from topkast_jax.plan import LeafDensity, check_sparsities, layer_densities, unflatten_sparse
+from topkast_jax.state import Masks
+from topkast_jax.validation import check_choice, check_distribution, check_int
+
+DeviceState = dev.DeviceState
+
+
+class AlwaysSparseState(NamedTuple):
+    """Host and device state of an always-sparse run.
+
+    Attributes:
+      count: host int64 scalar, the number of steps taken.
+      rng: host uint32[2] PRNG key (advanced at every refresh, as in the masked transform).
+      host_params: params-shaped; sparse leaves the dense host ``θ`` (numpy; stale on ``B``
+        between refreshes, where the device holds the current values), ``None`` on dense leaves.
+      device: the :class:`~topkast_jax.always_sparse_device.DeviceState`.
+    """
+
+    count: np.ndarray
+    rng: np.ndarray
+    host_params: Any
+    device: DeviceState
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _host_leaves(tree: Any) -> list[Any]:
+    return jax.tree.leaves(tree, is_leaf=_is_none)
+
+
+def _placement(params: Any) -> NamedSharding | None:
+    """Replicated over the mesh of the first mesh-sharded params leaf, else ``None``."""
+    for p in jax.tree.leaves(params):
+        sharding = getattr(p, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return NamedSharding(sharding.mesh, PartitionSpec())
+    return None
+
+
+def _put(x: np.ndarray, like: Any) -> jax.Array:
+    """``x`` on the device(s) of ``like`` (a device array or a sharding), else the default."""
+    sharding = getattr(like, "sharding", like)
+    return jnp.asarray(x) if sharding is None else jax.device_put(x, sharding)
+
+
+def _flat_masks(layout: host.Layout, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat bool ``(A, B)`` of a layout."""
+    a, b = np.zeros(size, bool), np.zeros(size, bool)
+    b[layout.indices] = True
+    a[layout.indices[layout.in_a]] = True
+    return a, b
+
+
+class AlwaysSparse:
+    r"""Top-KAST with only ``B`` on the device and the dense ``θ`` on the host.
+
+    Takes the keyword arguments of :func:`topkast_jax.topkast` and gives the same run.
+
+    Args:
+      inner: any optax optimizer; it runs on the ``k_B``-vectors (param-shaped state remapped at
+        each refresh with ``optax.tree_utils.tree_map_params``).
+      forward_sparsity, backward_sparsity, exploration_l2, refresh_every, sparsify, distribution,
+        global_topk, backward_selection, stop_exploration_step, seed: as in
+        :func:`topkast_jax.topkast`.
+      selection_method: accepted for compatibility; the host selection is exact numpy.
+      track_reservoir: must be ``False`` (mask statistics are not tracked in this mode).
+      remat: rematerialise each leaf's dense ``α`` in the backward pass (``jax.checkpoint``).
+
+    The methods: ``init(params)``, ``make_step(loss_fn)``, ``dense_params(state)``,
+    ``masks(state)``, ``device_bytes(state)`` and ``device_bytes_per_leaf(params)``.
+    """
+
+    def __init__(
+        self,
+        inner: optax.GradientTransformation,
+        *,
+        forward_sparsity: float,
+        backward_sparsity: float = 0.0,
+        exploration_l2: float = 0.0,
+        refresh_every: int = 1,
+        sparsify: Any = None,
+        distribution: str = "uniform",
+        global_topk: bool = False,
+        backward_selection: str = "magnitude",
+        stop_exploration_step: int | None = None,
+        selection_method: str = "auto",
+        seed: int = 0,
+        track_reservoir: bool = False,
+        remat: bool = False,
+    ):
+        self.forward_sparsity, self.backward_sparsity = check_sparsities(
+            forward_sparsity, backward_sparsity
+        )
+        self.refresh_every = check_int("refresh_every", refresh_every, 1)
+        if isinstance(exploration_l2, jax.core.Tracer) or float(exploration_l2) < 0:
+            raise ValueError(f"exploration_l2 must be a number >= 0, got {exploration_l2!r}.")
+        self.exploration_l2 = float(exploration_l2)
+        self.distribution = check_distribution(distribution)
+        if global_topk and distribution != "uniform":
+            raise ValueError(
+                "global_topk=True sets one threshold for all leaves: use "
+                f"distribution='uniform', got {distribution!r}."
+            )
+        self.backward_selection = check_choice(
+            "backward_selection", backward_selection, masks_lib.BACKWARD_SELECTIONS
+        )
+        self.stop_exploration_step = (
+            None
+            if stop_exploration_step is None
+            else check_int("stop_exploration_step", stop_exploration_step, 0)
+        )
+        selection.resolve_method(selection_method)
+        if track_reservoir:
+            raise NotImplementedError(
+                "track_reservoir=True is not supported by AlwaysSparse (no mask statistics are "
+                "kept in this mode); use tk.topkast for the reservoir statistics."
+            )
+        self.inner = inner
+        self.global_topk = bool(global_topk)
+        self.seed = int(seed)
+        self.remat = bool(remat)
+        self.sparsify = sparsify if sparsify is not None else sparsify_lib.kernels()
+
+    # ----------------------------------------------------------------------------------------
+    # Plan and static layout.
+
+    def plan(self, params: Any) -> list[LeafDensity]:
+        """The per-leaf plan (:func:`topkast_jax.plan.layer_densities`) of dense-shaped params."""
+        return layer_densities(
+            params,
+            sparsify=self.sparsify,
+            forward_sparsity=self.forward_sparsity,
+            backward_sparsity=self.backward_sparsity,
+            distribution=self.distribution,
+        )
+
+    @staticmethod
+    def abstract_params(state: AlwaysSparseState) -> Any:
+        """``jax.ShapeDtypeStruct`` pytree of the dense params the state stands for."""
+        return jax.tree.map(
+            lambda d, h: jax.ShapeDtypeStruct(np.shape(d) if h is None else h.shape, d.dtype),
+            state.device.params,
+            state.host_params,
+        )
+
+    def _specs(self, state: AlwaysSparseState) -> tuple[dev.LeafSpec | None, ...]:
+        return tuple(
+            dev.LeafSpec(leaf.shape, leaf.forward) if leaf.sparse else None
+            for leaf in self.plan(self.abstract_params(state))
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Host-side construction of the device state.
+
+    def _select(self, thetas: list[np.ndarray], plan: list[LeafDensity], rng: np.ndarray):
+        return host.select_masks(
+            thetas,
+            [leaf for leaf in plan if leaf.sparse],
+            global_topk=self.global_topk,
+            backward_selection=self.backward_selection,
+            rng=rng,
+        )
+
+    def _stopped(self, count: int) -> bool:
+        return self.stop_exploration_step is not None and count >= self.stop_exploration_step
+
+    def _layouts(self, masks: list[tuple[np.ndarray, np.ndarray]], count: int) -> list[host.Layout]:
+        if self._stopped(count):  # B ← A (Table 1 ablation)
+            masks = [(a, a) for a, _ in masks]
+        return [host.layout(a, b) for a, b in masks]
+
+    def init(self, params: Any) -> AlwaysSparseState:
+        """Host ``θ`` (a numpy copy of the sparse leaves) and the device ``B``-state.
+
+        Params sharded over a mesh give a device state replicated over that mesh (dense leaves
+        keep their sharding).
+        """
+        plan = self.plan(params)
+        with jax.default_device(jax.devices("cpu")[0]):
+            rng, mask_rng = np.asarray(jax.random.split(jax.random.PRNGKey(self.seed)))
+        leaves, treedef = jax.tree.flatten(params)
+        thetas = [np.array(p) for p, leaf in zip(leaves, plan, strict=True) if leaf.sparse]
+        layouts = self._layouts(self._select(thetas, plan, mask_rng), 0)
+        placement = _placement(params)
+        it = iter(zip(thetas, layouts, strict=True))
+        dev_leaves, idx_leaves, a_leaves, host_leaves = [], [], [], []
+        for p, leaf in zip(leaves, plan, strict=True):
+            if not leaf.sparse:
+                dev_leaves.append(p)
+                idx_leaves.append(None)
+                a_leaves.append(None)
+                host_leaves.append(None)
+                continue
+            theta, lay = next(it)
+            dev_leaves.append(_put(theta.ravel()[lay.indices], placement))
+            idx_leaves.append(_put(lay.indices, placement))
+            a_leaves.append(_put(lay.in_a, placement))
+            host_leaves.append(theta)
+        compressed = jax.tree.unflatten(treedef, dev_leaves)
+        device = DeviceState(
+            compressed,
+            jax.tree.unflatten(treedef, idx_leaves),
+            jax.tree.unflatten(treedef, a_leaves),
+            jax.jit(self.inner.init)(compressed),
+        )
+        return AlwaysSparseState(
+            np.asarray(0, np.int64), rng, jax.tree.unflatten(treedef, host_leaves), device
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Training step.
+
+    def make_device_step(
+        self,
+        loss_fn: Callable[[Any, Any], jax.Array],
+        state: AlwaysSparseState,
+        *,
+        donate: bool = True,
+        compiler_options: dict[str, Any] | None = None,
+    ) -> Any:
+        """The jitted device step ``(DeviceState, batch) -> (DeviceState, loss)`` for ``state``'s
+        layout (for memory analysis: ``.lower(state.device, batch).compile()``)."""
+        fn = functools.partial(
+            dev.device_step,
+            loss_fn=loss_fn,
+            inner=self.inner,
+            specs=self._specs(state),
+            exploration_l2=self.exploration_l2,
+            remat=self.remat,
+        )
+        return jax.jit(fn, donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
+
+    def make_step(
+        self,
+        loss_fn: Callable[[Any, Any], jax.Array],
+        *,
+        donate: bool = True,
+        compiler_options: dict[str, Any] | None = None,
+    ) -> Callable[[AlwaysSparseState, Any], tuple[AlwaysSparseState, jax.Array]]:
+        """``step(state, batch) -> (state, loss)``: one training step, refreshing on schedule.
+
+        Args:
+          loss_fn: ``loss_fn(params, batch) -> scalar``, called with the dense ``α`` pytree.
+          donate: donate the device state's buffers to the step (the input state is consumed).
+          compiler_options: passed to ``jax.jit`` (e.g. ``{"xla_backend_optimization_level": 0}``
+            compiles without FMA contraction, which makes the run bitwise equal to the masked one).
+        """
+        cache: dict[Any, Any] = {}
+
+        def step(state: AlwaysSparseState, batch: Any):
+            specs = self._specs(state)
+            if specs not in cache:
+                cache[specs] = self.make_device_step(
+                    loss_fn, state, donate=donate, compiler_options=compiler_options
+                )
+            device, loss = cache[specs](state.device, batch)
+            count = int(state.count) + 1
+            state = state._replace(count=np.asarray(count, np.int64), device=device)
+            refresh = count % self.refresh_every == 0
+            stop_now = self.stop_exploration_step == count
+            if refresh or stop_now:
+                state = self._rebuild(state, reselect=refresh)
+            return state, loss
+
+        return step
+
+    # ----------------------------------------------------------------------------------------
+    # Refresh.
+
+    @staticmethod
+    def _old_layouts(state: AlwaysSparseState) -> list[host.Layout]:
+        """The current ``B`` of each sparse leaf (host copies)."""
+        pairs = zip(*map(_host_leaves, (state.device.indices, state.device.in_a)), strict=True)
+        return [host.Layout(np.asarray(i), np.asarray(a)) for i, a in pairs if i is not None]
+
+    @staticmethod
+    def _current_thetas(state: AlwaysSparseState) -> list[np.ndarray]:
+        """Dense host ``θ`` of each sparse leaf with the device's ``θ_B`` written in (copies)."""
+        rows = zip(
+            jax.tree.leaves(state.device.params),
+            _host_leaves(state.device.indices),
+            _host_leaves(state.host_params),
+            strict=True,
+        )
+        sparse = [(v, np.asarray(i), np.array(h)) for v, i, h in rows if i is not None]
+        values_on_host = jax.device_get([v for v, _, _ in sparse])
+        thetas = []
+        for (_, indices, theta), values in zip(sparse, values_on_host, strict=True):
+            theta.reshape(-1)[indices] = values
+            thetas.append(theta)
+        return thetas
+
+    def _rebuild(self, state: AlwaysSparseState, *, reselect: bool) -> AlwaysSparseState:
+        """New ``B`` on the device: reselected (a refresh) or ``B ← A`` (exploration stops)."""
+        plan = self.plan(self.abstract_params(state))
+        thetas = self._current_thetas(state)
+        old = self._old_layouts(state)
+        rng = state.rng
+        if reselect:
+            with jax.default_device(jax.devices("cpu")[0]):
+                rng, mask_rng = np.asarray(jax.random.split(jnp.asarray(state.rng)))
+            masks = self._select(thetas, plan, mask_rng)
+        else:
+            masks = [_flat_masks(lay, t.size) for lay, t in zip(old, thetas, strict=True)]
+        new = self._layouts(masks, int(state.count))
+        dev_leaves = jax.tree.leaves(state.device.params)
+        like = [v for v, leaf in zip(dev_leaves, plan, strict=True) if leaf.sparse]
+        pairs = zip(old, new, strict=True)
+        carried = [host.carry_positions(b.indices, a.indices) for b, a in pairs]
+
+        def on_device(rows: list[np.ndarray]) -> Any:
+            sparse = [_put(x, ref) for x, ref in zip(rows, like, strict=True)]
+            return unflatten_sparse(state.device.params, plan, sparse)
+
+        values = on_device([t.ravel()[lay.indices] for t, lay in zip(thetas, new, strict=True)])
+        same_shapes = all(b.indices.shape == a.indices.shape for b, a in zip(old, new, strict=True))
+        inner_state = _carry(self.inner, same_shapes)(
+            state.device.inner_state,
+            on_device([pos for pos, _ in carried]),
+            on_device([found for _, found in carried]),
+        )
+        device = DeviceState(
+            jax.tree.map(lambda d, v: d if v is None else v, state.device.params, values),
+            on_device([lay.indices for lay in new]),
+            on_device([lay.in_a for lay in new]),
+            inner_state,
+        )
+        return AlwaysSparseState(
+            state.count, rng, unflatten_sparse(state.device.params, plan, thetas), device
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Inspection.
+
+    def dense_params(self, state: AlwaysSparseState) -> Any:
+        """``θ`` as a dense pytree of host (numpy) arrays."""
+        thetas = iter(self._current_thetas(state))
+        return jax.tree.map(
+            lambda d, h: np.asarray(d) if h is None else next(thetas),
+            state.device.params,
+            state.host_params,
+        )
+
+    def masks(self, state: AlwaysSparseState) -> Masks:
+        """``Masks(forward=A, backward=B)``: dense bool numpy pytrees, ``None`` on dense leaves."""
+
+        def unpack(h, i, a):
+            if i is None:
+                return None
+            fa, fb = _flat_masks(host.Layout(np.asarray(i), np.asarray(a)), h.size)
+            return fa.reshape(h.shape), fb.reshape(h.shape)
+
+        pairs = jax.tree.map(
+            unpack,
+            state.host_params,
+            state.device.indices,
+            state.device.in_a,
+            is_leaf=_is_none,
+        )
+        is_pair = lambda x: x is None or isinstance(x, tuple)  # noqa: E731
+        return Masks(
+            jax.tree.map(lambda x: None if x is None else x[0], pairs, is_leaf=is_pair),
+            jax.tree.map(lambda x: None if x is None else x[1], pairs, is_leaf=is_pair),
+        )
+
+    @staticmethod
+    def device_bytes(state: AlwaysSparseState) -> int:
+        """Bytes the state holds on one device between steps (the most loaded device)."""
+        per_device: dict[Any, int] = {}
+        for x in jax.tree.leaves(state.device):
+            for shard in x.addressable_shards:
+                per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+        return max(per_device.values(), default=0)
+
+    def device_bytes_per_leaf(self, params: Any) -> dict[str, int]:
+        """Device bytes of each params leaf in this mode, from shapes alone (for dry runs).
+
+        A sparse leaf costs ``k_B × (itemsize + 4 index + 1 flag)`` plus its inner state on
+        ``k_B`` entries; a dense leaf its size plus its inner state.  Non-param inner state
+        (counts) is reported under ``"<inner non-param state>"``.
+        """
+        plan = self.plan(params)
+        leaves, treedef = jax.tree.flatten(params)
+        compressed = [
+            jax.ShapeDtypeStruct((leaf.k_backward,) if leaf.sparse else np.shape(p), p.dtype)
+            for p, leaf in zip(leaves, plan, strict=True)
+        ]
+        abstract = jax.tree.unflatten(treedef, compressed)
+        inner_abstract = jax.eval_shape(self.inner.init, abstract)
+        per_leaf = [np.dtype(c.dtype).itemsize * int(np.prod(c.shape)) for c in compressed]
+        for i, leaf in enumerate(plan):
+            if leaf.sparse:
+                per_leaf[i] += leaf.k_backward * (4 + 1)
+
+        def add_state(x, idx):
+            per_leaf[idx] += np.dtype(x.dtype).itemsize * int(np.prod(x.shape))
+            return None
+
+        positions = jax.tree.unflatten(treedef, list(range(len(plan))))
+        rest = optax.tree_utils.tree_map_params(self.inner, add_state, inner_abstract, positions)
+        non_param = sum(
+            np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(rest)
+        )
+        out = {leaf.path: b for leaf, b in zip(plan, per_leaf, strict=True)}
+        out["<inner non-param state>"] = non_param
+        return out
+
+
+@functools.cache
+def _carry(inner: optax.GradientTransformation, donate: bool) -> Any:
+    """Jitted :func:`~topkast_jax.always_sparse_device.carry_inner_state` for ``inner``."""
+    fn = functools.partial(dev.carry_inner_state, inner)
+    return jax.jit(fn, donate_argnums=(0,) if donate else ())

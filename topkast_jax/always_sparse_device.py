@@ -1,0 +1,152 @@
+"""Device side of always-sparse execution: one training step on the ``k_B``-vectors.
+
+The device holds, per sparse leaf with backward set ``B`` (``k_B`` entries):
+``θ_B[k_B]`` (the leaf's dtype), ``idx[k_B]`` (int32 flat indices, ascending) and
+``in_a[k_B]`` (bool, ``A ⊆ B``); dense leaves are held as they are.  A step:
+
+1. ``z = θ_B ⊙ in_a`` and ``α = scatter(z at idx into zeros(shape))`` — the masked transform's
+   ``α = θ ⊙ A``, built per leaf inside the jitted step;
+2. ``g_B = ∂L/∂z = gather(∂L/∂α, idx)`` — plain autodiff of the scatter with respect to ``z``
+   (not ``θ_B``, so ``B∖A`` gets ``∂L/∂α`` as in the masked transform);
+3. ``g_B += λ s ⊙ θ_B`` with ``s = 1`` on ``A``, ``1/D`` on ``B∖A``
+   (:func:`topkast_jax.penalty.penalty_scale`, the one definition);
+4. the inner optimizer on the ``k_B``-vector pytree, ``θ_B ← θ_B + u_B``.
+
+This is the masked :func:`topkast_jax.topkast` restricted to ``B``: the masked gradient, updates
+and inner state are zero outside ``B``, so nothing outside ``B`` needs storing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax import tree_utils as otu
+
+from topkast_jax.penalty import penalty_scale
+
+
+class DeviceState(NamedTuple):
+    """What lives on the device between steps (params-shaped pytrees, ``None`` on dense leaves).
+
+    Attributes:
+      params: sparse leaves ``θ_B[k_B]``; dense leaves the dense array.
+      indices: sparse leaves int32 ``[k_B]`` flat indices of ``B``, ascending.
+      in_a: sparse leaves bool ``[k_B]``, which entries of ``B`` are in ``A``.
+      inner_state: the inner optimizer's state for ``params`` (``k_B``-vectors on sparse leaves).
+    """
+
+    params: Any
+    indices: Any
+    in_a: Any
+    inner_state: Any
+
+
+class LeafSpec(NamedTuple):
+    """Static description of a sparse leaf: dense ``shape`` and forward density ``D``."""
+
+    shape: tuple[int, ...]
+    forward: float
+
+
+def densify(z_K: jax.Array, idx_K: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``α``: ``z`` scattered at flat ``idx`` into zeros of ``shape`` (gradient: gather at idx)."""
+    size = 1
+    for s in shape:
+        size *= s
+    flat = (
+        jnp.zeros((size,), z_K.dtype)
+        .at[idx_K]
+        .set(z_K, indices_are_sorted=True, unique_indices=True, mode="promise_in_bounds")
+    )
+    return flat.reshape(shape)
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def forward_values(params: Any, in_a: Any) -> Any:
+    """``z = θ_B ⊙ in_a`` on sparse leaves, dense leaves unchanged."""
+    return jax.tree.map(
+        lambda p, a: p if a is None else jnp.where(a, p, jnp.zeros((), p.dtype)), params, in_a
+    )
+
+
+def dense_alpha(z: Any, indices: Any, specs: tuple[LeafSpec | None, ...], remat: bool) -> Any:
+    """The dense ``α`` pytree the model sees, built from ``z`` leaf by leaf."""
+    build = jax.checkpoint(densify, static_argnums=(2,)) if remat else densify
+    leaves, treedef = jax.tree.flatten(z)
+    idx = jax.tree.leaves(indices, is_leaf=_is_none)
+    out = [
+        x if spec is None else build(x, i, spec.shape)
+        for x, i, spec in zip(leaves, idx, specs, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
+def add_penalty(
+    grads: Any, params: Any, in_a: Any, specs: tuple[LeafSpec | None, ...], l2: jax.Array
+) -> Any:
+    """``g_B + λ s ⊙ θ_B`` on sparse leaves (``s`` = 1 on ``A``, ``1/D`` on ``B∖A``)."""
+    g_leaves, treedef = jax.tree.flatten(grads)
+    p_leaves = jax.tree.leaves(params)
+    a_leaves = jax.tree.leaves(in_a, is_leaf=_is_none)
+    out = []
+    for g, p, a, spec in zip(g_leaves, p_leaves, a_leaves, specs, strict=True):
+        if spec is not None:
+            d = jnp.asarray(spec.forward, jnp.float32)
+            g = (g + l2 * penalty_scale(a, True, d) * p).astype(g.dtype)
+        out.append(g)
+    return jax.tree.unflatten(treedef, out)
+
+
+def device_step(
+    state: DeviceState,
+    batch: Any,
+    *,
+    loss_fn: Callable[[Any, Any], jax.Array],
+    inner: optax.GradientTransformation,
+    specs: tuple[LeafSpec | None, ...],
+    exploration_l2: float,
+    remat: bool = False,
+) -> tuple[DeviceState, jax.Array]:
+    """One always-sparse training step (steps 1–4 of the module docstring).
+
+    Returns:
+      ``(new_state, loss)``; indices and ``in_a`` are unchanged (they change at a refresh).
+    """
+    l2 = jnp.asarray(exploration_l2, jnp.float32)
+
+    def loss_of(z):
+        return loss_fn(dense_alpha(z, state.indices, specs, remat), batch)
+
+    loss, grads = jax.value_and_grad(loss_of)(forward_values(state.params, state.in_a))
+    grads = add_penalty(grads, state.params, state.in_a, specs, l2)
+    updates, inner_state = optax.with_extra_args_support(inner).update(
+        grads, state.inner_state, state.params
+    )
+    params = optax.apply_updates(state.params, updates)
+    return DeviceState(params, state.indices, state.in_a, inner_state), loss
+
+
+def carry_inner_state(
+    inner: optax.GradientTransformation, inner_state: Any, positions: Any, found: Any
+) -> Any:
+    """Inner state for a new ``B``: entries still in ``B`` keep theirs, entering ones get zero.
+
+    ``positions``/``found`` are params-shaped (``None`` on dense leaves): new entry ``j`` of a
+    leaf takes old entry ``positions[j]`` where ``found[j]``, else zero.
+    """
+
+    def carry(v, pos, hit):
+        if pos is None:
+            return v
+        return jnp.where(hit, v[pos], jnp.zeros((), v.dtype))
+
+    return otu.tree_map_params(
+        inner, carry, inner_state, positions, found, transform_non_params=lambda v: v
+    )

@@ -1,0 +1,136 @@
+"""Host side of always-sparse execution: exact ``A``/``B`` selection in numpy and the B layout.
+
+The selection is the one of :func:`topkast_jax.masks.topkast_masks`, computed on the host copy of
+``θ`` with numpy: for each sparse leaf (or, with ``global_topk``, for all sparse leaves
+concatenated in leaf order) the ``k`` largest magnitude keys, ties to the lower row-major index,
+i.e. exactly ``np.argsort(-key, kind="stable")[:k]``.  The key is the IEEE-754 bit pattern of
+``|θ|`` (as float32) read as int32 (:func:`topkast_jax.selection.magnitude_keys`), so ``-0.0`` and
+``+0.0`` tie.  One ``np.partition`` finds the k-th largest key ``t``; every key ``> t`` is kept and
+the first ``k − #(key > t)`` entries equal to ``t`` by index.
+
+A sparse leaf's backward set ``B`` is held as its flat indices in ascending order (``idx[k_B]``,
+int32) and the flags ``in_a[k_B]`` of those in ``A``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from topkast_jax import distributions
+from topkast_jax import masks as masks_lib
+from topkast_jax.plan import LeafDensity
+
+
+class Layout(NamedTuple):
+    """``B`` of one sparse leaf: ``indices[k_B]`` int32 ascending, ``in_a[k_B]`` bool."""
+
+    indices: np.ndarray
+    in_a: np.ndarray
+
+
+def magnitude_keys(x: np.ndarray) -> np.ndarray:
+    """int32 ``[x.size]`` keys ordered like ``|x|`` (row-major; the library's one key)."""
+    return np.ascontiguousarray(np.abs(np.asarray(x, np.float32)).ravel()).view(np.int32)
+
+
+def top_k_flat(keys_N: np.ndarray, k: int, valid_N: np.ndarray | None = None) -> np.ndarray:
+    """bool ``[N]``: the ``k`` largest valid keys, ties to the lower index.
+
+    Equals ``np.argsort(-key, kind="stable")[:k]`` over the valid entries (keys must be ``>= 0``).
+    """
+    if valid_N is not None:
+        keys_N = np.where(valid_N, keys_N, np.int32(-1))
+    n = keys_N.shape[0]
+    if k <= 0:
+        return np.zeros(n, bool)
+    if k >= n:
+        return np.ones(n, bool) if valid_N is None else valid_N.copy()
+    t = np.partition(keys_N, n - k)[n - k]
+    mask = keys_N > t
+    need = k - int(np.count_nonzero(mask))
+    mask[np.flatnonzero(keys_N == t)[:need]] = True
+    return mask
+
+
+def _random_keys(rng: np.ndarray, size: int) -> np.ndarray:
+    """:func:`topkast_jax.masks.random_keys` evaluated on the host CPU (numpy result)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        return np.asarray(masks_lib.random_keys(jax.numpy.asarray(rng), size))
+
+
+def _select(
+    keys: list[np.ndarray],
+    k_forward: list[int],
+    k_backward: list[int],
+    backward_selection: str,
+    rng: np.ndarray | None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(A, B)`` flat masks per key vector (``masks._select`` on the host)."""
+    forward = [top_k_flat(x, k) for x, k in zip(keys, k_forward, strict=True)]
+    if backward_selection == "magnitude":
+        backward = [top_k_flat(x, k) for x, k in zip(keys, k_backward, strict=True)]
+        return list(zip(forward, backward, strict=True))
+    with jax.default_device(jax.devices("cpu")[0]):
+        rngs = np.asarray(jax.random.split(jax.numpy.asarray(rng), len(keys)))
+    out = []
+    for r, x, a, ka, kb in zip(rngs, keys, forward, k_forward, k_backward, strict=True):
+        grown = top_k_flat(_random_keys(r, x.shape[0]), kb - ka, ~a)
+        out.append((a, a | grown))
+    return out
+
+
+def select_masks(
+    thetas: list[np.ndarray],
+    sparse_plan: list[LeafDensity],
+    *,
+    global_topk: bool,
+    backward_selection: str,
+    rng: np.ndarray | None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Flat ``(A, B)`` bool masks of each sparse leaf's host ``θ``, as the masked transform.
+
+    Args:
+      thetas: the sparse leaves' dense host values, in plan order.
+      sparse_plan: their :class:`~topkast_jax.plan.LeafDensity` entries.
+      global_topk: one threshold over all leaves (ties by leaf order, then index).
+      backward_selection: ``"magnitude"`` or ``"random"`` ``B∖A``.
+      rng: legacy uint32[2] PRNG key, for ``"random"``.
+    """
+    keys = [magnitude_keys(x) for x in thetas]
+    if not (global_topk and keys):
+        return _select(
+            keys,
+            [leaf.k_forward for leaf in sparse_plan],
+            [leaf.k_backward for leaf in sparse_plan],
+            backward_selection,
+            rng,
+        )
+    sizes = [leaf.size for leaf in sparse_plan]
+    first = sparse_plan[0]
+    k_fwd, k_bwd = distributions.mask_counts(first.forward, first.backward, sum(sizes))
+    ((a_N, b_N),) = _select([np.concatenate(keys)], [k_fwd], [k_bwd], backward_selection, rng)
+    splits = list(itertools.accumulate(sizes))[:-1]
+    return list(zip(np.split(a_N, splits), np.split(b_N, splits), strict=True))
+
+
+def layout(forward_N: np.ndarray, backward_N: np.ndarray) -> Layout:
+    """The :class:`Layout` of flat masks ``A ⊆ B``."""
+    indices = np.flatnonzero(backward_N).astype(np.int32)
+    return Layout(indices, forward_N[indices])
+
+
+def carry_positions(old_K: np.ndarray, new_J: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each new index sat in the old (ascending) index vector.
+
+    Returns:
+      ``(position[J] int32, found[J] bool)``: ``old[position[j]] == new[j]`` where ``found[j]``;
+      entries not found entered ``B`` and start from zero inner state.
+    """
+    pos = np.searchsorted(old_K, new_J)
+    clipped = np.minimum(pos, max(old_K.shape[0] - 1, 0)).astype(np.int32)
+    found = (pos < old_K.shape[0]) & (old_K[clipped] == new_J) if old_K.size else pos < 0
+    return clipped, found
