@@ -10,7 +10,10 @@ import jax
 import numpy as np
 import optax
 import pytest
-from always_sparse_harness import NO_FMA, side_by_side
+from always_sparse_harness import NO_FMA, batch_at, mlp_loss, mlp_params, side_by_side
+
+import topkast_jax as tk
+from topkast_jax import always_sparse_host as host
 
 STEPS = 300
 BASE = dict(forward_sparsity=0.8, backward_sparsity=0.5, exploration_l2=1e-2)
@@ -47,3 +50,143 @@ def test_clip_adam_with_default_compilation_matches_masked(name):
     run = side_by_side(inner, EXACT_CASES[name], STEPS, None)
     assert run.mask_mismatch is None, f"A/B differ from step {run.mask_mismatch}"
     _assert_trees_equal(run.sparse_params, run.masked_params, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The host selection and the B layout.
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_host_top_k_is_the_stable_argsort_order(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.choice(np.float32([0.0, -0.0, 1.0, -1.0, 2.0, 0.5, -0.5]), size=200)  # many ties
+    keys = host.magnitude_keys(x)
+    for k in (1, 7, 100, 199, 200):
+        want = np.zeros(200, bool)
+        want[np.argsort(-np.abs(x.astype(np.float64)), kind="stable")[:k]] = True
+        np.testing.assert_array_equal(host.top_k_flat(keys, k), want, f"k={k}")
+    valid = rng.random(200) < 0.5
+    k = int(valid.sum()) // 2
+    order = [i for i in np.argsort(-np.abs(x.astype(np.float64)), kind="stable") if valid[i]]
+    want = np.zeros(200, bool)
+    want[order[:k]] = True
+    np.testing.assert_array_equal(host.top_k_flat(keys, k, valid), want)
+
+
+def test_carry_positions_keep_staying_entries_and_zero_entering_ones():
+    old = np.array([1, 4, 6, 9], np.int32)
+    new = np.array([0, 4, 9, 10], np.int32)
+    pos, found = host.carry_positions(old, new)
+    np.testing.assert_array_equal(found, [False, True, True, False])
+    np.testing.assert_array_equal(old[pos[found]], new[found])
+
+
+def test_state_layout_holds_only_b_with_sorted_indices_and_a_as_top_of_b():
+    params = mlp_params()
+    sparse = tk.AlwaysSparse(optax.adam(1e-2), **BASE)
+    state = sparse.init(params)
+    masks = sparse.masks(state)
+    plan = {leaf.path: leaf for leaf in sparse.plan(params)}
+    for name in ("l0", "l1", "l2"):
+        kernel = np.asarray(params[name]["kernel"])
+        idx = np.asarray(state.device.indices[name]["kernel"])
+        in_a = np.asarray(state.device.in_a[name]["kernel"])
+        values = np.asarray(state.device.params[name]["kernel"])
+        leaf = plan[f"{name}/kernel"]
+        assert idx.dtype == np.int32 and np.all(np.diff(idx) > 0)
+        assert idx.shape == (leaf.k_backward,) and int(in_a.sum()) == leaf.k_forward
+        np.testing.assert_array_equal(values, kernel.ravel()[idx])
+        np.testing.assert_array_equal(masks.backward[name]["kernel"].ravel()[idx], True)
+        assert masks.forward[name]["kernel"].sum() == leaf.k_forward
+        # A is the top-k_A of B by magnitude, ties to the lower index.
+        want_a = np.argsort(-np.abs(values.astype(np.float64)), kind="stable")[: leaf.k_forward]
+        np.testing.assert_array_equal(np.flatnonzero(in_a), np.sort(want_a))
+        assert state.device.indices[name]["bias"] is None
+        assert state.device.params[name]["bias"].shape == params[name]["bias"].shape
+    # No device array has the size of a sparse leaf, and device_bytes counts what is there.
+    largest = max(np.size(params[n]["kernel"]) for n in ("l0", "l1", "l2"))
+    assert all(x.size < largest for x in jax.tree.leaves(state.device))
+    assert sparse.device_bytes(state) == sum(x.nbytes for x in jax.tree.leaves(state.device))
+    per_leaf = sparse.device_bytes_per_leaf(params)
+    assert sum(per_leaf.values()) == sparse.device_bytes(state)
+    k_b = plan["l0/kernel"].k_backward
+    assert per_leaf["l0/kernel"] == k_b * (4 + 4 + 1 + 2 * 4)  # values, index, flag, Adam
+
+
+def test_dense_params_and_masks_before_and_after_steps():
+    params = mlp_params()
+    sparse = tk.AlwaysSparse(optax.sgd(0.1), **BASE, refresh_every=1000)
+    state = sparse.init(params)
+    _assert_trees_equal(sparse.dense_params(state), params)
+    step = sparse.make_step(mlp_loss, donate=False)
+    before = sparse.masks(state)
+    new_state, loss = step(state, batch_at(0))
+    assert np.isfinite(float(loss)) and int(new_state.count) == 1
+    after = sparse.dense_params(new_state)
+    for name in ("l0", "l1", "l2"):  # only B moved
+        moved = np.asarray(after[name]["kernel"]) != np.asarray(params[name]["kernel"])
+        assert moved.any() and not (moved & ~before.backward[name]["kernel"]).any()
+    _assert_trees_equal(sparse.dense_params(state), params)  # donate=False: input kept
+
+
+def test_inner_state_is_carried_for_staying_entries_and_zero_for_entering():
+    params = mlp_params()
+    sparse = tk.AlwaysSparse(optax.adam(1e-1), **BASE, refresh_every=5)
+    state = sparse.init(params)
+    step = sparse.make_step(mlp_loss, donate=False)
+    for t in range(4):
+        state, _ = step(state, batch_at(t))
+    old_idx = np.asarray(state.device.indices["l1"]["kernel"])
+    old_mu = np.asarray(state.device.inner_state[0].mu["l1"]["kernel"])
+    state_after, _ = step(state, batch_at(4))  # refresh after this step
+    # The step alone (no refresh) on the old layout, for the moments the refresh starts from.
+    no_refresh = tk.AlwaysSparse(optax.adam(1e-1), **BASE, refresh_every=1000)
+    stepped, _ = no_refresh.make_step(mlp_loss, donate=False)(state, batch_at(4))
+    mu_before = np.asarray(stepped.device.inner_state[0].mu["l1"]["kernel"])
+    new_idx = np.asarray(state_after.device.indices["l1"]["kernel"])
+    new_mu = np.asarray(state_after.device.inner_state[0].mu["l1"]["kernel"])
+    assert not np.array_equal(new_idx, old_idx), "the refresh should change B here"
+    for j, flat in enumerate(new_idx):
+        hit = np.flatnonzero(old_idx == flat)
+        assert new_mu[j] == (mu_before[hit[0]] if hit.size else 0.0)
+    assert np.any(old_mu != 0)
+
+
+def test_errors_name_the_argument():
+    inner = optax.sgd(0.1)
+    with pytest.raises(ValueError, match="refresh_every"):
+        tk.AlwaysSparse(inner, forward_sparsity=0.5, refresh_every=0)
+    with pytest.raises(ValueError, match="backward_sparsity"):
+        tk.AlwaysSparse(inner, forward_sparsity=0.5, backward_sparsity=0.7)
+    with pytest.raises(ValueError, match="exploration_l2"):
+        tk.AlwaysSparse(inner, forward_sparsity=0.5, exploration_l2=-1.0)
+    with pytest.raises(ValueError, match="backward_selection"):
+        tk.AlwaysSparse(inner, forward_sparsity=0.5, backward_selection="grow")
+    with pytest.raises(NotImplementedError, match="track_reservoir"):
+        tk.AlwaysSparse(inner, forward_sparsity=0.5, track_reservoir=True)
+
+
+def test_orbax_restore_gives_identical_continuation(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    params = mlp_params()
+    sparse = tk.AlwaysSparse(
+        optax.adam(1e-2), **BASE, refresh_every=3, backward_selection="random", seed=9
+    )
+    step = sparse.make_step(mlp_loss, donate=False)
+    state = sparse.init(params)
+    for t in range(4):  # the restore lands between refreshes, with host θ stale on B
+        state, _ = step(state, batch_at(t))
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(4, args=ocp.args.StandardSave(state))
+        manager.wait_until_finished()
+        restored = manager.restore(4, args=ocp.args.StandardRestore(state))
+    assert isinstance(restored, tk.AlwaysSparseState)
+    assert isinstance(restored.host_params["l0"]["kernel"], np.ndarray)
+    _assert_trees_equal(restored, state)
+    a, b = state, restored
+    for t in range(4, 10):
+        a, loss_a = step(a, batch_at(t))
+        b, loss_b = step(b, batch_at(t))
+        assert float(loss_a) == float(loss_b)
+    _assert_trees_equal(sparse.dense_params(b), sparse.dense_params(a))
+    _assert_trees_equal(b.device, a.device)
