@@ -35,13 +35,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 import topkast_jax as tk
-from experiments.common import config_rules, config_utils, guard
+from experiments.common import config_rules, config_utils, guard, mask_dynamics
 from experiments.common import dry_run as dry_run_lib
 from experiments.common import mesh as mesh_lib
+from experiments.common import summary as summary_lib
 from experiments.common import workdir as workdir_lib
 from experiments.common.checkpoint import Checkpointer
 from experiments.common.metrics import MetricsWriter
@@ -54,16 +54,9 @@ from topkast_jax import flops
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
 
-SUMMARY_KEYS = (
-    "valid_top1",
-    "valid_top5",
-    "total_params",
-    "forward_density",
-    "backward_density",
-    "train_flops_vs_dense",
-    "steps",
-    "wall_seconds",
-)
+#: ``summary.json`` keys: the shared schema (``experiments/common/summary.py``) and the final
+#: evaluation on the validation split (accuracies in %).
+SUMMARY_KEYS = summary_lib.SUMMARY_KEYS + ("valid_top1", "valid_top5", "valid_loss")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,9 +207,10 @@ def make_train_step(
         )
         metrics = {
             "loss": loss,
-            "top1": jnp.mean(topk_correct(logits_BxK, batch["label"], 1)),
+            "top1": 100.0 * jnp.mean(topk_correct(logits_BxK, batch["label"], 1)),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state["step"]),
-            "exploration_penalty": tk.exploration_penalty(params, opt_state),
+            "exploration_penalty": summary_lib.exploration_penalty(params, opt_state),
         }
         return new_state, metrics
 
@@ -246,24 +240,6 @@ def make_eval_step(
         }
 
     return eval_step
-
-
-def window_change(previous: Any, current: Any) -> dict[str, jax.Array]:
-    """Per sparse leaf, the fraction of positions where the two forward masks differ."""
-    out = {}
-    for path, (old, new) in _sparse_pairs(previous, current):
-        out[path] = jnp.mean(old != new, dtype=jnp.float32)
-    return out
-
-
-def _sparse_pairs(previous: Any, current: Any) -> list[tuple[str, tuple[Any, Any]]]:
-    flat_old = jax.tree_util.tree_flatten_with_path(previous, is_leaf=lambda x: x is None)[0]
-    flat_new = jax.tree.leaves(current, is_leaf=lambda x: x is None)
-    return [
-        ("/".join(str(getattr(k, "key", k)) for k in path), (old, new))
-        for (path, old), new in zip(flat_old, flat_new, strict=True)
-        if old is not None
-    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -375,19 +351,35 @@ def evaluate(
     eval_step: Callable[[State, Batch], dict[str, jax.Array]],
     state: State,
     batches: Iterator[Batch],
-) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (in %) and mean loss over all valid examples."""
+) -> tuple[dict[str, float], int]:
+    """``({"top1", "top5" (in %), "loss"}, examples)`` over all valid examples of the split."""
     totals: dict[str, float] = {}
     for batch in batches:
         for k, v in eval_step(state, batch).items():
             totals[k] = totals.get(k, 0.0) + float(v)
     count = max(totals.get("count", 0.0), 1.0)
-    return {
+    scores = {
         "top1": 100.0 * totals.get("top1", 0.0) / count,
         "top5": 100.0 * totals.get("top5", 0.0) / count,
         "loss": totals.get("loss", 0.0) / count,
-        "count": totals.get("count", 0.0),
     }
+    return scores, int(totals.get("count", 0.0))
+
+
+def evaluations_left(config: ml_collections.ConfigDict) -> Callable[[int], float]:
+    """``step -> evaluations still to run`` (periodic ones at ``step`` and later, plus the final
+    one unless the last periodic one falls on the last step), for the progress ETA; every
+    evaluation covers the same examples, so one evaluation is the unit."""
+    every, total = config.eval_every_steps, config.num_train_steps
+
+    def left(step: int) -> float:
+        periodic = 0
+        if every:
+            first = -(-step // every) * every
+            periodic = 0 if first > total else (total - first) // every + 1
+        return periodic + (0 if every and total % every == 0 else 1)
+
+    return left
 
 
 # --------------------------------------------------------------------------------------------------
@@ -541,7 +533,9 @@ def _train(
     eval_step = jax.jit(make_eval_step(model, config))
     stats_fn = jax.jit(lambda s: tk.mask_stats(s["opt_state"]))
     window_fn = jax.jit(
-        lambda s: window_change(s["mask_snapshot"], tk.get_masks(s["opt_state"]).forward)
+        lambda s: mask_dynamics.window_change(
+            s["mask_snapshot"], tk.get_masks(s["opt_state"]).forward
+        )
     )
     snapshot_fn = jax.jit(
         lambda s: dict(s, mask_snapshot=tk.get_masks(s["opt_state"]).forward),
@@ -556,12 +550,15 @@ def _train(
 
     writer = MetricsWriter(workdir, enabled=primary, start_step=start_step)
     closing.callback(writer.close)
-    progress = ProgressLogger(config.num_train_steps, start_step)
+    if primary:
+        summary_lib.write_provenance(workdir)
+    progress = ProgressLogger(
+        config.num_train_steps, start_step, eval_units_after=evaluations_left(config)
+    )
     batches = train_iterator(config, mesh, start_step)
     t_start = time.monotonic()
     steps_since_check = 0
-    eval_metrics: dict[str, float] | None = None
-    last_eval_step = -1
+    final: tuple[dict[str, float], int] | None = None
 
     def check_loss(step: int) -> None:
         nonlocal state, steps_since_check
@@ -572,10 +569,16 @@ def _train(
         state = reset_loss_fn(state)
         steps_since_check = 0
 
+    def run_eval() -> tuple[dict[str, float], int]:
+        jax.block_until_ready(state["params"])  # pending training steps count as training
+        with progress.excluded("eval", eval_units=1):
+            return evaluate(eval_step, state, eval_iterator(config, mesh))
+
     if start_step < config.num_train_steps and run.should_stop(at_sync_point=True):
         raise run.stop.interrupted(start_step, ckpt.directory, saved=False)
     for step in range(start_step + 1, config.num_train_steps + 1):
-        state, metrics = train_step(state, next(batches))
+        with progress.excluded("compile") if step == start_step + 1 else contextlib.nullcontext():
+            state, metrics = train_step(state, next(batches))
         steps_since_check += 1
         due_log = step % config.log_every_steps == 0 or step == config.num_train_steps
         stopping = run.should_stop(at_sync_point=due_log)
@@ -583,98 +586,80 @@ def _train(
             host = _host_metrics(metrics)
             guard.check_finite(host["loss"], step, last_good, DIVERGENCE_HINT)
             check_loss(step)
+            line = progress.line(step, {"loss": host["loss"], "top1": host["top1"]})
+            host.update(
+                summary_lib.throughput(progress.steps_per_second, config.batch_size, "examples")
+            )
             writer.write(step, host, prefix="train/")
-            if primary:
-                print(progress.line(step, {"loss": host["loss"], "top1": host["top1"]}), flush=True)
+            _log(line)
         if step % config.mask_stats_every_steps == 0 or step == config.num_train_steps:
             writer.write(step, _host_metrics(stats_fn(state)), prefix="masks/")
         if step % config.mask_window_steps == 0:
             change = _host_metrics(window_fn(state))
-            if change:
-                values = np.array(list(change.values()))
-                change.update(
-                    {
-                        "_min": values.min(),
-                        "_mean": values.mean(),
-                        "_max": values.max(),
-                    }
-                )
-                writer.write(
-                    step,
-                    {
-                        ("window_change" + k if k.startswith("_") else "window_change/" + k): v
-                        for k, v in change.items()
-                    },
-                    prefix="masks/",
-                )
+            writer.write(
+                step, mask_dynamics.window_metrics(change, config.mask_window_steps), "masks/"
+            )
             state = snapshot_fn(state)
         if config.eval_every_steps and step % config.eval_every_steps == 0:
-            eval_metrics = evaluate(eval_step, state, eval_iterator(config, mesh))
-            last_eval_step = step
-            writer.write(step, eval_metrics, prefix="eval/")
-            if primary:
-                print(f"eval at step {step}: {json.dumps(eval_metrics)}", flush=True)
+            scores, examples = run_eval()
+            writer.write(step, scores, prefix="eval/")
+            _log(f"eval at step {step} ({examples} examples): {json.dumps(scores)}")
+            if step == config.num_train_steps:
+                final = (scores, examples)
         if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps or stopping:
             check_loss(step)
             guard.check_state_finite(state, step, last_good, DIVERGENCE_HINT)
             wall = wall_before + time.monotonic() - t_start
-            ckpt.save(step, state, {"step": step, "wall_seconds": wall})
+            with progress.excluded("checkpoint"):
+                ckpt.save(step, state, {"step": step, "wall_seconds": wall})
             last_good = step
         writer.flush()
         if stopping:
             raise run.stop.interrupted(step, ckpt.directory)
 
-    if eval_metrics is None or last_eval_step != config.num_train_steps:
-        eval_metrics = evaluate(eval_step, state, eval_iterator(config, mesh))
-        writer.write(config.num_train_steps, eval_metrics, prefix="eval/")
+    scores, examples = final if final is not None else run_eval()
+    writer.write(config.num_train_steps, {f"valid_{k}": v for k, v in scores.items()}, "final/")
     wall_seconds = wall_before + time.monotonic() - t_start
-    summary = build_summary(config, state, rows, cost, eval_metrics, wall_seconds)
+    rate = progress.rate()
+    summary = build_summary(config, state, cost, scores, examples, wall_seconds, rate)
     if primary:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        print(json.dumps(summary, indent=1))
+        summary_lib.write_summary(workdir, summary)
+        print(json.dumps(summary, indent=1, sort_keys=True))
     return summary
 
 
 def build_summary(
     config: ml_collections.ConfigDict,
     state: State,
-    rows: list[dict[str, Any]],
     cost: dict[str, float],
-    eval_metrics: dict[str, float],
+    scores: dict[str, float],
+    examples: int,
     wall_seconds: float,
+    steps_per_second: float,
 ) -> dict[str, Any]:
-    """``summary.json``: accuracies, realised densities over all parameters, cost, steps, time.
-
-    ``forward_density`` / ``backward_density`` are |A| / |B| (dense leaves counted in full) over all
-    parameters, realised from the final masks; ``sparse_forward_density`` /
-    ``sparse_backward_density`` are over the sparse leaves only.
+    """``summary.json`` in the shared schema (``experiments/common/summary.py``): final
+    ``valid_top1`` / ``valid_top5`` (in %) and ``valid_loss``, realised densities over all
+    parameters, training FLOPs vs dense, steps, time; plus ``valid_examples``, the densities over
+    the sparse leaves only (``sparse_forward_density`` / ``sparse_backward_density``) and the
+    training throughput of this session.
     """
     stats = _host_metrics(tk.mask_stats(state["opt_state"], per_leaf=False))
-    masks = tk.get_masks(state["opt_state"])
-    total = sum(r["params"] for r in rows)
-    forward_nonzero = _count_kept(state["params"], masks.forward)
-    backward_nonzero = _count_kept(state["params"], masks.backward)
-    return {
-        "valid_top1": eval_metrics["top1"],
-        "valid_top5": eval_metrics["top5"],
-        "valid_loss": eval_metrics["loss"],
-        "valid_examples": int(eval_metrics["count"]),
-        "total_params": total,
-        "forward_density": forward_nonzero / total,
-        "backward_density": backward_nonzero / total,
-        "sparse_forward_density": stats.get("forward_density", 1.0),
-        "sparse_backward_density": stats.get("backward_density", 1.0),
-        "train_flops_vs_dense": cost["train_flops_vs_dense"],
-        "steps": int(jax.device_get(state["step"])),
-        "wall_seconds": wall_seconds,
-    }
-
-
-def _count_kept(params: Any, mask_tree: Any) -> int:
-    """Weights in the mask on sparse leaves plus all weights of dense leaves."""
-    flat_p = jax.tree.leaves(params)
-    flat_m = jax.tree.leaves(mask_tree, is_leaf=lambda x: x is None)
-    return int(
-        sum(p.size if m is None else int(jnp.sum(m)) for p, m in zip(flat_p, flat_m, strict=True))
+    forward, backward = planned_densities(config.sparsity)
+    return summary_lib.build_summary(
+        experiment="imagenet",
+        data=config.data.name,
+        method=config.sparsity.method,
+        forward_sparsity=forward,
+        backward_sparsity=backward,
+        densities=summary_lib.realised_densities(state["params"], state["opt_state"]),
+        train_flops_vs_dense=cost["train_flops_vs_dense"],
+        steps=int(jax.device_get(state["step"])),
+        wall_seconds=wall_seconds,
+        final={f"valid_{k}": v for k, v in scores.items()},
+        extra={
+            "valid_examples": examples,
+            "sparse_forward_density": stats.get("forward_density", 1.0),
+            "sparse_backward_density": stats.get("backward_density", 1.0),
+            **summary_lib.throughput(steps_per_second, config.batch_size, "examples"),
+        },
     )

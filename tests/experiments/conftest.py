@@ -15,20 +15,26 @@ PREFIXES = ("train/", "eval/", "masks/", "final/")
 TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "exploration_penalty", "steps_per_second")
 
 
-def assert_metric_schema(workdir: str, summary: dict, unit: str, scores: tuple[str, ...]) -> None:
+def assert_metric_schema(
+    workdir: str, summary: dict, unit: str, scores: tuple[str, ...] | None
+) -> None:
     """Every metric name follows the scheme; summary.json has the shared schema; provenance.
 
     Args:
       unit: the throughput unit, ``"tokens"`` or ``"examples"``.
-      scores: the evaluation scores besides ``loss`` (``("bpc",)``, ``("top1", "top5")``).
+      scores: the periodic evaluation's scores besides ``loss`` (``("bpc",)``,
+        ``("top1", "top5")``); None: the run has no periodic evaluation, so no ``eval/`` names.
     """
     records = read_metrics(workdir)
     names = {k for r in records for k in r if k != "step"}
     assert names and all(n.startswith(PREFIXES) for n in names), sorted(names)
     for key in (*TRAIN_KEYS, f"{unit}_per_second"):
         assert f"train/{key}" in names, key
-    for key in ("loss", *scores):
-        assert f"eval/{key}" in names, key
+    if scores is None:
+        assert not any(n.startswith("eval/") for n in names)
+    else:
+        for key in ("loss", *scores):
+            assert f"eval/{key}" in names, key
     assert "masks/reservoir_activated" in names and "masks/forward_density" in names
     assert {"masks/window_change_mean", "masks/window_steps"} <= names
     assert not {n for n in names if n.endswith(("/lr", "/count"))}

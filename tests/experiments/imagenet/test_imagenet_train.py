@@ -195,7 +195,7 @@ def _run_cli(workdir, steps, cache_dir, **overrides):
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_tiny_resnet_trains_resumes_and_stops_on_nan(tmp_path):
+def test_tiny_resnet_trains_resumes_and_stops_on_nan(tmp_path, metric_schema):
     workdir, cache = str(tmp_path / "run"), str(tmp_path / "jax_cache")
     # 1) Six steps from scratch.
     out = _run_cli(workdir, 6, cache)
@@ -217,6 +217,8 @@ def test_tiny_resnet_trains_resumes_and_stops_on_nan(tmp_path):
     assert any(k.startswith("masks/window_change/stage") for k in window[0])
     assert any("masks/reservoir_activated" in r for r in records)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+    metric_schema(workdir, summary, "examples", None)  # the LM's names and summary schema
+    assert all(0 <= r["train/top1"] <= 100 for r in records if "train/top1" in r)  # in %
 
     # 2) Another learning rate is another experiment: the workdir refuses it, naming the field.
     out = _run_cli(workdir, 9, cache, **{"optimizer.base_learning_rate": 1e30})
