@@ -54,6 +54,7 @@ RULES: tuple[config_rules.Rule | config_rules.Relation, ...] = config_rules.SHAR
     config_rules.int_at_least("eval_max_windows", 0, "0: every window", optional=True),
     config_rules.int_at_least("final_eval_max_windows", 0, "0: every window", optional=True),
     config_rules.int_at_least("max_checkpoints_to_keep", 1, optional=True),
+    config_rules.int_at_least("mask_window_steps", 1, "Fig. 3 window", optional=True),
     config_rules.int_at_least("model.vocab_size", 1, optional=True),
     config_rules.int_at_least("model.num_layers", 1),
     config_rules.int_at_least("model.d_model", 2),
