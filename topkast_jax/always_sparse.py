@@ -315,6 +315,12 @@ class AlwaysSparse:
     # ----------------------------------------------------------------------------------------
     # Refresh.
 
+    def refresh(self, state: AlwaysSparseState) -> AlwaysSparseState:
+        """A refresh now (what :meth:`make_step`'s step does every ``refresh_every`` steps):
+        ``θ_B`` to the host, exact selection of ``A`` and ``B``, the new ``B``-state to the
+        device with the inner state carried over."""
+        return self._rebuild(state, reselect=True)
+
     @staticmethod
     def _old_layouts(state: AlwaysSparseState) -> list[host.Layout]:
         """The current ``B`` of each sparse leaf (host copies)."""
@@ -420,6 +426,43 @@ class AlwaysSparse:
                 per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
         return max(per_device.values(), default=0)
 
+    def abstract_state(self, params: Any) -> AlwaysSparseState:
+        """The state :meth:`init` would build, as ``jax.ShapeDtypeStruct`` leaves (no compute).
+
+        For lowering the device step without data (memory analysis, dry runs) and as an orbax
+        restore target.  With ``global_topk`` a leaf's ``k_B`` depends on the data; the plan's
+        per-leaf count stands in for it.
+        """
+        plan = self.plan(params)
+        leaves, treedef = jax.tree.flatten(params)
+
+        def sparse_tree(fn):
+            return unflatten_sparse(
+                params,
+                plan,
+                [fn(p, leaf) for p, leaf in zip(leaves, plan, strict=True) if leaf.sparse],
+            )
+
+        compressed = jax.tree.unflatten(
+            treedef,
+            [
+                jax.ShapeDtypeStruct((leaf.k_backward,) if leaf.sparse else np.shape(p), p.dtype)
+                for p, leaf in zip(leaves, plan, strict=True)
+            ],
+        )
+        device = DeviceState(
+            compressed,
+            sparse_tree(lambda p, leaf: jax.ShapeDtypeStruct((leaf.k_backward,), np.int32)),
+            sparse_tree(lambda p, leaf: jax.ShapeDtypeStruct((leaf.k_backward,), np.bool_)),
+            jax.eval_shape(self.inner.init, compressed),
+        )
+        return AlwaysSparseState(
+            jax.ShapeDtypeStruct((), np.int64),
+            jax.ShapeDtypeStruct((2,), np.uint32),
+            sparse_tree(lambda p, leaf: jax.ShapeDtypeStruct(leaf.shape, p.dtype)),
+            device,
+        )
+
     def device_bytes_per_leaf(self, params: Any) -> dict[str, int]:
         """Device bytes of each params leaf in this mode, from shapes alone (for dry runs).
 
@@ -428,17 +471,14 @@ class AlwaysSparse:
         (counts) is reported under ``"<inner non-param state>"``.
         """
         plan = self.plan(params)
-        leaves, treedef = jax.tree.flatten(params)
-        compressed = [
-            jax.ShapeDtypeStruct((leaf.k_backward,) if leaf.sparse else np.shape(p), p.dtype)
-            for p, leaf in zip(leaves, plan, strict=True)
-        ]
-        abstract = jax.tree.unflatten(treedef, compressed)
-        inner_abstract = jax.eval_shape(self.inner.init, abstract)
+        abstract = self.abstract_state(params).device
+        compressed = jax.tree.leaves(abstract.params)
         per_leaf = [np.dtype(c.dtype).itemsize * int(np.prod(c.shape)) for c in compressed]
         for i, leaf in enumerate(plan):
             if leaf.sparse:
                 per_leaf[i] += leaf.k_backward * (4 + 1)
+        inner_abstract = abstract.inner_state
+        treedef = jax.tree.structure(params)
 
         def add_state(x, idx):
             per_leaf[idx] += np.dtype(x.dtype).itemsize * int(np.prod(x.shape))

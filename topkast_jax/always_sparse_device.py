@@ -18,12 +18,14 @@ and inner state are zero outside ``B``, so nothing outside ``B`` needs storing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.ad_checkpoint import checkpoint_name
 from optax import tree_utils as otu
 
 from topkast_jax.penalty import penalty_scale
@@ -52,15 +54,26 @@ class LeafSpec(NamedTuple):
     forward: float
 
 
+_SCATTER_DIMS = jax.lax.ScatterDimensionNumbers(
+    update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
+)
+
+
 def densify(z_K: jax.Array, idx_K: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """``α``: ``z`` scattered at flat ``idx`` into zeros of ``shape`` (gradient: gather at idx)."""
-    size = 1
-    for s in shape:
-        size *= s
-    flat = (
-        jnp.zeros((size,), z_K.dtype)
-        .at[idx_K]
-        .set(z_K, indices_are_sorted=True, unique_indices=True, mode="promise_in_bounds")
+    """``α``: ``z`` scattered at flat ``idx`` into zeros of ``shape`` (gradient: gather at idx).
+
+    ``lax.scatter`` directly: the indices are valid and unique by construction, so no
+    negative-index normalisation (a leaf-of-``B``-sized copy of the indices) is needed.
+    """
+    size = math.prod(shape)
+    flat = jax.lax.scatter(
+        jnp.zeros((size,), z_K.dtype),
+        idx_K[:, None],
+        z_K,
+        _SCATTER_DIMS,
+        indices_are_sorted=True,
+        unique_indices=True,
+        mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
     )
     return flat.reshape(shape)
 
@@ -76,13 +89,16 @@ def forward_values(params: Any, in_a: Any) -> Any:
     )
 
 
-def dense_alpha(z: Any, indices: Any, specs: tuple[LeafSpec | None, ...], remat: bool) -> Any:
-    """The dense ``α`` pytree the model sees, built from ``z`` leaf by leaf."""
-    build = jax.checkpoint(densify, static_argnums=(2,)) if remat else densify
+ALPHA_NAME = "topkast_alpha"
+
+
+def dense_alpha(z: Any, indices: Any, specs: tuple[LeafSpec | None, ...]) -> Any:
+    """The dense ``α`` pytree the model sees, built from ``z`` leaf by leaf (each sparse leaf's
+    ``α`` named :data:`ALPHA_NAME` for ``jax.checkpoint`` policies)."""
     leaves, treedef = jax.tree.flatten(z)
     idx = jax.tree.leaves(indices, is_leaf=_is_none)
     out = [
-        x if spec is None else build(x, i, spec.shape)
+        x if spec is None else checkpoint_name(densify(x, i, spec.shape), ALPHA_NAME)
         for x, i, spec in zip(leaves, idx, specs, strict=True)
     ]
     return jax.tree.unflatten(treedef, out)
@@ -122,7 +138,11 @@ def device_step(
     l2 = jnp.asarray(exploration_l2, jnp.float32)
 
     def loss_of(z):
-        return loss_fn(dense_alpha(z, state.indices, specs, remat), batch)
+        return loss_fn(dense_alpha(z, state.indices, specs), batch)
+
+    if remat:  # no dense α is kept for the backward pass: each is rebuilt from z where needed
+        policy = jax.checkpoint_policies.save_anything_except_these_names(ALPHA_NAME)
+        loss_of = jax.checkpoint(loss_of, policy=policy)
 
     loss, grads = jax.value_and_grad(loss_of)(forward_values(state.params, state.in_a))
     grads = add_penalty(grads, state.params, state.in_a, specs, l2)
