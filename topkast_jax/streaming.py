@@ -11,6 +11,9 @@ the leaf once:
 3. only when ties straddle a boundary (rare for trained weights): the flat index just past the
    last tie that is kept.
 
+Leaves of equal size are walked together (one loop per pass for the group, the histograms as
+rows of one scatter), so the compiled program grows with the number of distinct leaf sizes.
+
 The result per leaf is two thresholds ``(t, cut)``: weight ``i`` is in the set iff
 ``key_i > t`` or (``key_i == t`` and ``i < cut``) — the stable-argsort order exactly (ties to the
 lower row-major index).  :func:`codes_from_thresholds` turns them into 2-bit codes in one
@@ -48,22 +51,28 @@ class SetThresholds(NamedTuple):
     cut: jax.Array
 
 
-def _fold_chunks(
-    x: jax.Array, body: Callable[[jax.Array, jax.Array, object], object], init: object
-) -> object:
-    """``carry ← body(keys_C, index_C, carry)`` over the leaf in chunks of ``CHUNK`` weights.
+Body = Callable[[jax.Array, jax.Array, object], object]
 
-    Full chunks run in a ``fori_loop`` (dynamic slices of the flat leaf, no copy); the remaining
-    ``n mod CHUNK`` weights form one last, shorter chunk.
+
+def _fold_chunks(xs: Sequence[jax.Array], body: Body, init: object) -> object:
+    """``carry ← body(keys_GxC, index_C, carry)`` over ``G`` leaves of one size, chunk by chunk.
+
+    Full chunks run in one ``fori_loop`` for the whole group (dynamic slices of the flat leaves,
+    no copy); the remaining ``n mod CHUNK`` weights form one last, shorter chunk.
     """
-    x_n = sharding.flatten(x)
-    n = x_n.shape[0]
+    flats = [sharding.flatten(x) for x in xs]
+    n = flats[0].shape[0]
     size = min(CHUNK, n)
     full = n // size
 
     def chunk(start, length):
-        keys = selection.elementwise_magnitude_keys(lax.dynamic_slice_in_dim(x_n, start, length))
-        return keys, start + jnp.arange(length, dtype=jnp.int32)
+        keys_GxC = jnp.stack(
+            [
+                selection.elementwise_magnitude_keys(lax.dynamic_slice_in_dim(f, start, length))
+                for f in flats
+            ]
+        )
+        return keys_GxC, start + jnp.arange(length, dtype=jnp.int32)
 
     def step(r, carry):
         return body(*chunk(r * size, size), carry)
@@ -74,85 +83,124 @@ def _fold_chunks(
     return carry
 
 
-def _add_counts(hist: jax.Array, bins: jax.Array) -> jax.Array:
-    """``hist[b] += #(bins == b)``; out-of-range bins are dropped."""
-    return hist.at[bins].add(jnp.ones((), jnp.int32), mode="drop")
+def _add_counts(hist_GxB: jax.Array, bins_GxC: jax.Array) -> jax.Array:
+    """``hist[g, b] += #(bins[g] == b)``; bins outside ``[0, B)`` are dropped."""
+    rows, num_bins = hist_GxB.shape
+    valid = (bins_GxC >= 0) & (bins_GxC < num_bins)
+    row_start = jnp.arange(rows, dtype=jnp.int32)[:, None] * num_bins
+    # Invalid entries go past the end (a negative index would wrap around).
+    flat = jnp.where(valid, row_start + bins_GxC, rows * num_bins)
+    counts = hist_GxB.reshape(-1).at[flat].add(jnp.ones((), jnp.int32), mode="drop")
+    return counts.reshape(rows, num_bins)
 
 
-def high_histogram(x: jax.Array) -> jax.Array:
-    """int32 ``[65536]``: how many keys of ``θ'`` have each high 16-bit digit (pass 1)."""
+def high_histograms(xs: Sequence[jax.Array]) -> jax.Array:
+    """int32 ``[G, 65536]``: per leaf, how many keys have each high 16-bit digit (pass 1)."""
 
-    def body(keys, _, hist):
-        return _add_counts(hist, keys >> _BITS)
+    def body(keys_GxC, _, hist_GxB):
+        return _add_counts(hist_GxB, keys_GxC >> _BITS)
 
-    return _fold_chunks(x, body, jnp.zeros(_BINS, jnp.int32))
-
-
-def low_histograms(x: jax.Array, high_S: jax.Array) -> jax.Array:
-    """int32 ``[S, 65536]``: per row ``s``, the low-digit histogram of the keys whose high digit
-    is ``high_S[s]`` (pass 2)."""
-
-    def body(keys, _, hist_SxB):
-        high, low = keys >> _BITS, keys & (_BINS - 1)
-        rows = [
-            _add_counts(hist_SxB[s], jnp.where(high == high_S[s], low, _BINS))
-            for s in range(high_S.shape[0])
-        ]
-        return jnp.stack(rows)
-
-    return _fold_chunks(x, body, jnp.zeros((high_S.shape[0], _BINS), jnp.int32))
+    return _fold_chunks(xs, body, jnp.zeros((len(xs), _BINS), jnp.int32))
 
 
-def tie_cut(x: jax.Array, key: jax.Array, needed: jax.Array) -> jax.Array:
-    """The flat index just past the ``needed``-th entry of key ``key`` (0 if ``needed == 0``,
-    the leaf size if the leaf has fewer such entries) — pass 3."""
+def low_histograms(xs: Sequence[jax.Array], high_GxS: jax.Array) -> jax.Array:
+    """int32 ``[G, S, 65536]``: per leaf ``g`` and row ``s``, the low-digit histogram of the keys
+    whose high digit is ``high_GxS[g, s]`` (pass 2)."""
+    rows = high_GxS.shape[1]
 
-    def body(keys, index, carry):
-        seen, cut = carry
-        tied = keys == key
-        running = seen + jnp.cumsum(tied, dtype=jnp.int32)
-        hit = tied & (running == needed)
-        cut = jnp.where(jnp.any(hit), jnp.max(jnp.where(hit, index + 1, 0)), cut)
-        return running[-1], cut
+    def body(keys_GxC, _, hist_SxGxB):
+        high_GxC, low_GxC = keys_GxC >> _BITS, keys_GxC & (_BINS - 1)
+        return jnp.stack(
+            [
+                _add_counts(hist_SxGxB[s], jnp.where(high_GxC == high_GxS[:, s, None], low_GxC, -1))
+                for s in range(rows)
+            ]
+        )
 
-    n = x.size
-    _, cut = _fold_chunks(x, body, (jnp.zeros((), jnp.int32), jnp.int32(n)))
-    return jnp.where(needed <= 0, 0, cut)
+    hist_SxGxB = _fold_chunks(xs, body, jnp.zeros((rows, len(xs), _BINS), jnp.int32))
+    return jnp.swapaxes(hist_SxGxB, 0, 1)
+
+
+def tie_cuts(
+    xs: Sequence[jax.Array], key_GxS: jax.Array, needed_GxS: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Per leaf and row: the flat index just past the ``needed``-th entry whose key is ``key``
+    (0 when ``needed <= 0``; the leaf size when there are fewer), and how many such entries the
+    leaf has (pass 3; only run when ties straddle a boundary)."""
+
+    def body(keys_GxC, index_C, carry):
+        seen_GxS, cut_GxS = carry
+        tied_GxSxC = keys_GxC[:, None, :] == key_GxS[:, :, None]
+        running = seen_GxS[:, :, None] + jnp.cumsum(tied_GxSxC, axis=-1, dtype=jnp.int32)
+        hit = tied_GxSxC & (running == needed_GxS[:, :, None])
+        found = jnp.max(jnp.where(hit, index_C + 1, 0), axis=-1)
+        return running[:, :, -1], jnp.where(jnp.any(hit, axis=-1), found, cut_GxS)
+
+    n = xs[0].size
+    init = (jnp.zeros(key_GxS.shape, jnp.int32), jnp.full(key_GxS.shape, n, jnp.int32))
+    seen_GxS, cut_GxS = _fold_chunks(xs, body, init)
+    return jnp.where(needed_GxS <= 0, 0, cut_GxS), seen_GxS
 
 
 class _Kth(NamedTuple):
-    key: jax.Array  # int32 [S]: the k-th largest key
-    above: jax.Array  # int32 [S]: #(key > t)
-    tied: jax.Array  # int32 [S]: #(key == t)
+    key: jax.Array  # int32 [R]: the k-th largest key of each row
+    above: jax.Array  # int32 [R]: #(key > t)
+    tied: jax.Array  # int32 [R]: #(key == t)
 
 
-def _kth_from_histograms(
-    high_hist: jax.Array, low_hists: Callable[[jax.Array], jax.Array], k_S: jax.Array
-) -> _Kth:
-    """The ``k_S``-th largest keys from the high histogram and a function giving the low
+def _kth(high_RxB: jax.Array, low_hists: Callable[[jax.Array], jax.Array], k_R: jax.Array) -> _Kth:
+    """The ``k_R``-th largest keys from high histograms and a function giving the low
     histograms of chosen high buckets (:func:`selection._select_bucket` does both levels)."""
-    rows = k_S.shape[0]
-    high_S, above_high_S, _ = selection._select_bucket(
-        jnp.broadcast_to(high_hist, (rows, _BINS)), k_S
+    high_R, above_high_R, _ = selection._select_bucket(high_RxB, k_R)
+    low_R, above_low_R, tied_R = selection._select_bucket(low_hists(high_R), k_R - above_high_R)
+    return _Kth((high_R << _BITS) | low_R, above_high_R + above_low_R, tied_R)
+
+
+def group_thresholds(
+    xs: Sequence[jax.Array], k_forward: Sequence[int], k_backward: Sequence[int]
+) -> list[SetThresholds]:
+    """:class:`SetThresholds` of ``A`` (top ``k_forward[g]``) and ``B`` (top ``k_backward[g]``)
+    of ``|θ|`` for leaves of one size, selected together (one loop per pass for the group)."""
+    groups = len(xs)
+    k_GxS = jnp.array(list(zip(k_forward, k_backward, strict=True)), jnp.int32)
+    high_GxB = high_histograms(xs)
+    kth = _kth(
+        jnp.repeat(high_GxB, 2, axis=0),
+        lambda high_R: low_histograms(xs, high_R.reshape(groups, 2)).reshape(2 * groups, _BINS),
+        k_GxS.reshape(-1),
     )
-    low_S, above_low_S, tied_S = selection._select_bucket(low_hists(high_S), k_S - above_high_S)
-    key_S = (high_S << _BITS) | low_S
-    return _Kth(key_S, above_high_S + above_low_S, tied_S)
+    key_GxS = kth.key.reshape(groups, 2)
+    needed_GxS = k_GxS - kth.above.reshape(groups, 2)
+    straddles = jnp.any(kth.tied.reshape(groups, 2) != needed_GxS)
+    cut_GxS = lax.cond(
+        straddles,
+        lambda: tie_cuts(xs, key_GxS, needed_GxS)[0],
+        lambda: jnp.full((groups, 2), xs[0].size, jnp.int32),
+    )
+    return [SetThresholds(key_GxS[g], cut_GxS[g]) for g in range(groups)]
 
 
-def leaf_thresholds(x: jax.Array, k_forward: int, k_backward: int):
-    """:class:`SetThresholds` of ``A`` (top ``k_forward``) and ``B`` (top ``k_backward``) of
-    ``|θ|`` for one leaf.  ``1 <= k_forward <= k_backward <= x.size``."""
-    k_S = jnp.array([k_forward, k_backward], jnp.int32)
-    kth = _kth_from_histograms(high_histogram(x), lambda high_S: low_histograms(x, high_S), k_S)
-    needed_S = k_S - kth.above
+def _by_size(xs: Sequence[jax.Array]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i, x in enumerate(xs):
+        groups.setdefault(int(x.size), []).append(i)
+    return groups
 
-    def cuts():
-        return jnp.stack([tie_cut(x, kth.key[s], needed_S[s]) for s in range(2)])
 
-    straddles = jnp.any(kth.tied != needed_S)
-    cut_S = lax.cond(straddles, cuts, lambda: jnp.full((2,), x.size, jnp.int32))
-    return SetThresholds(kth.key, cut_S)
+def leaf_thresholds(
+    xs: Sequence[jax.Array], k_forward: Sequence[int], k_backward: Sequence[int]
+) -> list[SetThresholds]:
+    """Per-leaf :class:`SetThresholds` for any leaves; leaves of equal size share their loops.
+    ``1 <= k_forward[i] <= k_backward[i] <= xs[i].size``."""
+    out: list[SetThresholds | None] = [None] * len(xs)
+    for members in _by_size(xs).values():
+        found = group_thresholds(
+            [xs[i] for i in members], [k_forward[i] for i in members],
+            [k_backward[i] for i in members],
+        )  # fmt: skip
+        for i, th in zip(members, found, strict=True):
+            out[i] = th
+    return out
 
 
 def global_thresholds(
@@ -161,32 +209,37 @@ def global_thresholds(
     """One pair of thresholds over all leaves (global top-k): the keys are shared, the cuts are
     per leaf — ties are kept in leaf order, then row-major order inside a leaf."""
     k_S = jnp.array([k_forward, k_backward], jnp.int32)
-    high = sum(high_histogram(x) for x in xs)
+    groups = [([xs[i] for i in members], members) for members in _by_size(xs).values()]
+    high_B = sum(high_histograms(group).sum(axis=0) for group, _ in groups)
 
     def low(high_S):
-        return sum(low_histograms(x, high_S) for x in xs)
+        return sum(
+            low_histograms(group, jnp.broadcast_to(high_S, (len(group), 2))).sum(axis=0)
+            for group, _ in groups
+        )
 
-    kth = _kth_from_histograms(high, low, k_S)
+    kth = _kth(jnp.broadcast_to(high_B, (2, _BINS)), low, k_S)
     needed_S = k_S - kth.above
 
     def cuts_per_leaf():
-        out, before_S = [], jnp.zeros(2, jnp.int32)
-        for x in xs:
-            tied_S = jnp.stack(
-                [jnp.sum(selection.elementwise_magnitude_keys(x) == kth.key[s])
-                 for s in range(2)]
-            )  # fmt: skip
-            take_S = jnp.clip(needed_S - before_S, 0, tied_S)
-            out.append(
-                jnp.stack(
-                    [
-                        jnp.where(take_S[s] == tied_S[s], x.size, tie_cut(x, kth.key[s], take_S[s]))
-                        for s in range(2)
-                    ]
-                )
-            )
-            before_S = before_S + tied_S
-        return jnp.stack(out)
+        key_S = jnp.broadcast_to(kth.key, (1, 2))
+        tied = [None] * len(xs)
+        for group, members in groups:  # pass 3a: every leaf's tie count
+            none_GxS = jnp.full((len(group), 2), -1, jnp.int32)
+            _, seen_GxS = tie_cuts(group, jnp.broadcast_to(kth.key, (len(group), 2)), none_GxS)
+            for g, i in enumerate(members):
+                tied[i] = seen_GxS[g]
+        before_S, take = jnp.zeros(2, jnp.int32), [None] * len(xs)
+        for i in range(len(xs)):  # the tie budget, in leaf order
+            take[i] = jnp.clip(needed_S - before_S, 0, tied[i])
+            before_S = before_S + tied[i]
+        cuts = [None] * len(xs)
+        for group, members in groups:  # pass 3b: where each leaf's share of ties ends
+            take_GxS = jnp.stack([take[i] for i in members])
+            cut_GxS, _ = tie_cuts(group, jnp.broadcast_to(key_S, (len(group), 2)), take_GxS)
+            for g, i in enumerate(members):
+                cuts[i] = cut_GxS[g]
+        return jnp.stack(cuts)
 
     def all_ties():
         return jnp.stack([jnp.full((2,), x.size, jnp.int32) for x in xs])

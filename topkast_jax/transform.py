@@ -135,10 +135,9 @@ def _streaming_sets(params: Any, plan: list[LeafDensity], global_topk: bool) -> 
         )
         thresholds = streaming.global_thresholds(xs, k_fwd, k_bwd)
     else:
-        thresholds = [
-            streaming.leaf_thresholds(x, leaf.k_forward, leaf.k_backward)
-            for x, leaf in zip(xs, sparse_plan, strict=True)
-        ]
+        thresholds = streaming.leaf_thresholds(
+            xs, [leaf.k_forward for leaf in sparse_plan], [leaf.k_backward for leaf in sparse_plan]
+        )
     sets = [
         PackedSets.from_codes(streaming.codes_from_thresholds(x, th))
         for x, th in zip(xs, thresholds, strict=True)

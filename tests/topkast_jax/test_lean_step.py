@@ -71,10 +71,12 @@ def _values(draw_shape, rounded):
 def test_leaf_thresholds_equal_stable_argsort(small_chunks, x, data):
     k_a = data.draw(st.integers(1, x.size))
     k_b = data.draw(st.integers(k_a, x.size))
-    th = streaming.leaf_thresholds(jnp.asarray(x), k_a, k_b)
-    code = np.asarray(streaming.codes_from_thresholds(jnp.asarray(x), th))
-    np.testing.assert_array_equal(codes.forward_of(code), stable_top_k(x, k_a))
-    np.testing.assert_array_equal(codes.backward_of(code), stable_top_k(x, k_b))
+    twin = np.roll(x, 1)  # a second leaf of the same size: selected in the same loops
+    ths = streaming.leaf_thresholds([jnp.asarray(x), jnp.asarray(twin)], [k_a, 1], [k_b, k_a])
+    for leaf, th, (ka, kb) in zip((x, twin), ths, [(k_a, k_b), (1, k_a)], strict=True):
+        code = np.asarray(streaming.codes_from_thresholds(jnp.asarray(leaf), th))
+        np.testing.assert_array_equal(codes.forward_of(code), stable_top_k(leaf, ka))
+        np.testing.assert_array_equal(codes.backward_of(code), stable_top_k(leaf, kb))
 
 
 @settings(
