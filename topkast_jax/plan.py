@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import jax
+import numpy as np
 
 from topkast_jax import distributions
 from topkast_jax import sparsify as sparsify_lib
@@ -49,6 +50,8 @@ def check_sparsity(name: str, value: Any) -> float:
             f"{name} must be a static Python number; with optax.inject_hyperparams list it in "
             f"static_args."
         )
+    if isinstance(value, bool | str) or not isinstance(value, int | float | np.number | jax.Array):
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}.")
     value = float(value)
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value}.")

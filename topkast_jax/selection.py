@@ -8,7 +8,9 @@ keys, ties going to the lower (row-major) index?  The answer equals
 
 exactly.  Magnitude selection uses the IEEE-754 bit pattern of ``|θ|`` as the key: for
 non-negative floats the bit pattern, read as an integer, is monotone in the value, so ordering keys
-orders magnitudes (``-0.0`` and ``+0.0`` both become key 0; ``NaN`` sorts above ``inf``).
+orders magnitudes (``-0.0`` and ``+0.0`` both become key 0).  **NaN rule:** a NaN weight gets key 0,
+i.e. ranks as magnitude 0 — it is never preferred over a finite or infinite weight and, like a zero,
+is selected only after every nonzero weight (then by index).
 
 Methods (all exact, all give identical masks):
 
@@ -42,6 +44,7 @@ from topkast_jax import sharding
 
 METHODS = ("auto", "histogram", "bisect", "top_k", "sort")
 
+_INF_KEY = 0x7F800000  # the float32 bit pattern of +inf; NaN patterns of |x| lie above it
 _DIGIT_BITS = 16
 _NUM_BINS = 1 << _DIGIT_BITS
 
@@ -53,11 +56,14 @@ def elementwise_magnitude_keys(x: jax.Array) -> jax.Array:
       x: float array of any shape (bfloat16/float16 are widened to float32 exactly).
 
     Returns:
-      int32 array shaped like ``x``, keys ``>= 0``, with ``key_i < key_j`` iff ``|x_i| < |x_j|``.
+      int32 array shaped like ``x``, keys ``>= 0``, with ``key_i < key_j`` iff ``|x_i| < |x_j|``
+      for non-NaN entries; NaN gets key 0 (ranks as magnitude 0; every NaN bit pattern of
+      ``|x|`` is above ``inf``'s ``0x7F800000``).
     """
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"magnitude_keys needs a floating array, got dtype {x.dtype}.")
-    return lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.int32)
+    key = lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.int32)
+    return jnp.where(key > _INF_KEY, 0, key)
 
 
 def magnitude_keys(x: jax.Array) -> jax.Array:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from topkast_jax.tree import path_name
@@ -18,13 +19,23 @@ from topkast_jax.tree import path_name
 Sparsify = Any  # bool pytree or Callable[[params], bool pytree]
 
 
+def is_kernel(p: Any, min_ndim: int = 2) -> bool:
+    """A non-empty floating leaf (float32/64, bfloat16, float16, ...) with ``ndim >= min_ndim``."""
+    return bool(np.ndim(p) >= min_ndim and np.size(p) > 0 and is_floating(p))
+
+
+def is_floating(p: Any) -> bool:
+    """Whether the leaf's dtype is floating; ``jnp.issubdtype`` also knows bfloat16 (NumPy's
+    ``np.issubdtype(bfloat16, np.floating)`` is False)."""
+    return bool(jnp.issubdtype(p.dtype, jnp.floating))
+
+
 def kernels(min_ndim: int = 2) -> Callable[[Any], Any]:
-    """Every floating leaf with ``ndim >= min_ndim`` (dense and conv kernels, embeddings)."""
+    """Every non-empty floating leaf with ``ndim >= min_ndim`` (dense and conv kernels,
+    embeddings), in any floating dtype (bfloat16 and float16 included)."""
 
     def select(params: Any) -> Any:
-        return jax.tree.map(
-            lambda p: bool(np.ndim(p) >= min_ndim and np.issubdtype(p.dtype, np.floating)), params
-        )
+        return jax.tree.map(lambda p: is_kernel(p, min_ndim), params)
 
     return select
 
@@ -42,8 +53,7 @@ def kernels_except(names: Sequence[str], min_ndim: int = 2) -> Callable[[Any], A
     def select(params: Any) -> Any:
         def keep(path, p):
             components = set(path_name(path).split("/"))
-            is_kernel = np.ndim(p) >= min_ndim and np.issubdtype(p.dtype, np.floating)
-            return bool(is_kernel and not components & excluded)
+            return is_kernel(p, min_ndim) and not components & excluded
 
         return jax.tree_util.tree_map_with_path(keep, params)
 
@@ -55,7 +65,7 @@ def resolve(sparsify: Sparsify, params: Any) -> list[bool]:
 
     Raises:
       ValueError: if the structure does not match ``params``, a value is not a bool, or an
-        integer/boolean leaf is marked sparse.
+        integer/boolean or empty (size-0) leaf is marked sparse.
     """
     mask = sparsify(params) if callable(sparsify) else sparsify
     source = "the result of the `sparsify` callable" if callable(sparsify) else "`sparsify`"
@@ -75,10 +85,15 @@ def resolve(sparsify: Sparsify, params: Any) -> list[bool]:
                 f"{source} must hold one Python bool per leaf; leaf {path_name(path)!r} has "
                 f"{type(flag).__name__} {flag!r}."
             )
-        if flag and not np.issubdtype(p.dtype, np.floating):
+        if flag and not is_floating(p):
             raise ValueError(
                 f"leaf {path_name(path)!r} has dtype {p.dtype} and cannot be sparse; "
                 "only floating leaves can be marked in `sparsify`."
+            )
+        if flag and np.size(p) == 0:
+            raise ValueError(
+                f"leaf {path_name(path)!r} has no weights (shape {tuple(np.shape(p))}) and cannot "
+                "be sparse; mark it dense in `sparsify`."
             )
         flags.append(bool(flag))
     if flags and not any(flags):

@@ -46,15 +46,21 @@ from topkast_jax.penalty import add_penalty_gradient
 from topkast_jax.plan import LeafDensity, check_sparsities, layer_densities, unflatten_sparse
 from topkast_jax.state import Masks, PackedSets, TopKastState, is_set_leaf, sets_masks
 from topkast_jax.tree import map_sparse
-from topkast_jax.validation import check_choice, check_distribution, check_int
+from topkast_jax.validation import (
+    check_choice,
+    check_distribution,
+    check_inner,
+    check_int,
+    check_real,
+    check_update_inputs,
+)
 
 
 def _check_hyperparameters(
     refresh_every: Any, exploration_l2: Any, backward_selection: str, stop_step: Any, method: str
 ) -> None:
     check_int("refresh_every", refresh_every, 1)
-    if not isinstance(exploration_l2, jax.core.Tracer) and float(exploration_l2) < 0:
-        raise ValueError(f"exploration_l2 must be >= 0, got {exploration_l2!r}.")
+    check_real("exploration_l2", exploration_l2, minimum=0.0)
     check_choice("backward_selection", backward_selection, masks_lib.BACKWARD_SELECTIONS)
     if stop_step is not None:
         check_int("stop_exploration_step", stop_step, 0)
@@ -237,6 +243,7 @@ def topkast(
     References:
       Jayakumar et al., 2020. https://arxiv.org/abs/2106.03517
     """
+    check_inner(inner)
     forward_sparsity, backward_sparsity = check_sparsities(forward_sparsity, backward_sparsity)
     _check_hyperparameters(
         refresh_every, exploration_l2, backward_selection, stop_exploration_step, selection_method
@@ -291,6 +298,7 @@ def topkast(
     def update_fn(grads, state: TopKastState, params=None, refresh_masks=None, **extra_args):
         if params is None:
             raise ValueError("topkast's update needs params: call tx.update(grads, state, params).")
+        check_update_inputs(grads, state, params, TopKastState)
         if refresh_masks is not None and not isinstance(refresh_masks, bool):
             raise ValueError(
                 "refresh_masks must be a Python bool (static) or None, got "

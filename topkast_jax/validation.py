@@ -3,13 +3,25 @@ argument."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import jax
 import numpy as np
 
 from topkast_jax.distributions import check_distribution
+from topkast_jax.tree import path_name
 
-__all__ = ["check_choice", "check_distribution", "check_fraction", "check_int"]
+__all__ = [
+    "check_choice",
+    "check_distribution",
+    "check_fraction",
+    "check_inner",
+    "check_int",
+    "check_real",
+    "check_same_shapes",
+    "check_update_inputs",
+]
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
@@ -34,3 +46,85 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
     return value
+
+
+def check_real(name: str, value: Any, minimum: float | None = None) -> Any:
+    """``value`` if it is a finite real number ``>= minimum`` (a traced value, e.g. under
+    ``optax.inject_hyperparams``, passes unchecked), else a ValueError naming ``name``."""
+    if isinstance(value, jax.core.Tracer):
+        return value
+    if isinstance(value, bool | str) or not isinstance(value, int | float | np.number | jax.Array):
+        raise ValueError(f"{name} must be a real number, got {value!r}.")
+    if np.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}.")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {number}.")
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{name} must be >= {minimum:g}, got {number}.")
+    return value
+
+
+def check_inner(inner: Any) -> Any:
+    """``inner`` if it is an optax transformation (``init`` and ``update`` callables), else a
+    ValueError naming the argument."""
+    if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
+        raise ValueError(
+            "inner must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), got "
+            f"{type(inner).__name__} {inner!r}."
+        )
+    return inner
+
+
+def check_same_shapes(name: str, tree: Any, params: Any) -> None:
+    """``tree`` (e.g. the gradients) has the structure of ``params`` and each leaf its shape, else
+    a ValueError naming the first differing leaf (nothing is broadcast)."""
+    if jax.tree.structure(tree) != jax.tree.structure(params):
+        raise ValueError(
+            f"{name} must have the structure of params.\n  params: "
+            f"{jax.tree.structure(params)}\n  {name}: {jax.tree.structure(tree)}"
+        )
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (path, p), x in zip(flat, jax.tree.leaves(tree), strict=True):
+        if np.shape(x) != np.shape(p):
+            raise ValueError(
+                f"{name} leaf {path_name(path)!r} has shape {np.shape(x)}, but the params leaf has "
+                f"{np.shape(p)}."
+            )
+
+
+def _state_leaves(sets: Any) -> list[Any]:
+    """Per params leaf: the object with the leaf's ``shape`` (sparse) or None (dense)."""
+    return jax.tree.leaves(sets, is_leaf=lambda x: x is None or hasattr(x, "shape"))
+
+
+def check_update_inputs(grads: Any, state: Any, params: Any, state_type: type) -> None:
+    """The arguments of a sparse transformation's ``update``, checked against each other.
+
+    * ``state`` is a ``state_type`` (not another optimizer's state);
+    * ``params`` have the leaves and shapes the state was initialised with (its ``sets``: one
+      entry per params leaf, with the leaf's ``shape`` on sparse leaves, None on dense ones);
+    * ``grads`` have the structure and shapes of ``params``.
+
+    Raises:
+      ValueError: naming the argument and, for shapes, the leaf.
+    """
+    if not isinstance(state, state_type):
+        raise ValueError(
+            f"state must be the {state_type.__name__} returned by this transformation's init, "
+            f"got {type(state).__name__}: pass this optimizer's own state."
+        )
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    entries = _state_leaves(state.sets)
+    if len(entries) != len(flat):
+        raise ValueError(
+            f"params have {len(flat)} leaves, but the optimizer state was initialised for "
+            f"{len(entries)}: pass the params the state was initialised with."
+        )
+    for (path, p), entry in zip(flat, entries, strict=True):
+        if entry is not None and tuple(entry.shape) != tuple(np.shape(p)):
+            raise ValueError(
+                f"params leaf {path_name(path)!r} has shape {tuple(np.shape(p))}, but the "
+                f"optimizer state was initialised for {tuple(entry.shape)}."
+            )
+    check_same_shapes("grads", grads, params)
