@@ -145,6 +145,7 @@ def _shared_rules() -> tuple[Rule | Relation, ...]:
         one_of("sparsity.backward_selection", ("magnitude", "random"), optional=True),
         int_at_least("sparsity.stop_exploration_step", 0, optional=True, allow_none=True),
         boolean("sparsity.global_topk"),
+        boolean("sparsity.track_reservoir"),
         Rule("data.path", "a string or None", lambda v: v is None or isinstance(v, str)),
     )
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from experiments.common import config_utils, signals
+from experiments.common import summary as summary_lib
 
 #: Config fields that may change when a run is resumed: the run's length (schedules that depend on
 #: it follow the new length from the resumed step on) and what is logged, evaluated, reported or
@@ -43,7 +44,7 @@ RESUMABLE_CHANGES = (
 CONFIG_FILE = "config.json"
 LOCK_FILE = "lock.json"
 RESUMES_FILE = "resumes.jsonl"
-SUMMARY_FILE = "summary.json"
+SUMMARY_FILE = summary_lib.SUMMARY_FILE
 
 
 class WorkdirError(ValueError):
@@ -128,15 +129,6 @@ def record_resume(workdir: str, step: int, changes: dict[str, tuple[Any, Any]]) 
     }
     with open(os.path.join(workdir, RESUMES_FILE), "a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-def read_summary(workdir: str) -> dict[str, Any] | None:
-    """``summary.json`` of a finished run, or None."""
-    path = os.path.join(workdir, SUMMARY_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 # ----------------------------------------------------------------------------- lock
@@ -290,7 +282,7 @@ def session(
     workdir = os.path.abspath(workdir)
     with locked(workdir, enabled=primary, log=log), signals.StopSignals() as stop:
         changes = check_identity(workdir, config) if primary else {}
-        summary = read_summary(workdir)
+        summary = summary_lib.read_summary(workdir)
         finished = summary if summary and summary.get("steps") == config.num_train_steps else None
         if primary and finished is None:
             config_utils.save_config(config, workdir, CONFIG_FILE)

@@ -35,6 +35,7 @@ BAD_SHARED = {
     "sparsity.backward_selection": "largest",
     "sparsity.stop_exploration_step": -2,
     "sparsity.global_topk": "yes",
+    "sparsity.track_reservoir": 1,
     "data.path": 3,
 }
 BAD_LM = {
@@ -48,6 +49,7 @@ BAD_LM = {
     "eval_max_windows": -1,
     "final_eval_max_windows": -1,
     "max_checkpoints_to_keep": 0,
+    "mask_window_steps": 0,
     "model.vocab_size": 0,
     "model.num_layers": 0,
     "model.d_model": 0,
