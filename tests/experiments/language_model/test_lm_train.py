@@ -129,6 +129,15 @@ def test_metric_names_and_summary_follow_the_shared_schema(reference, metric_sch
     workdir, summary = reference
     metric_schema(workdir, summary, "tokens", ("bpc",))
     assert summary["experiment"] == "language_model" and summary["method"] == "topkast"
+    # Figure 3 from an LM run (the enwik8 config cites Fig. 3c)
+    png = os.path.join(workdir, "fig3.png")
+    out = subprocess.run(
+        [sys.executable, "scripts/plot_mask_dynamics.py", workdir, "--out", png],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def _final_params(workdir, config):
