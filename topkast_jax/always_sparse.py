@@ -234,7 +234,7 @@ class AlwaysSparse:
         dev_leaves, idx_leaves, a_leaves, host_leaves = [], [], [], []
         for p, leaf in zip(leaves, plan, strict=True):
             if not leaf.sparse:
-                dev_leaves.append(p)
+                dev_leaves.append(p if isinstance(p, jax.Array) else _put(np.asarray(p), placement))
                 idx_leaves.append(None)
                 a_leaves.append(None)
                 host_leaves.append(None)
@@ -265,6 +265,7 @@ class AlwaysSparse:
         *,
         donate: bool = True,
         compiler_options: dict[str, Any] | None = None,
+        has_aux: bool = False,
     ) -> Any:
         """The jitted device step ``(DeviceState, batch) -> (DeviceState, loss)`` for ``state``'s
         layout (for memory analysis: ``.lower(state.device, batch).compile()``)."""
@@ -275,6 +276,7 @@ class AlwaysSparse:
             specs=self._specs(state),
             exploration_l2=self.exploration_l2,
             remat=self.remat,
+            has_aux=has_aux,
         )
         return jax.jit(fn, donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
 
@@ -284,7 +286,8 @@ class AlwaysSparse:
         *,
         donate: bool = True,
         compiler_options: dict[str, Any] | None = None,
-    ) -> Callable[[AlwaysSparseState, Any], tuple[AlwaysSparseState, jax.Array]]:
+        has_aux: bool = False,
+    ) -> Callable[[AlwaysSparseState, Any], tuple[AlwaysSparseState, Any]]:
         """``step(state, batch) -> (state, loss)``: one training step, refreshing on schedule.
 
         Args:
@@ -292,6 +295,8 @@ class AlwaysSparse:
           donate: donate the device state's buffers to the step (the input state is consumed).
           compiler_options: passed to ``jax.jit`` (e.g. ``{"xla_backend_optimization_level": 0}``
             compiles without FMA contraction, which makes the run bitwise equal to the masked one).
+          has_aux: ``loss_fn`` returns ``(loss, aux)`` and the step ``(state, (loss, aux))``
+            (e.g. a Transformer-XL's next memory).
         """
         cache: dict[Any, Any] = {}
 
@@ -299,7 +304,11 @@ class AlwaysSparse:
             specs = self._specs(state)
             if specs not in cache:
                 cache[specs] = self.make_device_step(
-                    loss_fn, state, donate=donate, compiler_options=compiler_options
+                    loss_fn,
+                    state,
+                    donate=donate,
+                    compiler_options=compiler_options,
+                    has_aux=has_aux,
                 )
             device, loss = cache[specs](state.device, batch)
             count = int(state.count) + 1
@@ -394,6 +403,11 @@ class AlwaysSparse:
             state.device.params,
             state.host_params,
         )
+
+    def forward_params(self, state: AlwaysSparseState) -> Any:
+        """``α = θ ⊙ A`` as a dense pytree on the device (for evaluation or export; it has every
+        sparse leaf's size, unlike the training state)."""
+        return _alpha_fn(self._specs(state))(state.device)
 
     def masks(self, state: AlwaysSparseState) -> Masks:
         """``Masks(forward=A, backward=B)``: dense bool numpy pytrees, ``None`` on dense leaves."""
@@ -492,6 +506,17 @@ class AlwaysSparse:
         out = {leaf.path: b for leaf, b in zip(plan, per_leaf, strict=True)}
         out["<inner non-param state>"] = non_param
         return out
+
+
+@functools.cache
+def _alpha_fn(specs: tuple[dev.LeafSpec | None, ...]) -> Any:
+    """Jitted ``DeviceState -> α`` for one layout."""
+
+    def alpha(device: DeviceState) -> Any:
+        z = dev.forward_values(device.params, device.in_a)
+        return dev.dense_alpha(z, device.indices, specs)
+
+    return jax.jit(alpha)
 
 
 @functools.cache

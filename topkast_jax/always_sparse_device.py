@@ -129,11 +129,13 @@ def device_step(
     specs: tuple[LeafSpec | None, ...],
     exploration_l2: float,
     remat: bool = False,
-) -> tuple[DeviceState, jax.Array]:
+    has_aux: bool = False,
+) -> tuple[DeviceState, Any]:
     """One always-sparse training step (steps 1–4 of the module docstring).
 
     Returns:
-      ``(new_state, loss)``; indices and ``in_a`` are unchanged (they change at a refresh).
+      ``(new_state, loss)`` — ``(new_state, (loss, aux))`` with ``has_aux`` (``loss_fn`` then
+      returns ``(loss, aux)``); indices and ``in_a`` are unchanged (they change at a refresh).
     """
     l2 = jnp.asarray(exploration_l2, jnp.float32)
 
@@ -144,13 +146,15 @@ def device_step(
         policy = jax.checkpoint_policies.save_anything_except_these_names(ALPHA_NAME)
         loss_of = jax.checkpoint(loss_of, policy=policy)
 
-    loss, grads = jax.value_and_grad(loss_of)(forward_values(state.params, state.in_a))
+    out, grads = jax.value_and_grad(loss_of, has_aux=has_aux)(
+        forward_values(state.params, state.in_a)
+    )
     grads = add_penalty(grads, state.params, state.in_a, specs, l2)
     updates, inner_state = optax.with_extra_args_support(inner).update(
         grads, state.inner_state, state.params
     )
     params = optax.apply_updates(state.params, updates)
-    return DeviceState(params, state.indices, state.in_a, inner_state), loss
+    return DeviceState(params, state.indices, state.in_a, inner_state), out
 
 
 def carry_inner_state(

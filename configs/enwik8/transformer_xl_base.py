@@ -20,6 +20,7 @@ def sparsity_config(arg: str | None) -> ml_collections.ConfigDict:
     s.exploration_l2 = 1e-4
     s.distribution = "uniform"
     s.exclude = ("r_w_bias", "r_r_bias")
+    s.always_sparse = False  # True: only B on the device, dense θ on the host (tk.AlwaysSparse)
     return add_baseline_fields(s)
 
 

@@ -58,6 +58,15 @@ def layer_rows(
     return sorted(rows, key=lambda r: natural_key(r["name"]))
 
 
+def with_device_bytes(
+    rows: list[dict[str, Any]], per_leaf: dict[str, int]
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """``rows`` with each leaf's always-sparse ``device_bytes`` (``tk.AlwaysSparse.
+    device_bytes_per_leaf``) and the totals ``{"device_state_bytes": ...}``."""
+    out = [dict(r, device_bytes=int(per_leaf[r["name"]])) for r in rows]
+    return out, {"device_state_bytes": int(sum(per_leaf.values()))}
+
+
 def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """``total_params``, ``sparse_params``, ``forward_nonzero``, ``backward_nonzero`` and the
     overall densities ``forward_density = forward_nonzero / total_params`` (same for backward),
@@ -83,13 +92,16 @@ def format_table(
     """A fixed-width text table of ``rows`` followed by the ``summary`` totals (and the
     sparse-training ``method`` when given)."""
     name_w = max([len("name")] + [len(r["name"]) for r in rows])
+    device = bool(rows) and all("device_bytes" in r for r in rows)  # always-sparse mode
     header = f"{'name':<{name_w}}  {'shape':<20}  {'params':>13}  {'fwd':>6}  {'bwd':>6}"
+    header += f"  {'device bytes':>13}" if device else ""
     lines = [header, "-" * len(header)]
     for r in rows:
         shape = "x".join(str(d) for d in r["shape"]) or "scalar"
         lines.append(
             f"{r['name']:<{name_w}}  {shape:<20}  {r['params']:>13,}  "
             f"{r['forward_density']:>6.3f}  {r['backward_density']:>6.3f}"
+            + (f"  {r['device_bytes']:>13,}" if device else "")
         )
     lines.append("-" * len(header))
     lines.append(
@@ -101,6 +113,11 @@ def format_table(
         f"forward density {summary['forward_density']:.3f} | "
         f"backward density {summary['backward_density']:.3f}"
     )
+    if device:
+        lines.append(
+            f"always-sparse device state {sum(r['device_bytes'] for r in rows):,} bytes "
+            "(values, indices, A-flags and optimizer state on B; dense leaves in full)"
+        )
     if method is not None:
         lines.append(f"method {method}")
     return "\n".join(lines)

@@ -35,6 +35,8 @@ def make_sparse_optimizer(
     ``"dense"`` is Top-KAST with both sparsities 0 and no exploration penalty, so dense and
     sparse runs share every other line of code. ``"static"``, ``"pruning"``, ``"set"`` and
     ``"rigl"`` go to ``tk.baselines`` through ``baselines_config.make_baseline_optimizer``.
+    ``config.sparsity.always_sparse=True`` returns :func:`make_always_sparse`'s
+    ``tk.AlwaysSparse`` instead (not an optax transformation: its trainer differs).
 
     Raises:
       ValueError: unknown ``sparsity.method`` (the message lists the known ones), or a Top-KAST
@@ -53,6 +55,8 @@ def make_sparse_optimizer(
             f"config.sparsity options {sorted(options)} only apply to method 'topkast', "
             f"got config.sparsity.method={method!r}"
         )
+    if sparsity.get("always_sparse", False):
+        return make_always_sparse(inner, sparsity, sparsify, seed)
     if method not in ("topkast", "dense"):
         from experiments.common.baselines_config import make_baseline_optimizer
 
@@ -72,6 +76,35 @@ def make_sparse_optimizer(
         # The trainers log the paper's Fig. 3 reservoir statistic: 2 more bits per sparse weight.
         track_reservoir=bool(sparsity.get("track_reservoir", True)),
         **options,
+    )
+
+
+def make_always_sparse(
+    inner: optax.GradientTransformation, sparsity: Any, sparsify: Any, seed: int = 0
+) -> Any:
+    """``tk.AlwaysSparse`` for ``config.sparsity.always_sparse=True`` (method ``"topkast"``):
+    only B on the device, dense θ on the host (no reservoir statistics in this mode).
+
+    Raises:
+      ValueError: ``always_sparse`` with another method.
+    """
+    import topkast_jax as tk
+
+    if sparsity.method != "topkast":
+        raise ValueError(
+            "config.sparsity.always_sparse=True runs Top-KAST: set config.sparsity.method="
+            f"'topkast' (got {sparsity.method!r})."
+        )
+    return tk.AlwaysSparse(
+        inner,
+        forward_sparsity=float(sparsity.forward),
+        backward_sparsity=float(sparsity.backward),
+        exploration_l2=float(sparsity.exploration_l2),
+        refresh_every=int(sparsity.get("refresh_every", 1)),
+        sparsify=sparsify,
+        distribution=sparsity.get("distribution", "uniform"),
+        seed=seed,
+        **topkast_options(sparsity),
     )
 
 

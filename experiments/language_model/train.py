@@ -36,7 +36,7 @@ from experiments.common.checkpoint import Checkpointer
 from experiments.common.metrics import MetricsWriter
 from experiments.common.progress import ProgressLogger, format_duration
 from experiments.common.sparsity import make_sparse_optimizer, planned_densities
-from experiments.language_model import input_pipeline, models
+from experiments.language_model import always_sparse, input_pipeline, models
 
 LN2 = math.log(2.0)
 
@@ -139,16 +139,20 @@ def zero_mems(model: models.TransformerXL, batch_size: int, mem_len: int) -> jax
     return jnp.zeros((model.num_layers, batch_size, mem_len, model.d_model), jnp.float32)
 
 
+def init_params(config, model) -> tuple[Any, jax.Array]:
+    """The model's initial params and the training key left after drawing them."""
+    rng, init_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    dummy = jnp.zeros((1, config.seq_len), jnp.int32)
+    params = model.init(init_rng, dummy, dummy, zero_mems(model, 1, config.mem_len))["params"]
+    return params, rng
+
+
 def init_state(config, model, tx) -> dict[str, Any]:
     """The train state: ``step``, ``params``, ``opt_state``, ``mems_LxBxMxD``, ``rng`` and
     ``mask_snapshot`` (the forward mask at the last mask-dynamics window, for Figure 3)."""
     import topkast_jax as tk
 
-    rng = jax.random.PRNGKey(config.seed)
-    rng, init_rng = jax.random.split(rng)
-    T = config.seq_len
-    dummy = jnp.zeros((1, T), jnp.int32)
-    params = model.init(init_rng, dummy, dummy, zero_mems(model, 1, config.mem_len))["params"]
+    params, rng = init_params(config, model)
     opt_state = tx.init(params)
     return {
         "step": jnp.zeros((), jnp.int32),
@@ -219,7 +223,8 @@ def make_eval_step(model):
     import topkast_jax as tk
 
     def eval_step(params, opt_state, mems, batch):
-        alpha = tk.forward_params(params, opt_state)
+        # opt_state None: params already are α (the always-sparse mode's forward params).
+        alpha = params if opt_state is None else tk.forward_params(params, opt_state)
         nll_BxT, new_mems = model.apply(
             {"params": alpha}, batch["inputs"], batch["targets"], mems, deterministic=True
         )
@@ -339,12 +344,19 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy, dummy, mems)["params"]
     fwd, bwd = planned_densities(config.sparsity)
     rows = plan_rows(config, abstract)
+    device_bytes = {}
+    if config.sparsity.get("always_sparse", False):  # what the device holds per leaf
+        sparse, _ = make_optimizer(config, sparsify_fn(config))
+        rows, device_bytes = dry_run_lib.with_device_bytes(
+            rows, sparse.device_bytes_per_leaf(abstract)
+        )
     extra = {
         "method": config.sparsity.method,
         "forward_sparsity": fwd,
         "backward_sparsity": bwd,
         "vocab_size": model.vocab_size,
         **training_cost(config, rows),
+        **device_bytes,
     }
     record = dry_run_lib.write_dry_run(workdir, rows, extra) if mesh_lib.is_primary() else {}
     _log(dry_run_lib.format_table(rows, dry_run_lib.totals(rows), config.sparsity.method))
@@ -405,6 +417,8 @@ def train_and_evaluate(
                 f"{run.workdir} already finished; its summary.json is returned (delete it to redo)"
             )
             return run.finished
+        if config.sparsity.get("always_sparse", False):
+            return always_sparse.train(config, run, corpus, stop_at_step)
         with contextlib.ExitStack() as closing:
             return _train(config, run, corpus, stop_at_step, start_time, closing)
 

@@ -1,0 +1,133 @@
+"""Transformer-XL trained always-sparse (``--config.sparsity.always_sparse=True``).
+
+The device holds only ``B`` (``tk.AlwaysSparse``): per sparse leaf the ``k_B`` values, their
+int32 indices, the ``A``-flags and Adam's moments on those entries; the dense ``θ`` stays in host
+memory and is touched at a refresh (every ``config.sparsity.refresh_every`` steps).  The step is
+the masked trainer's (``train.make_train_step``) — same dropout keys, same memory reset — so the two
+modes give the same ``A``, ``B`` and, up to float reassociation, the same parameters.
+
+Differences from the masked trainer: no mid-run checkpoints or resume (a workdir holding
+checkpoints is refused), no mask statistics; the final evaluation builds the dense ``α = θ ⊙ A``
+on the device once (``AlwaysSparse.forward_params``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.common import dry_run as dry_run_lib
+from experiments.common import mesh as mesh_lib
+from experiments.common import summary as summary_lib
+from experiments.common.metrics import MetricsWriter
+
+
+def make_loss(model: Any) -> Callable[[Any, dict[str, Any]], tuple[jax.Array, jax.Array]]:
+    """``loss(alpha, batch) -> (mean NLL, new memory)``; ``batch`` holds ``inputs``,
+    ``targets``, ``mems`` (already reset where an epoch starts) and the ``dropout`` key."""
+
+    def loss(alpha, batch):
+        nll_BxT, new_mems = model.apply(
+            {"params": alpha},
+            batch["inputs"],
+            batch["targets"],
+            batch["mems"],
+            deterministic=False,
+            rngs={"dropout": batch["dropout"]},
+        )
+        return jnp.mean(nll_BxT), new_mems
+
+    return loss
+
+
+def train(config: Any, run: Any, corpus: Any, stop_at_step: int | None) -> dict[str, Any] | None:
+    """The always-sparse run of ``train.train_and_evaluate`` (the workdir is held by ``run``).
+
+    Raises:
+      NotImplementedError: the workdir holds checkpoints (this mode does not resume).
+    """
+    from experiments.language_model import input_pipeline, models
+    from experiments.language_model import train as lm
+
+    if os.path.isdir(os.path.join(run.workdir, "checkpoints")) and os.listdir(
+        os.path.join(run.workdir, "checkpoints")
+    ):
+        raise NotImplementedError(
+            f"{run.workdir} holds checkpoints; config.sparsity.always_sparse=True does not resume "
+            "(use a fresh --workdir)."
+        )
+    mesh = mesh_lib.make_data_mesh()
+    rep = mesh_lib.replicated(mesh)
+    model = models.model_from_config(config.model)
+    sparse, _ = lm.make_optimizer(config, lm.sparsify_fn(config))
+    params, rng = lm.init_params(config, model)
+    state = sparse.init(jax.device_put(params, rep))
+    step_fn = sparse.make_step(make_loss(model), has_aux=True)
+    mem_shard = mesh_lib.batch_sharded(mesh, 4, batch_axis=1)
+    zeros = jax.jit(
+        lambda: lm.zero_mems(model, config.batch_size, config.mem_len), out_shardings=mem_shard
+    )
+    mems = zeros()
+    stream = input_pipeline.TrainStream(
+        input_pipeline.StreamBatcher(
+            corpus.train,
+            config.batch_size,
+            config.seq_len,
+            mesh_lib.local_batch_slice(config.batch_size),
+        ),
+        position=0,
+    )
+    writer = MetricsWriter(run.workdir, enabled=run.primary, start_step=0)
+    end = config.num_train_steps if stop_at_step is None else stop_at_step
+    start, losses = time.monotonic(), []
+    for step in range(1, end + 1):
+        local, reset = stream.next()
+        batch = {
+            k: mesh_lib.global_batch(local[k], mesh, config.batch_size)
+            for k in ("inputs", "targets")
+        }
+        rng, dropout = jax.random.split(rng)  # the masked trainer's key sequence
+        mems = zeros() if reset else mems
+        state, (loss, mems) = step_fn(state, dict(batch, mems=mems, dropout=dropout))
+        losses.append(loss)
+        if step % config.log_every_steps == 0 or step == end:
+            mean = float(np.mean(jax.device_get(losses)))
+            losses = []
+            writer.write(step, lm.score(mean, corpus.metric), prefix="train/")
+            lm._log(f"step {step} loss {mean:.4f} (always-sparse)")
+    if end < config.num_train_steps:
+        writer.close()
+        return None
+    alpha = sparse.forward_params(state)
+    evaluator = lm.Evaluator(config, model, mesh, {"params": rep, "opt_state": rep})
+    results: dict[str, float] = {}
+    for split in ("valid", "test"):
+        windows = config.get("final_eval_max_windows", 0)
+        nll = evaluator(alpha, None, getattr(corpus, split), windows)
+        results.update({f"{split}_{k}": v for k, v in lm.score(nll, corpus.metric).items()})
+    writer.write(end, results, prefix="final/")
+    writer.close()
+    rows = lm.plan_rows(config, params)
+    summary = summary_lib.build_summary(
+        experiment="language_model",
+        data=config.data.name,
+        method="topkast",
+        forward_sparsity=float(config.sparsity.forward),
+        backward_sparsity=float(config.sparsity.backward),
+        densities=dry_run_lib.totals(rows),
+        train_flops_vs_dense=lm.training_cost(config, rows)["train_flops_vs_dense"],
+        steps=end,
+        wall_seconds=time.monotonic() - start,
+        final=results,
+        extra={"always_sparse": True, "device_state_bytes": sparse.device_bytes(state)},
+    )
+    if run.primary:
+        path = summary_lib.write_summary(run.workdir, summary)
+        lm._log(f"done (always-sparse): {results} | wrote {path}")
+    return summary

@@ -1,0 +1,132 @@
+"""``--config.sparsity.always_sparse=True``: the LM trained with only B on the device.
+
+The exactness test runs the LM's own masked train step (``train.make_train_step``: dropout, memory
+reset, clip + Adam with its schedule, Top-KAST) beside the always-sparse step of
+``experiments/language_model/always_sparse.py`` on a small Transformer-XL: identical A and B at
+every step, the same loss to 1e-6 and params to 1e-5 after 100 steps.  Unlike the MLP
+(tests/topkast_jax/test_always_sparse.py) the two LM steps are not bitwise equal even without FMA
+contraction (the clip's global norm and the tied embedding's gradient are summed in another order),
+and Adam amplifies 1-ulp differences on weights whose second moment is tiny; over 300 steps such
+a difference eventually flips an exact near-tie at the top-k boundary.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import topkast_jax as tk
+from configs import demo
+from experiments.language_model import always_sparse, models, train
+
+NO_FMA = {"xla_backend_optimization_level": 0}
+SMALL = {
+    "batch_size": 4,
+    "seq_len": 8,
+    "mem_len": 8,
+    "num_train_steps": 300,
+    "model.num_layers": 2,
+    "model.d_model": 16,
+    "model.num_heads": 2,
+    "model.d_ff": 32,
+    "model.dropout": 0.1,
+    "optim.lr": 1e-2,
+    "optim.warmup_steps": 5,
+    "sparsity.forward": 0.8,
+    "sparsity.backward": 0.5,
+    "sparsity.refresh_every": 7,
+    "sparsity.exploration_l2": 1e-3,
+}
+
+
+def small_config(**overrides):
+    config = demo.get_config()
+    for key, value in {**SMALL, **overrides}.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def _masks_equal(masked, sparse):
+    pairs = ((masked.forward, sparse.forward), (masked.backward, sparse.backward))
+    for a_tree, b_tree in pairs:
+        leaves_a = jax.tree.leaves(a_tree, is_leaf=lambda x: x is None)
+        leaves_b = jax.tree.leaves(b_tree, is_leaf=lambda x: x is None)
+        for a, b in zip(leaves_a, leaves_b, strict=True):
+            if (a is None) != (b is None) or (a is not None and not np.array_equal(a, b)):
+                return False
+    return True
+
+
+@pytest.mark.parametrize("grad_clip", [1e6, 0.25], ids=["no_clip", "clip"])
+def test_always_sparse_step_equals_the_masked_lm_step(grad_clip, steps=100):
+    config = small_config(**{"optim.grad_clip": grad_clip})
+    model = models.model_from_config(config.model)
+    tx, schedule = train.make_optimizer(config, train.sparsify_fn(config))
+    masked_step = jax.jit(train.make_train_step(model, tx, schedule), compiler_options=NO_FMA)
+    state = jax.jit(lambda: train.init_state(config, model, tx))()
+
+    sparse_config = small_config(**{"sparsity.always_sparse": True, "optim.grad_clip": grad_clip})
+    sparse, _ = train.make_optimizer(sparse_config, train.sparsify_fn(sparse_config))
+    assert isinstance(sparse, tk.AlwaysSparse)
+    params, rng = train.init_params(config, model)
+    s_state = sparse.init(params)
+    s_step = sparse.make_step(always_sparse.make_loss(model), has_aux=True, compiler_options=NO_FMA)
+    mems = train.zero_mems(model, config.batch_size, config.mem_len)
+
+    data = np.random.default_rng(0)
+    for t in range(steps):
+        assert _masks_equal(tk.get_masks(state["opt_state"]), sparse.masks(s_state)), f"step {t}"
+        tokens = data.integers(0, 256, size=(config.batch_size, config.seq_len + 1))
+        batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
+        reset = t % 50 == 0
+        state, metrics = masked_step(state, batch, np.asarray(reset))
+        rng, dropout = jax.random.split(rng)
+        mems = jnp.zeros_like(mems) if reset else mems
+        s_state, (loss, mems) = s_step(s_state, dict(batch, mems=mems, dropout=dropout))
+        want = float(metrics["loss"])
+        np.testing.assert_allclose(float(loss), want, rtol=1e-6, err_msg=f"step {t}")
+    assert _masks_equal(tk.get_masks(state["opt_state"]), sparse.masks(s_state))
+    for a, b in zip(
+        jax.tree.leaves(sparse.dense_params(s_state)), jax.tree.leaves(state["params"]), strict=True
+    ):
+        np.testing.assert_allclose(a, np.asarray(b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(mems), np.asarray(state["mems"]), rtol=1e-5, atol=1e-5)
+
+
+def test_dry_run_lists_device_bytes_per_leaf(tmp_path):
+    config = small_config(**{"sparsity.always_sparse": True})
+    record = train.dry_run(config, str(tmp_path))
+    rows = {r["name"]: r for r in record["layers"]}
+    kernel = rows["layer_0/ff/ff_1/kernel"]
+    # k_B × (4 value + 4 index + 1 flag + 8 Adam moments)
+    assert kernel["device_bytes"] == kernel["backward_nonzero"] * 17
+    bias = rows["layer_0/ff/ff_1/bias"]
+    assert bias["device_bytes"] == bias["params"] * 12  # dense: value + Adam moments
+    assert record["device_state_bytes"] >= sum(r["device_bytes"] for r in record["layers"])
+
+
+def test_training_run_end_to_end(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_bytes(bytes(np.random.default_rng(0).integers(32, 127, size=6000, dtype=np.uint8)))
+    config = small_config(
+        **{
+            "sparsity.always_sparse": True,
+            "num_train_steps": 6,
+            "log_every_steps": 3,
+            "eval_every_steps": 0,
+            "eval_batch_size": 4,
+            "eval_seq_len": 8,
+            "eval_mem_len": 8,
+            "final_eval_max_windows": 2,
+        }
+    )
+    config.data.name = "text"
+    config.data.path = str(text)
+    summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert summary["always_sparse"] is True and summary["steps"] == 6
+    assert np.isfinite(summary["valid_bpc"]) and np.isfinite(summary["test_bpc"])
+    assert summary["device_state_bytes"] > 0
