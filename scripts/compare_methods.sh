@@ -99,18 +99,13 @@ for SEED in $SEEDS; do
 done
 
 "$PYTHON" - "$ROOT" <<'PY' | tee "$ROOT/results.md"
-"""Collects ROOT/*/summary.json into a markdown table and a bar plot of test BPC."""
+"""Collects ROOT/*/summary.json into a markdown table of test BPC."""
 
 import glob
 import json
 import os
 import statistics
 import sys
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 root = sys.argv[1]
 order = ["dense", "static", "pruning", "set", "rigl", "topkast"]
@@ -159,27 +154,6 @@ for m in methods:
 steps = ", ".join(str(n) for n in sorted({s["steps"] for v in runs.values() for s in v.values()}))
 print(f"\nsteps per run: {steps}")
 
-fig, ax = plt.subplots(figsize=(7, 4))
-bar_methods = [m for m in methods if m != "dense"]
-width = 0.8 / max(1, len(bar_methods))
-for i, m in enumerate(bar_methods):
-    present = [(j, sp) for j, sp in enumerate(sparsities) if (m, sp) in runs]
-    xs = [j + i * width for j, _ in present]
-    ax.bar(xs, [mean_bpc(runs[(m, sp)]) for _, sp in present], width, label=m)
-    for x, (_, sp) in zip(xs, present):  # each seed as a dot
-        values = [s["test_bpc"] for s in runs[(m, sp)].values()]
-        ax.plot([x] * len(values), values, "k.", markersize=4)
-if dense is not None:
-    ax.axhline(mean_bpc(dense), color="black", linestyle="--", label="dense")
-ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sparsities))])
-ax.set_xticklabels([f"{sp:.0%} sparse" for sp in sparsities])
-ax.set_ylabel("test BPC (lower is better)")
-values = [s["test_bpc"] for v in runs.values() for s in v.values()]
-if values:
-    ax.set_ylim(min(values) - 0.05, max(values) + 0.05)
-ax.set_title(f"pystdlib, demo Transformer-XL, {steps} steps, seeds {seeds}")
-ax.legend(fontsize=8, ncol=4)
-fig.tight_layout()
-fig.savefig(os.path.join(root, "test_bpc.png"), dpi=120)
-print(f"\nplot: {os.path.join(root, 'test_bpc.png')}")
 PY
+"$PYTHON" scripts/plot_method_comparison.py "$ROOT" --out "$ROOT/test_bpc.png" \
+  --title "pystdlib, demo Transformer-XL, $STEPS steps; dots: seeds $SEEDS, bar: mean"
