@@ -368,8 +368,8 @@ class AlwaysSparse:
         new = self._layouts(masks, int(state.count))
         dev_leaves = jax.tree.leaves(state.device.params)
         like = [v for v, leaf in zip(dev_leaves, plan, strict=True) if leaf.sparse]
-        pairs = zip(old, new, strict=True)
-        carried = [host.carry_positions(b.indices, a.indices) for b, a in pairs]
+        pairs = zip(old, new, thetas, strict=True)
+        carried = [host.carry_positions(b.indices, a.indices, t.size) for b, a, t in pairs]
 
         def on_device(rows: list[np.ndarray]) -> Any:
             sparse = [_put(x, ref) for x, ref in zip(rows, like, strict=True)]

@@ -123,14 +123,17 @@ def layout(forward_N: np.ndarray, backward_N: np.ndarray) -> Layout:
     return Layout(indices, forward_N[indices])
 
 
-def carry_positions(old_K: np.ndarray, new_J: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Where each new index sat in the old (ascending) index vector.
+def carry_positions(
+    old_K: np.ndarray, new_J: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where each new index sat in the old index vector (indices into a leaf of ``size``).
 
     Returns:
       ``(position[J] int32, found[J] bool)``: ``old[position[j]] == new[j]`` where ``found[j]``;
-      entries not found entered ``B`` and start from zero inner state.
+      entries not found entered ``B`` and start from zero inner state (their position is 0).
     """
-    pos = np.searchsorted(old_K, new_J)
-    clipped = np.minimum(pos, max(old_K.shape[0] - 1, 0)).astype(np.int32)
-    found = (pos < old_K.shape[0]) & (old_K[clipped] == new_J) if old_K.size else pos < 0
-    return clipped, found
+    slot_N = np.full(size, -1, np.int32)  # one scatter and one gather: no search
+    slot_N[old_K] = np.arange(old_K.shape[0], dtype=np.int32)
+    position = slot_N[new_J]
+    found = position >= 0
+    return np.where(found, position, 0).astype(np.int32), found

@@ -76,7 +76,7 @@ def test_host_top_k_is_the_stable_argsort_order(seed):
 def test_carry_positions_keep_staying_entries_and_zero_entering_ones():
     old = np.array([1, 4, 6, 9], np.int32)
     new = np.array([0, 4, 9, 10], np.int32)
-    pos, found = host.carry_positions(old, new)
+    pos, found = host.carry_positions(old, new, 12)
     np.testing.assert_array_equal(found, [False, True, True, False])
     np.testing.assert_array_equal(old[pos[found]], new[found])
 
