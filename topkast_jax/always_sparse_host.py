@@ -5,8 +5,8 @@ The selection is the one of :func:`topkast_jax.masks.topkast_masks`, computed on
 concatenated in leaf order) the ``k`` largest magnitude keys, ties to the lower row-major index,
 i.e. exactly ``np.argsort(-key, kind="stable")[:k]``.  The key is the IEEE-754 bit pattern of
 ``|θ|`` (as float32) read as int32 (:func:`topkast_jax.selection.magnitude_keys`), so ``-0.0`` and
-``+0.0`` tie.  One ``np.partition`` finds the k-th largest key ``t``; every key ``> t`` is kept and
-the first ``k − #(key > t)`` entries equal to ``t`` by index.
+``+0.0`` tie and NaN ranks as magnitude 0.  One ``np.partition`` finds the k-th largest key
+``t``; every key ``> t`` is kept and the first ``k − #(key > t)`` entries equal to ``t`` by index.
 
 A sparse leaf's backward set ``B`` is held as its flat indices in ascending order (``idx[k_B]``,
 int32) and the flags ``in_a[k_B]`` of those in ``A``.
@@ -24,6 +24,8 @@ from topkast_jax import distributions
 from topkast_jax import masks as masks_lib
 from topkast_jax.plan import LeafDensity
 
+_INF_KEY = 0x7F800000  # float32 bit pattern of +inf; NaN patterns of |x| lie above it
+
 
 class Layout(NamedTuple):
     """``B`` of one sparse leaf: ``indices[k_B]`` int32 ascending, ``in_a[k_B]`` bool."""
@@ -33,8 +35,10 @@ class Layout(NamedTuple):
 
 
 def magnitude_keys(x: np.ndarray) -> np.ndarray:
-    """int32 ``[x.size]`` keys ordered like ``|x|`` (row-major; the library's one key)."""
-    return np.ascontiguousarray(np.abs(np.asarray(x, np.float32)).ravel()).view(np.int32)
+    """int32 ``[x.size]`` keys ordered like ``|x|``, row-major: numpy's evaluation of
+    :func:`topkast_jax.selection.elementwise_magnitude_keys` (NaN ranks as magnitude 0)."""
+    key = np.ascontiguousarray(np.abs(np.asarray(x, np.float32)).ravel()).view(np.int32)
+    return np.where(key > _INF_KEY, np.int32(0), key)
 
 
 def top_k_flat(keys_N: np.ndarray, k: int, valid_N: np.ndarray | None = None) -> np.ndarray:

@@ -7,6 +7,7 @@ optimisations they agree to float32 reassociation.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -14,6 +15,7 @@ from always_sparse_harness import NO_FMA, batch_at, mlp_loss, mlp_params, side_b
 
 import topkast_jax as tk
 from topkast_jax import always_sparse_host as host
+from topkast_jax import selection
 
 STEPS = 300
 BASE = dict(forward_sparsity=0.8, backward_sparsity=0.5, exploration_l2=1e-2)
@@ -71,6 +73,15 @@ def test_host_top_k_is_the_stable_argsort_order(seed):
     want = np.zeros(200, bool)
     want[order[:k]] = True
     np.testing.assert_array_equal(host.top_k_flat(keys, k, valid), want)
+
+
+def test_host_keys_equal_the_library_keys():
+    rng = np.random.default_rng(3)
+    special = np.float32([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1e-45, -3.0])
+    x = np.concatenate([special, rng.normal(size=50).astype(np.float32)]).reshape(2, 29)
+    np.testing.assert_array_equal(
+        host.magnitude_keys(x), np.asarray(selection.magnitude_keys(jnp.asarray(x)))
+    )
 
 
 def test_carry_positions_keep_staying_entries_and_zero_entering_ones():
