@@ -39,14 +39,16 @@ def _wait_for_train_lines(proc, workdir, n, timeout=300):
         time.sleep(0.05)
 
 
-def _stop_with(signum, text_file, workdir):  # noqa: F811
+def _stop_with(signum, text_file, workdir, while_running=None):  # noqa: F811
     """Run the CLI towards 100,000 steps, send ``signum`` after 10 logged steps; return
-    ``(output, step it stopped at)``."""
+    ``(output, step it stopped at)``. ``while_running(args)`` is called before the signal."""
     args = [*cli_flags(text_file), *CONSTANT_LR, "--config.num_train_steps=100000"]
     args += ["--config.checkpoint_every_steps=100000", f"--workdir={workdir}"]
     proc = _run(args, CPU)
     try:
         _wait_for_train_lines(proc, workdir, 10)
+        if while_running is not None:
+            while_running(args, proc.pid)
         proc.send_signal(signum)
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -80,10 +82,20 @@ def test_sigterm_saves_the_current_step_and_resuming_equals_uninterrupted(text_f
     assert record["changed"] == {"num_train_steps": [100000, step + 5]}
 
 
-def test_sigint_saves_the_current_step_and_exits_130(text_file, tmp_path):  # noqa: F811
-    out, step = _stop_with(signal.SIGINT, text_file, str(tmp_path / "w"))
+def _second_process_is_refused(args, pid):
+    second = _run(args, CPU)
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode != 0
+    assert f"is in use by pid {pid} on host" in out
+
+
+def test_second_cli_on_a_running_workdir_is_refused_and_sigint_exits_130(text_file, tmp_path):  # noqa: F811
+    workdir = str(tmp_path / "w")
+    out, step = _stop_with(signal.SIGINT, text_file, workdir, _second_process_is_refused)
     assert f"stopped by SIGINT at step {step}; checkpoint {step} is in" in out
     assert "KeyboardInterrupt" not in out
+    steps = [r["step"] for r in read_metrics(workdir) if "train/loss" in r]
+    assert steps == list(range(1, step + 1))  # the refused process wrote nothing
 
 
 @pytest.fixture(scope="module")
