@@ -7,11 +7,13 @@ The rate is ``steps / training seconds``; the ETA is
 
     remaining_steps / rate  +  remaining_eval_units × seconds_per_eval_unit,
 
-where evaluation cost is measured per *unit* (a batch or a window of the held-out split, as the
-trainer counts them) over the evaluations done so far, and ``eval_units_after(step)`` says how
-many units are still to run when training is at ``step`` (the periodic ones at ``step`` and
-later — a progress line comes before its step's evaluation — and the final evaluation). Before the
-first evaluation has been timed the line says ``+ eval ?``.
+where the cost of one evaluation *unit* (a batch or a window of the held-out split, as the trainer
+counts them) is that of the latest evaluation — or of the first while it is the only one, which
+also paid for compiling the evaluation step, so the first estimate errs long — and
+``eval_units_after(step)`` says how many units are still to run when training is at ``step``
+(the periodic ones at ``step`` and later — a progress line comes before its step's evaluation —
+and the final evaluation). Before the first evaluation has been timed the line says
+``+ eval ?``.
 
 Each call to :meth:`ProgressLogger.line` returns one plain line (no carriage returns, no colour), so
 the output reads the same on a terminal and in a cluster log file.
@@ -60,8 +62,7 @@ class ProgressLogger:
         self._clock = clock
         self._excluded = 0.0  # seconds inside `excluded` since the start
         self._excluded_by_kind: dict[str, float] = {}
-        self._eval_units_done = 0.0
-        self._eval_seconds = 0.0
+        self._eval_timings: list[tuple[float, float]] = []  # (seconds, units) per evaluation
         self._start_time = clock()
         self._start_step = start_step
         self._last = (start_step, self._start_time, 0.0)  # step, time, excluded at last line
@@ -70,7 +71,7 @@ class ProgressLogger:
     @contextlib.contextmanager
     def excluded(self, kind: str, eval_units: float = 0.0) -> Iterator[None]:
         """Time spent inside is not training time. ``kind="eval"`` with ``eval_units`` > 0 also
-        measures the cost of one evaluation unit for the ETA."""
+        measures the cost of one evaluation unit for the ETA (the latest evaluation counts)."""
         t0 = self._clock()
         try:
             yield
@@ -79,8 +80,7 @@ class ProgressLogger:
             self._excluded += dt
             self._excluded_by_kind[kind] = self._excluded_by_kind.get(kind, 0.0) + dt
             if kind == "eval" and eval_units > 0:
-                self._eval_units_done += eval_units
-                self._eval_seconds += dt
+                self._eval_timings.append((dt, float(eval_units)))
 
     def excluded_seconds(self) -> dict[str, float]:
         """Seconds spent so far in each excluded kind (``{"compile": ..., "eval": ...}``)."""
@@ -103,9 +103,10 @@ class ProgressLogger:
         units = float(self._eval_units_after(step))
         if units <= 0:
             return train, 0.0
-        if self._eval_units_done <= 0:
+        if not self._eval_timings:
             return train, None
-        return train, units * self._eval_seconds / self._eval_units_done
+        seconds, done = self._eval_timings[-1]
+        return train, units * seconds / done
 
     def interval_rate(self, step: int) -> float:
         """Steps per training second since the previous :meth:`line` (nan if no time passed)."""

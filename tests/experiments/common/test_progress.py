@@ -63,9 +63,9 @@ def test_eta_includes_the_remaining_evaluation_once_measured():
     # 200 steps in 40 s of training: 100 left -> 20 s; eval left: 10 + 50 units -> 120 s
     assert logger.line(200, {}) == "step 200/300 | 5 steps/s | ETA 2m20s (eval 2m00s)"
     with logger.excluded("eval", eval_units=10):
-        clock.advance(40.0)  # now 3 s per unit on average
+        clock.advance(10.0)  # the latest evaluation counts: 1 s per unit (the first compiled)
     clock.advance(20.0)
-    assert logger.line(300, {}) == "step 300/300 | 5 steps/s | ETA 2m30s (eval 2m30s)"
+    assert logger.line(300, {}) == "step 300/300 | 5 steps/s | ETA 50s (eval 50s)"
 
 
 def test_resumed_run_counts_from_its_start_step():
