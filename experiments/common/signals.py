@@ -87,6 +87,8 @@ class StopSignals:
         signum = self.received if self.received is not None else signal.SIGTERM
         name = signal.Signals(signum).name
         where = f"checkpoint {step} is in {checkpoint_dir}" if saved else "nothing new to save"
+        if not saved and os.path.isdir(os.path.join(checkpoint_dir, str(step))):
+            where = f"nothing new to save; checkpoint {step} is in {checkpoint_dir}"
         return Interrupted(
             signum, f"stopped by {name} at step {step}; {where}. Rerun the same command to resume."
         )

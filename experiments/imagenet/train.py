@@ -600,7 +600,7 @@ def _train(
                 step, mask_dynamics.window_metrics(change, config.mask_window_steps), "masks/"
             )
             state = snapshot_fn(state)
-        if config.eval_every_steps and step % config.eval_every_steps == 0:
+        if config.eval_every_steps and step % config.eval_every_steps == 0 and not stopping:
             scores, examples = run_eval()
             writer.write(step, scores, prefix="eval/")
             _log(f"eval at step {step} ({examples} examples): {json.dumps(scores)}")
@@ -617,6 +617,8 @@ def _train(
         if stopping:
             raise run.stop.interrupted(step, ckpt.directory)
 
+    if final is None and run.should_stop(at_sync_point=True):  # final state is checkpointed
+        raise run.stop.interrupted(config.num_train_steps, ckpt.directory, saved=False)
     scores, examples = final if final is not None else run_eval()
     writer.write(config.num_train_steps, {f"valid_{k}": v for k, v in scores.items()}, "final/")
     wall_seconds = wall_before + time.monotonic() - t_start

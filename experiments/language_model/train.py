@@ -553,7 +553,8 @@ def _train(config, run, corpus, stop_at_step, start_time, closing) -> dict[str, 
             change = {k: float(v) for k, v in jax.device_get(window_fn(state)).items()}
             writer.write(step, mask_dynamics.window_metrics(change, window), prefix="masks/")
             state = snapshot_fn(state)
-        if config.eval_every_steps and step % config.eval_every_steps == 0 and step < end:
+        due_eval = config.eval_every_steps and step % config.eval_every_steps == 0 and step < end
+        if due_eval and not stopping:
             scores, seconds = evaluate(corpus.valid, config.get("eval_max_windows", 0))
             writer.write(step, scores, prefix="eval/")
             _log(
@@ -572,6 +573,8 @@ def _train(config, run, corpus, stop_at_step, start_time, closing) -> dict[str, 
 
     results: dict[str, float] = {}
     for split in ("valid", "test"):
+        if run.should_stop(at_sync_point=True):  # the final state is checkpoint `step`
+            raise run.stop.interrupted(step, ckpt.directory, saved=False)
         scores, seconds = evaluate(getattr(corpus, split), final_windows)
         results.update({f"{split}_{k}": v for k, v in scores.items()})
         _log(

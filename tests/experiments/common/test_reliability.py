@@ -347,3 +347,13 @@ def test_second_signal_exits_at_once():
     assert "received SIGINT: finishing the current step" in out.stderr
     assert "received SIGTERM again: exiting at once" in out.stderr
     assert "not reached" not in out.stdout
+
+
+def test_stop_before_any_new_step_names_the_existing_checkpoint(tmp_path):
+    os.makedirs(tmp_path / "7")
+    with signals.StopSignals(log=lambda _: None) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        error = stop.interrupted(7, str(tmp_path), saved=False)
+    assert error.exit_code == 130
+    assert f"at step 7; nothing new to save; checkpoint 7 is in {tmp_path}." in str(error)
+    assert "nothing new to save. Rerun" in str(stop.interrupted(0, str(tmp_path), saved=False))
