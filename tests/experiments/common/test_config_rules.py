@@ -260,3 +260,35 @@ def test_imagenet_without_prepared_data_fails_before_the_model_and_leaves_no_wor
     with pytest.raises(FileNotFoundError, match="tfds build imagenet2012"):
         imagenet_train.train_and_evaluate(config, str(workdir))
     assert not workdir.exists()
+
+
+DEVICE_COUNT_CHECK = """
+from configs.imagenet import tiny
+from experiments.imagenet import train
+config = tiny.get_config("0.8,0.5")
+config.eval_batch_size = 12
+try:
+    train.validate_config(config)
+except ValueError as e:
+    print(e)
+"""
+
+
+def test_imagenet_eval_batch_not_divisible_by_devices_fails_in_validation():
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", DEVICE_COUNT_CHECK],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (
+        "config.eval_batch_size=12 must be a positive multiple of the device count 8" in out.stdout
+    )
