@@ -7,20 +7,34 @@
   process's rows; ``global_batch(local_BxN, mesh, global_bs)`` -> global ``jax.Array``;
   ``put_replicated(tree, mesh)``; ``is_primary()``.
 
-``checkpoint`` — ``Checkpointer(directory, max_to_keep=2)`` around orbax ``CheckpointManager``:
-  ``.save(step, state_pytree, meta_dict)`` (meta: JSON, e.g. data position),
-  ``.restore(abstract_state, step=None) -> (state, meta)`` (always with an abstract target),
-  ``.latest_step()``, ``.wait()``, ``.close()``.
+``checkpoint`` — ``Checkpointer(directory, max_to_keep=2, primary=True)`` around orbax
+  ``CheckpointManager``: ``.save(step, state_pytree, meta_dict)`` (meta: JSON, e.g. data
+  position; waits for the write, a failure is a ``CheckpointError`` at that save with the partial
+  directory removed), ``.restore_latest(abstract_state, log)`` -> ``(state, meta)`` or None (a
+  checkpoint that does not restore is moved aside as ``<step>.corrupt`` and the previous one is
+  used), ``.restore(abstract_state, step=None)``, ``.check_free_space(abstract_state)``,
+  ``.latest_step()``, ``.all_steps()``, ``.wait()``, ``.close()``.
 
-``metrics`` — ``MetricsWriter(workdir, enabled=is_primary())``: ``.write(step, {name: scalar},
-  prefix="train/")`` appends to ``metrics.jsonl`` and TensorBoard events (tensorboardX);
-  ``.flush()``, ``.close()``; ``read_metrics(workdir)`` -> list of dicts.
+``metrics`` — ``MetricsWriter(workdir, enabled=is_primary(), start_step=None)``: ``.write(step,
+  {name: scalar}, prefix="train/")`` appends to ``metrics.jsonl`` and TensorBoard events
+  (tensorboardX); with ``start_step`` (a resume) later records are cut and no ``(step, name)`` is
+  written twice; ``.flush()``, ``.close()``; ``read_metrics(workdir)`` -> list of dicts.
 
 ``progress`` — ``ProgressLogger(total_steps, start_step)``: ``.line(step, {name: value})`` ->
   ``"step 120/1000 | loss 2.31 | 4.2 steps/s | ETA 3m29s"``; ``format_duration(seconds)``.
 
-``guard`` — ``check_finite(loss, step, last_good_checkpoint)`` raises ``NonFiniteLossError``
-  (call before saving the step's checkpoint, so the last good one is kept).
+``guard`` — ``check_finite(loss, step, last_good_checkpoint, hint)`` and
+  ``check_state_finite(state, step, last_good_checkpoint, hint)`` raise ``NonFiniteLossError``
+  (call before saving, so no non-finite state is ever checkpointed); ``nonfinite_paths(tree)``.
+
+``workdir`` — a workdir is one experiment: ``session(workdir, config, primary, log)`` (context
+  manager: ``lock.json``, signal handlers, identity check against ``config.json`` with
+  ``RESUMABLE_CHANGES``, ``config.json`` written) yields a ``Session`` (``.changes``,
+  ``.finished`` summary, ``.resumed(step)`` -> ``resumes.jsonl``, ``.should_stop(at_sync_point)``);
+  ``check_identity``, ``acquire_lock`` / ``release_lock`` / ``locked``; ``WorkdirError``.
+
+``signals`` — ``StopSignals`` (first SIGTERM/SIGINT sets a flag, a second exits at once),
+  ``Interrupted`` (raised after the checkpoint; the launcher exits with ``128 + signal``).
 
 ``dry_run`` — ``layer_rows(abstract_params, sparsify=, forward_sparsity=, backward_sparsity=,
   distribution=)`` (via ``tk.layer_densities``; works on ``jax.eval_shape`` output),
