@@ -7,12 +7,13 @@ sparsity it prints, from XLA's compiled memory analysis (deterministic, no run n
 * dense optax step and masked ``tk.topkast`` step (``refresh_every=100``, its ``lax.cond``
   holding the refresh): persistent MiB (params + optimizer state) and peak MiB (argument + temp
   of the donated step);
-* ``tk.AlwaysSparse`` device step, for any ``loss_fn`` (``remat`` off and on): persistent MiB on
+* ``tk.AlwaysSparse`` device step, for any ``loss_fn``: persistent MiB on
   the device (``device_bytes_per_leaf``, equal to ``device_bytes`` of a real state), its ratio to
   the floor ``Σ k_B × (4 value + 4 index + 8 Adam) + k_B/8 (A-flag bits) + dense leaves``, peak
   MiB and the peak's ratio to the dense step;
-* the same for the Flax Linen MLP through :func:`topkast_jax.always_sparse_linen.layerwise_loss`
-  (each layer's dense ``α`` built inside that layer);
+* the same for the MLP written in Flax Linen with
+  ``topkast_jax.always_sparse_linen.layerwise(nn.Dense)`` and ``lazy_alpha=True`` (each layer's
+  dense ``α`` built inside that layer and rebuilt in its backward pass);
 
 and then, on real weights, the wall time of one always-sparse step and of one refresh (device →
 host, exact host selection of every leaf, host → device), in ms and ms per million weights.
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchmark_step as bench  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
@@ -75,6 +77,33 @@ def always_sparse_peak(sparse: tk.AlwaysSparse, loss: Any, params: Any, batch: A
     return compiled_peak(step.lower(abstract.device, batch).compile())
 
 
+def linen_mlp(problem: bench.Problem) -> tuple[Any, Any]:
+    """The same MLP in Flax Linen with ``always_sparse_linen.layerwise(nn.Dense)`` layers:
+    ``(loss(params, batch), abstract params)``."""
+    import flax.linen as nn
+
+    from topkast_jax import always_sparse_linen
+
+    dense = always_sparse_linen.layerwise(nn.Dense)
+    x_BxW, _ = problem.batch
+    width, layers = x_BxW.shape[-1], len(problem.params)
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, h_BxW):
+            for i in range(layers):
+                h_BxW = dense(width)(h_BxW)
+                h_BxW = nn.relu(h_BxW) if i < layers - 1 else h_BxW
+            return h_BxW
+
+    def loss(params, batch):
+        h_BxW, y_BxW = batch
+        return jnp.mean((MLP().apply({"params": params}, h_BxW) - y_BxW) ** 2)
+
+    params = jax.eval_shape(MLP().init, jax.random.PRNGKey(0), x_BxW)["params"]
+    return loss, params
+
+
 def memory_rows(problem: bench.Problem, fs: float, bs: float) -> list[str]:
     """The memory table rows of one sparsity pair."""
     inner = bench.inner_optimizer()
@@ -93,12 +122,13 @@ def memory_rows(problem: bench.Problem, fs: float, bs: float) -> list[str]:
         f"{'masked tk.topkast (refresh 100)':38s} {masked.persistent:10.1f} {'':>8s} "
         f"{masked.peak:9.1f} {masked.peak / dense.peak:8.2f}",
     ]
+    linen_loss, linen_params = linen_mlp(problem)
     cases = [
         ("always-sparse, any loss_fn", problem.loss, problem.params, False),
-        ("always-sparse, any loss_fn, remat", problem.loss, problem.params, True),
+        ("always-sparse, Linen layerwise alpha", linen_loss, linen_params, True),
     ]
-    for label, loss, params, remat in cases:
-        sparse = tk.AlwaysSparse(inner, forward_sparsity=fs, backward_sparsity=bs, remat=remat)
+    for label, loss, params, lazy in cases:
+        sparse = tk.AlwaysSparse(inner, forward_sparsity=fs, backward_sparsity=bs, lazy_alpha=lazy)
         persistent = sum(sparse.device_bytes_per_leaf(params).values()) / MiB
         floor = floor_mib(sparse, params)
         peak = always_sparse_peak(sparse, loss, params, problem.batch)

@@ -91,6 +91,14 @@ def _put(x: np.ndarray, like: Any) -> jax.Array:
     return jnp.asarray(x) if sharding is None else jax.device_put(x, sharding)
 
 
+def _own_copy(x: Any, placement: NamedSharding | None) -> jax.Array:
+    """A device copy of a dense leaf that the state owns (the step donates it), keeping the
+    leaf's sharding when it is a device array."""
+    if isinstance(x, jax.Array):
+        return jax.device_put(x, x.sharding, may_alias=False)
+    return _put(np.asarray(x), placement)
+
+
 def _flat_masks(layout: host.Layout, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Flat bool ``(A, B)`` of a layout."""
     a, b = np.zeros(size, bool), np.zeros(size, bool)
@@ -112,7 +120,11 @@ class AlwaysSparse:
         :func:`topkast_jax.topkast`.
       selection_method: accepted for compatibility; the host selection is exact numpy.
       track_reservoir: must be ``False`` (mask statistics are not tracked in this mode).
-      remat: rematerialise each leaf's dense ``α`` in the backward pass (``jax.checkpoint``).
+      lazy_alpha: the loss receives each sparse leaf as a
+        :class:`~topkast_jax.always_sparse_device.SparseLeaf` (``k_B`` values and indices) and
+        builds its dense ``α`` where it is used — e.g. inside each Flax Linen layer with
+        :func:`topkast_jax.always_sparse_linen.layerwise` — so that not every ``α`` is live at
+        once.  Default: the loss receives the dense ``α`` pytree.
 
     The methods: ``init(params)``, ``make_step(loss_fn)``, ``dense_params(state)``,
     ``masks(state)``, ``device_bytes(state)`` and ``device_bytes_per_leaf(params)``.
@@ -134,7 +146,7 @@ class AlwaysSparse:
         selection_method: str = "auto",
         seed: int = 0,
         track_reservoir: bool = False,
-        remat: bool = False,
+        lazy_alpha: bool = False,
     ):
         self.forward_sparsity, self.backward_sparsity = check_sparsities(
             forward_sparsity, backward_sparsity
@@ -166,7 +178,7 @@ class AlwaysSparse:
         self.inner = inner
         self.global_topk = bool(global_topk)
         self.seed = int(seed)
-        self.remat = bool(remat)
+        self.lazy_alpha = bool(lazy_alpha)
         self.sparsify = sparsify if sparsify is not None else sparsify_lib.kernels()
 
     # ----------------------------------------------------------------------------------------
@@ -234,7 +246,7 @@ class AlwaysSparse:
         dev_leaves, idx_leaves, a_leaves, host_leaves = [], [], [], []
         for p, leaf in zip(leaves, plan, strict=True):
             if not leaf.sparse:
-                dev_leaves.append(p if isinstance(p, jax.Array) else _put(np.asarray(p), placement))
+                dev_leaves.append(_own_copy(p, placement))
                 idx_leaves.append(None)
                 a_leaves.append(None)
                 host_leaves.append(None)
@@ -275,7 +287,7 @@ class AlwaysSparse:
             inner=self.inner,
             specs=self._specs(state),
             exploration_l2=self.exploration_l2,
-            remat=self.remat,
+            lazy_alpha=self.lazy_alpha,
             has_aux=has_aux,
         )
         return jax.jit(fn, donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
@@ -514,7 +526,7 @@ def _alpha_fn(specs: tuple[dev.LeafSpec | None, ...]) -> Any:
 
     def alpha(device: DeviceState) -> Any:
         z = dev.forward_values(device.params, device.in_a)
-        return dev.dense_alpha(z, device.indices, specs)
+        return dev.model_alpha(z, device.indices, specs, lazy=False)
 
     return jax.jit(alpha)
 

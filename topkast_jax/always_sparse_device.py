@@ -18,6 +18,8 @@ and inner state are zero outside ``B``, so nothing outside ``B`` needs storing.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -25,7 +27,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.ad_checkpoint import checkpoint_name
 from optax import tree_utils as otu
 
 from topkast_jax.penalty import penalty_scale
@@ -66,8 +67,11 @@ def densify(z_K: jax.Array, idx_K: jax.Array, shape: tuple[int, ...]) -> jax.Arr
     negative-index normalisation (a leaf-of-``B``-sized copy of the indices) is needed.
     """
     size = math.prod(shape)
+    # A zero that depends on this leaf's indices (they are >= 0): XLA cannot merge the leaves'
+    # zero buffers into one shared broadcast that every scatter would have to copy.
+    zero = jnp.minimum(idx_K[0], 0).astype(z_K.dtype)
     flat = jax.lax.scatter(
-        jnp.zeros((size,), z_K.dtype),
+        jnp.broadcast_to(zero, (size,)),
         idx_K[:, None],
         z_K,
         _SCATTER_DIMS,
@@ -89,19 +93,49 @@ def forward_values(params: Any, in_a: Any) -> Any:
     )
 
 
-ALPHA_NAME = "topkast_alpha"
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["values", "indices"], meta_fields=["shape"]
+)
+@dataclasses.dataclass(frozen=True)
+class SparseLeaf:
+    """A sparse leaf's ``α`` not yet built: ``z[k_B]`` at flat ``indices[k_B]`` of ``shape``.
+
+    With ``AlwaysSparse(..., lazy_alpha=True)`` the loss receives these in place of dense sparse
+    leaves; the model densifies each where it is used (:func:`densify_leaves`, or
+    :func:`topkast_jax.always_sparse_linen.layerwise` inside each Linen layer), so only the
+    layers being computed hold a dense ``α``.
+    """
+
+    values: jax.Array
+    indices: jax.Array
+    shape: tuple[int, ...]
+
+    def dense(self) -> jax.Array:
+        """The dense ``α`` of this leaf."""
+        return densify(self.values, self.indices, self.shape)
 
 
-def dense_alpha(z: Any, indices: Any, specs: tuple[LeafSpec | None, ...]) -> Any:
-    """The dense ``α`` pytree the model sees, built from ``z`` leaf by leaf (each sparse leaf's
-    ``α`` named :data:`ALPHA_NAME` for ``jax.checkpoint`` policies)."""
+def is_sparse_leaf(x: Any) -> bool:
+    return isinstance(x, SparseLeaf)
+
+
+def densify_leaves(tree: Any) -> Any:
+    """``tree`` with every :class:`SparseLeaf` replaced by its dense ``α``."""
+    return jax.tree.map(
+        lambda x: x.dense() if is_sparse_leaf(x) else x, tree, is_leaf=is_sparse_leaf
+    )
+
+
+def model_alpha(z: Any, indices: Any, specs: tuple[LeafSpec | None, ...], lazy: bool) -> Any:
+    """What the loss receives: dense ``α`` leaves, or :class:`SparseLeaf` ones with ``lazy``."""
     leaves, treedef = jax.tree.flatten(z)
     idx = jax.tree.leaves(indices, is_leaf=_is_none)
     out = [
-        x if spec is None else checkpoint_name(densify(x, i, spec.shape), ALPHA_NAME)
+        x if spec is None else SparseLeaf(x, i, spec.shape)
         for x, i, spec in zip(leaves, idx, specs, strict=True)
     ]
-    return jax.tree.unflatten(treedef, out)
+    tree = jax.tree.unflatten(treedef, out)
+    return tree if lazy else densify_leaves(tree)
 
 
 def add_penalty(
@@ -128,7 +162,7 @@ def device_step(
     inner: optax.GradientTransformation,
     specs: tuple[LeafSpec | None, ...],
     exploration_l2: float,
-    remat: bool = False,
+    lazy_alpha: bool = False,
     has_aux: bool = False,
 ) -> tuple[DeviceState, Any]:
     """One always-sparse training step (steps 1–4 of the module docstring).
@@ -140,11 +174,7 @@ def device_step(
     l2 = jnp.asarray(exploration_l2, jnp.float32)
 
     def loss_of(z):
-        return loss_fn(dense_alpha(z, state.indices, specs), batch)
-
-    if remat:  # no dense α is kept for the backward pass: each is rebuilt from z where needed
-        policy = jax.checkpoint_policies.save_anything_except_these_names(ALPHA_NAME)
-        loss_of = jax.checkpoint(loss_of, policy=policy)
+        return loss_fn(model_alpha(z, state.indices, specs, lazy_alpha), batch)
 
     out, grads = jax.value_and_grad(loss_of, has_aux=has_aux)(
         forward_values(state.params, state.in_a)

@@ -14,6 +14,7 @@ import pytest
 from always_sparse_harness import NO_FMA, batch_at, mlp_loss, mlp_params, side_by_side
 
 import topkast_jax as tk
+from topkast_jax import always_sparse_device as dev
 from topkast_jax import always_sparse_host as host
 from topkast_jax import selection
 
@@ -201,3 +202,40 @@ def test_orbax_restore_gives_identical_continuation(tmp_path):
         assert float(loss_a) == float(loss_b)
     _assert_trees_equal(sparse.dense_params(b), sparse.dense_params(a))
     _assert_trees_equal(b.device, a.device)
+
+
+def test_linen_layerwise_alpha_gives_the_same_run():
+    """``lazy_alpha`` + ``always_sparse_linen.layerwise`` only moves where α is built."""
+    nn = pytest.importorskip("flax.linen")
+    from topkast_jax import always_sparse_linen
+
+    dense = always_sparse_linen.layerwise(nn.Dense)
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, h):
+            h = nn.relu(dense(16)(h))
+            return dense(4)(h)
+
+    def loss(params, batch):
+        x, y = batch
+        return jnp.mean((MLP().apply({"params": params}, x) - y) ** 2)
+
+    x, y = batch_at(0)
+    params = MLP().init(jax.random.PRNGKey(0), x)["params"]
+    kw = dict(BASE, refresh_every=3)
+    lazy = tk.AlwaysSparse(optax.adam(1e-2), lazy_alpha=True, **kw)
+    eager = tk.AlwaysSparse(optax.adam(1e-2), **kw)
+    a, b = lazy.init(params), eager.init(params)
+    step_a, step_b = lazy.make_step(loss), eager.make_step(loss)
+    for t in range(10):
+        a, loss_a = step_a(a, batch_at(t))
+        b, loss_b = step_b(b, batch_at(t))
+        assert float(loss_a) == float(loss_b)
+    _assert_trees_equal(lazy.dense_params(a), eager.dense_params(b))
+    # The model really received SparseLeaf values: densifying is the layer's job.
+    seen = []
+    probe = tk.AlwaysSparse(optax.sgd(0.0), lazy_alpha=True, **kw)
+    probe.make_step(lambda p, batch: seen.append(p) or loss(p, batch))(probe.init(params), (x, y))
+    kernels = [leaf for leaf in jax.tree.leaves(seen[0], is_leaf=dev.is_sparse_leaf)]
+    assert any(dev.is_sparse_leaf(leaf) for leaf in kernels)
