@@ -6,7 +6,9 @@ Two workloads, every method timed in the same run on the same inputs:
 2. the masks of every ResNet-50 v1 kernel at once (53 convolutions + the 2048x1000 classifier,
    25,502,912 weights), computed by one jitted function, at keep fraction D + M = 0.5 (the backward
    mask B) and D = 0.2 (the forward mask A); every kernel keeps
-   :math:`k = \max(1, \lfloor \text{keep}\cdot n + 0.5 \rfloor)` of its :math:`n` weights.
+   :math:`k = \max(1, \lfloor \text{keep}\cdot n + 0.5 \rfloor)` of its :math:`n` weights;
+3. the whole ``jax.jit(tx.init)`` of ``tk.topkast`` on those kernels (both masks, packed) beside a
+   jitted stable argsort of the same two masks.
 
 Each jitted function is called once to compile (the "compile s" column, which includes that first
 run), then timed ``--repeats`` times with ``block_until_ready``; the table shows the median.  Slow
@@ -42,15 +44,17 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from topkast_jax import selection
+import topkast_jax as tk
+from topkast_jax import codes, selection, streaming
 
 Shape = tuple[int, ...]
 
 SINGLE_SHAPE: Shape = (3, 3, 512, 512)
 SINGLE_KEEPS = (0.1, 0.5)
 RESNET_KEEPS = (0.5, 0.2)
-DEFAULT_METHODS = ("histogram", "histogram-rows", "bisect", "top_k", "sort")
+DEFAULT_METHODS = ("streaming", "histogram", "histogram-rows", "bisect", "top_k", "sort")
 BANDWIDTH_PROBE_ELEMENTS = 1 << 26  # 256 MiB of float32: far larger than any cache.
 
 
@@ -157,6 +161,9 @@ def time_call(
 #: Benchmark-only variant: the histogram method through ``selection.top_k_masks``, which stacks
 #: kernels of equal size as rows of one selection — the path ``tk.topkast`` takes at each refresh.
 BATCHED = "histogram-rows"
+#: The path ``tk.topkast`` takes (``topkast_jax.streaming``): chunked passes, equal shapes together.
+STREAMING = "streaming"
+EXTRA_METHODS = (BATCHED, STREAMING)
 
 
 def masks_fn(ks: Sequence[int], method: str) -> Callable:
@@ -173,7 +180,15 @@ def masks_fn(ks: Sequence[int], method: str) -> Callable:
         flat = selection.top_k_masks(keys, list(ks), method="histogram")
         return [m.reshape(x.shape) for m, x in zip(flat, kernels, strict=True)]
 
-    return jax.jit(all_masks_batched if method == BATCHED else all_masks)
+    def all_masks_streaming(kernels):
+        thresholds = streaming.leaf_thresholds(kernels, list(ks), list(ks))
+        return [
+            codes.forward_of(streaming.codes_from_thresholds(x, t))
+            for x, t in zip(kernels, thresholds, strict=True)
+        ]
+
+    special = {BATCHED: all_masks_batched, STREAMING: all_masks_streaming}
+    return jax.jit(special.get(method, all_masks))
 
 
 def one_pass_read_fn() -> Callable:
@@ -304,13 +319,57 @@ def print_table(
     print(f"{'floor: bytes/bandwidth':<26}{bandwidth_floor_ms:>11.2f}")
 
 
+def run_init_case(kernels_host: Sequence[np.ndarray], args: argparse.Namespace) -> None:
+    """Times the whole ``tx.init`` of Top-KAST (``A`` at D = 0.2 and ``B`` at D + M = 0.5 of every
+    kernel, packed) against a jitted stable argsort of the same two masks, and checks that the
+    masks are identical."""
+    params = {f"k{i:02d}": jnp.asarray(x) for i, x in enumerate(kernels_host)}
+    tx = tk.topkast(optax.sgd(0.1), forward_sparsity=0.8, backward_sparsity=0.5)
+    plan = tk.layer_densities(
+        params, sparsify=tk.sparsify.kernels(), forward_sparsity=0.8, backward_sparsity=0.5
+    )
+    k_a, k_b = [leaf.k_forward for leaf in plan], [leaf.k_backward for leaf in plan]
+    init = jax.jit(tx.init)
+
+    def argsort_masks(leaves):
+        return [
+            selection.top_k_magnitude_mask(x, k, method="sort")
+            for ks in (k_a, k_b)
+            for x, k in zip(leaves, ks, strict=True)
+        ]
+
+    leaves = jax.tree.leaves(params)
+    init_timing, state = time_call(blocking(init, params), args.repeats, args.budget_s)
+    sort_timing, sorted_masks = time_call(
+        blocking(jax.jit(argsort_masks), leaves), args.repeats, args.budget_s
+    )
+    masks = tk.get_masks(state)
+    got = [*jax.tree.leaves(masks.forward), *jax.tree.leaves(masks.backward)]
+    for i, (a, b) in enumerate(zip(got, sorted_masks, strict=True)):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), f"tx.init mask {i} differs"
+    print(
+        "\ntx.init of tk.topkast on all ResNet-50 kernels (A at D=0.2 and B at D+M=0.5, packed), "
+        "beside a jitted stable argsort of the same masks (identical masks checked)"
+    )
+    header = (
+        f"{'call':<26}{'median ms':>11}{'min ms':>10}{'n':>4}{'compile s':>11}{'sort/this':>11}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, timing in (("tx.init", init_timing), ("argsort A and B", sort_timing)):
+        print(
+            f"{name:<26}{timing.median_ms:>11.2f}{timing.min_ms:>10.2f}{len(timing.samples_ms):>4}"
+            f"{timing.compile_s:>11.2f}{sort_timing.median_ms / timing.median_ms:>10.1f}x"
+        )
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per method (median)")
     parser.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
-        help=f"comma-separated subset of {(*selection.METHODS, BATCHED)}",
+        help=f"comma-separated subset of {(*selection.METHODS, *EXTRA_METHODS)}",
     )
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: keep 0.5 only, 3 repeats, 1 s budgets"
@@ -325,8 +384,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for method in args.methods:
-        if method not in (*selection.METHODS, BATCHED):
-            known = (*selection.METHODS, BATCHED)
+        if method not in (*selection.METHODS, *EXTRA_METHODS):
+            known = (*selection.METHODS, *EXTRA_METHODS)
             parser.error(f"--methods: unknown method {method!r}; choose from {known}")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
@@ -374,6 +433,7 @@ def main() -> None:
     resnet = he_normal_kernels(shapes, args.seed + 1)
     for keep in resnet_keeps:
         run_case("all ResNet-50 kernels", resnet, keep, args.methods, args, bandwidth, False)
+    run_init_case(resnet, args)
     print(
         "\nmasks checked (methods agree; single kernel = numpy argsort); "
         f"total {time.perf_counter() - start:.0f} s, "

@@ -79,3 +79,18 @@ def forward_of(code: jax.Array) -> jax.Array:
 def backward_of(code: jax.Array) -> jax.Array:
     """``B`` (bool) from codes."""
     return (code & IN_B) != 0
+
+
+#: In every packed byte, the bits that hold ``A`` (1, 3, 5, 7) and those that hold ``B``.
+_PLANE = {IN_A: 0b10101010, IN_B: 0b01010101}
+
+
+def plane(packed: jax.Array, bit: int) -> jax.Array:
+    """The packed bits of one set (``IN_A`` or ``IN_B``), others cleared (uint8, packed shape)."""
+    return packed & jnp.uint8(_PLANE[bit])
+
+
+def count(packed: jax.Array, bit: int) -> jax.Array:
+    """int32 number of weights in one set, counted on the packed bytes (no unpacking; padding
+    holds code 0)."""
+    return jnp.sum(lax.population_count(plane(packed, bit)), dtype=jnp.int32)

@@ -80,17 +80,18 @@ def resolve_method(method: str) -> str:
     return "bisect" if jax.default_backend() == "tpu" else "histogram"
 
 
-def _reverse_cumsum(h: jax.Array) -> jax.Array:
-    """``out[..., b] = sum(h[..., b:])`` along the last axis."""
-    return jnp.cumsum(h[..., ::-1], axis=-1)[..., ::-1]
+def _at_least(h_SxB: jax.Array) -> jax.Array:
+    """``out[s, b] = sum(h[s, b:])``, as one int32 product with an upper-triangular matrix
+    (few instructions to compile; exact, as counts stay below 2³¹)."""
+    bins = h_SxB.shape[-1]
+    upper_BxB = (jnp.arange(bins)[:, None] >= jnp.arange(bins)[None, :]).astype(jnp.int32)
+    return jnp.matmul(h_SxB, upper_BxB, preferred_element_type=jnp.int32)
 
 
-def _largest_at_least(at_least_SxB: jax.Array, k_S: jax.Array, beyond_S: jax.Array):
-    """Per row ``s`` of a non-increasing ``at_least[s, b] = #(digit >= b)``: the largest ``b``
-    with ``at_least[s, b] >= k[s]``, and ``at_least[s, b + 1]`` (``beyond[s]`` past the end)."""
-    b_S = jnp.sum(at_least_SxB >= k_S[:, None], axis=-1, dtype=jnp.int32) - 1
-    padded = jnp.concatenate([at_least_SxB, beyond_S[:, None]], axis=-1)
-    return b_S, jnp.take_along_axis(padded, (b_S + 1)[:, None], axis=-1)[:, 0]
+def _pick(h_SxB: jax.Array, b_S: jax.Array, op) -> jax.Array:
+    """``sum over bins j with op(j, b[s]) of h[s, j]`` (a masked sum instead of a gather)."""
+    bins_B = jnp.arange(h_SxB.shape[-1], dtype=jnp.int32)
+    return jnp.sum(jnp.where(op(bins_B[None, :], b_S[:, None]), h_SxB, 0), axis=-1)
 
 
 def _select_bucket(hist_SxD: jax.Array, k_S: jax.Array) -> tuple[jax.Array, ...]:
@@ -101,13 +102,16 @@ def _select_bucket(hist_SxD: jax.Array, k_S: jax.Array) -> tuple[jax.Array, ...]
     2 × 256 instead of 65,536 sequential additions.
     """
     hist_SxRxC = hist_SxD.reshape(-1, 256, 256)
-    row_at_least = _reverse_cumsum(hist_SxRxC.sum(axis=-1))
-    row_S, above_row_S = _largest_at_least(row_at_least, k_S, jnp.zeros_like(k_S))
-    row_hist_SxC = jnp.take_along_axis(hist_SxRxC, row_S[:, None, None], axis=1)[:, 0]
-    col_at_least = _reverse_cumsum(row_hist_SxC) + above_row_S[:, None]
-    col_S, above_S = _largest_at_least(col_at_least, k_S, above_row_S)
-    at_col_S = jnp.take_along_axis(col_at_least, col_S[:, None], axis=-1)[:, 0]
-    return row_S * 256 + col_S, above_S, at_col_S - above_S
+    row_total_SxR = hist_SxRxC.sum(axis=-1)
+    row_S = jnp.sum(_at_least(row_total_SxR) >= k_S[:, None], axis=-1, dtype=jnp.int32) - 1
+    above_row_S = _pick(row_total_SxR, row_S, jnp.greater)
+    rows_R = jnp.arange(256, dtype=jnp.int32)
+    in_row = rows_R[None, :, None] == row_S[:, None, None]
+    row_hist_SxC = jnp.sum(jnp.where(in_row, hist_SxRxC, 0), axis=1)
+    col_at_least = _at_least(row_hist_SxC) + above_row_S[:, None]
+    col_S = jnp.sum(col_at_least >= k_S[:, None], axis=-1, dtype=jnp.int32) - 1
+    above_S = above_row_S + _pick(row_hist_SxC, col_S, jnp.greater)
+    return row_S * 256 + col_S, above_S, _pick(row_hist_SxC, col_S, jnp.equal)
 
 
 class Threshold(NamedTuple):

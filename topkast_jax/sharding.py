@@ -29,6 +29,15 @@ def flatten(x: jax.Array) -> jax.Array:
     return jnp.reshape(x, (-1,), out_sharding=NamedSharding(sharding.mesh, PartitionSpec()))
 
 
+def flatten_rows(x_Gx: jax.Array) -> jax.Array:
+    """``x.reshape(G, -1)``, replicated when ``x`` is explicitly sharded."""
+    sharding = explicit_sharding(x_Gx)
+    if sharding is None:
+        return x_Gx.reshape(x_Gx.shape[0], -1)
+    replicated = NamedSharding(sharding.mesh, PartitionSpec())
+    return jnp.reshape(x_Gx, (x_Gx.shape[0], -1), out_sharding=replicated)
+
+
 def unflatten_like(flat_N: jax.Array, like: jax.Array) -> jax.Array:
     """``flat_N`` reshaped to ``like.shape``, with ``like``'s explicit sharding if it has one."""
     sharding = explicit_sharding(like)

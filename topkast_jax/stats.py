@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -17,8 +18,8 @@ import jax.numpy as jnp
 import optax
 
 from topkast_jax import codes as codes_lib
-from topkast_jax.state import Masks, MaskStats, PackedSets, SetStats, find_sparse_state, unpack_tree
-from topkast_jax.tree import sparse_leaves
+from topkast_jax.state import Masks, MaskStats, PackedSets, SetStats, find_sparse_state, is_set_leaf
+from topkast_jax.tree import path_name, sparse_leaves
 
 
 def init_stats(masks: Masks) -> MaskStats:
@@ -54,31 +55,81 @@ def init_set_stats(masks: Masks, track_reservoir: bool) -> SetStats:
     return SetStats(changed=full.changed, history=history)
 
 
-def refresh_set_stats(stats: SetStats, old: Masks, new: Masks) -> SetStats:
-    """:class:`SetStats` after a refresh from ``old`` to ``new`` masks."""
-    changed = jax.tree.map(fraction_changed, old.forward, new.forward)
+def packed_fraction_changed(old: PackedSets, new: PackedSets) -> jax.Array:
+    """``|A_new ∖ A_old| / |A_old|`` (0 when ``A_old`` is empty) on the packed bits, float32."""
+    entered = codes_lib.count(new.bits & ~old.bits, codes_lib.IN_A)
+    old_size = codes_lib.count(old.bits, codes_lib.IN_A)
+    return entered.astype(jnp.float32) / jnp.maximum(old_size, 1).astype(jnp.float32)
+
+
+def _mark_ever_active(history: PackedSets, new: PackedSets) -> PackedSets:
+    """History bit ``IN_A`` (ever in ``A``) |= ``A_new``; the reservoir bit is kept."""
+    return PackedSets(
+        history.bits | codes_lib.plane(new.bits, codes_lib.IN_A), history.shape, history.axis
+    )
+
+
+def _map_sets(fn, *trees: Any) -> Any:
+    """``fn`` on the :class:`PackedSets` of sparse leaves, ``None`` kept on dense ones."""
+    return jax.tree.map(
+        lambda s, *rest: None if s is None else fn(s, *rest), *trees, is_leaf=is_set_leaf
+    )
+
+
+def refresh_set_stats(stats: SetStats, old: Any, new: Any) -> SetStats:
+    """:class:`SetStats` after a refresh from the ``old`` to the ``new`` packed sets, computed
+    on the packed bytes (a quarter of a byte per weight is read, nothing is unpacked)."""
+    changed = _map_sets(packed_fraction_changed, old, new)
     if stats.history is None:
         return SetStats(changed=changed, history=None)
-    ever, reservoir = _history_masks(stats)
-    ever = jax.tree.map(jnp.logical_or, ever, new.forward)
-    return SetStats(changed=changed, history=_pack_history(ever, reservoir))
+    history = _map_sets(_mark_ever_active, stats.history, new)
+    return SetStats(changed=changed, history=history)
 
 
-def _history_masks(stats: SetStats) -> tuple[Any, Any]:
-    return unpack_tree(stats.history, codes_lib.IN_A), unpack_tree(stats.history, codes_lib.IN_B)
-
-
-def _reservoir_trees(stats: Any) -> tuple[Any, Any] | None:
-    """``(ever_active, reservoir)`` bool pytrees, or ``None`` when the state keeps no history."""
-    if isinstance(stats, MaskStats):
-        return stats.ever_active, stats.reservoir
-    if stats.history is None:
-        return None
-    return _history_masks(stats)
+def _reservoir_fraction(history: Any) -> jax.Array:
+    """Of the reservoir ``C₀`` (history bit ``IN_B``), the fraction ever in ``A`` (bit
+    ``IN_A``), over all sparse leaves, on the packed bytes."""
+    leaves = [h for h in jax.tree.leaves(history, is_leaf=is_set_leaf) if h is not None]
+    reservoir = sum(codes_lib.count(h.bits, codes_lib.IN_B) for h in leaves)
+    activated = sum(
+        codes_lib.count((h.bits >> 1) & h.bits, codes_lib.IN_B) for h in leaves
+    )  # ever-active bit moved onto the reservoir bit of the same weight
+    return activated.astype(jnp.float32) / jnp.maximum(reservoir, 1).astype(jnp.float32)
 
 
 def _count(mask: jax.Array) -> jax.Array:
     return jnp.sum(mask, dtype=jnp.float32)
+
+
+def _packed_leaves(sets: Any) -> list[tuple[str, PackedSets]]:
+    """``(path name, PackedSets)`` of every sparse leaf, in tree order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(sets, is_leaf=is_set_leaf)
+    return [(path_name(path), s) for path, s in flat if s is not None]
+
+
+def _set_counts(state: Any) -> tuple[list[str], jax.Array, jax.Array, jax.Array]:
+    """Names, sizes, ``|A|`` and ``|B|`` (float32 vectors) of the sparse leaves; packed states
+    are counted on their bits."""
+    if isinstance(state.stats, SetStats):
+        rows = _packed_leaves(state.sets)
+        names = [name for name, _ in rows]
+        sizes = [math.prod(s.shape) for _, s in rows]
+        fwd = [codes_lib.count(s.bits, codes_lib.IN_A) for _, s in rows]
+        bwd = [codes_lib.count(s.bits, codes_lib.IN_B) for _, s in rows]
+    else:
+        rows = sparse_leaves(state.masks.forward, state.masks.backward)
+        names = [name for name, *_ in rows]
+        sizes = [a.size for _, a, _ in rows]
+        fwd = [_count(a) for _, a, _ in rows]
+        bwd = [_count(b) for _, _, b in rows]
+    if not names:
+        empty = jnp.zeros((0,), jnp.float32)
+        return [], empty, empty, empty
+
+    def vector(values):
+        return jnp.stack([jnp.asarray(v, jnp.float32) for v in values])
+
+    return names, jnp.array(sizes, jnp.float32), vector(fwd), vector(bwd)
 
 
 def mask_stats(opt_state: optax.OptState, *, per_leaf: bool = True) -> dict[str, jax.Array]:
@@ -91,28 +142,25 @@ def mask_stats(opt_state: optax.OptState, *, per_leaf: bool = True) -> dict[str,
     ``backward_density/<path>`` and ``mask_change/<path>``.  Empty dict when no leaf is sparse.
     """
     state = find_sparse_state(opt_state)
-    masks, stats = state.masks, state.stats
-    rows = sparse_leaves(masks.forward, masks.backward, stats.changed)
-    if not rows:
+    names, sizes, fwd, bwd = _set_counts(state)
+    if not names:
         return {}
+    changed = jnp.stack([c for c in jax.tree.leaves(state.stats.changed)])
     out: dict[str, jax.Array] = {}
-    sizes = jnp.array([a.size for _, a, *_ in rows], jnp.float32)
-    fwd = jnp.stack([_count(a) for _, a, *_ in rows])
-    bwd = jnp.stack([_count(b) for _, _, b, *_ in rows])
-    changed = jnp.stack([c for *_, c in rows])
     out["forward_density"] = fwd.sum() / sizes.sum()
     out["backward_density"] = bwd.sum() / sizes.sum()
     out["mask_change"] = changed.mean()
     out["mask_change_min"] = changed.min()
     out["mask_change_max"] = changed.max()
-    history = _reservoir_trees(stats)
-    if history is not None:
-        pairs = sparse_leaves(*history)
+    if isinstance(state.stats, MaskStats):
+        pairs = sparse_leaves(state.stats.ever_active, state.stats.reservoir)
         reservoir = sum(_count(r) for _, _, r in pairs)
         activated = sum(_count(e & r) for _, e, r in pairs)
         out["reservoir_activated"] = activated / jnp.maximum(reservoir, 1.0)
+    elif state.stats.history is not None:
+        out["reservoir_activated"] = _reservoir_fraction(state.stats.history)
     if per_leaf:
-        for i, (name, *_) in enumerate(rows):
+        for i, name in enumerate(names):
             out[f"forward_density/{name}"] = fwd[i] / sizes[i]
             out[f"backward_density/{name}"] = bwd[i] / sizes[i]
             out[f"mask_change/{name}"] = changed[i]

@@ -11,8 +11,8 @@ the leaf once:
 3. only when ties straddle a boundary (rare for trained weights): the flat index just past the
    last tie that is kept.
 
-Leaves of equal size are walked together (one loop per pass for the group, the histograms as
-rows of one scatter), so the compiled program grows with the number of distinct leaf sizes.
+Leaves of equal shape are walked together (one loop per pass for the group, the histograms as
+rows of one scatter), so the compiled program grows with the number of distinct leaf shapes.
 
 The result per leaf is two thresholds ``(t, cut)``: weight ``i`` is in the set iff
 ``key_i > t`` or (``key_i == t`` and ``i < cut``) — the stable-argsort order exactly (ties to the
@@ -54,42 +54,62 @@ class SetThresholds(NamedTuple):
 Body = Callable[[jax.Array, jax.Array, object], object]
 
 
-def _fold_chunks(xs: Sequence[jax.Array], body: Body, init: object) -> object:
-    """``carry ← body(keys_GxC, index_C, carry)`` over ``G`` leaves of one size, chunk by chunk.
+def _chunk_view(x: jax.Array) -> jax.Array:
+    """The leaf as it is walked: its own shape (chunks are runs of leading rows, so other axes
+    keep their sharding), or flat and replicated when its first axis is explicitly sharded."""
+    if x.ndim == 0 or sharding.unsharded_axis(x) != 0:
+        return sharding.flatten(x)
+    return x
 
-    Full chunks run in one ``fori_loop`` for the whole group (dynamic slices of the flat leaves,
-    no copy); the remaining ``n mod CHUNK`` weights form one last, shorter chunk.
+
+def _fold_chunks(xs: Sequence[jax.Array], body: Body, init: object) -> object:
+    """``carry ← body(keys_GxC…, index_C…, carry)`` over ``G`` leaves of one shape, by chunks of
+    about ``CHUNK`` weights: runs of whole leading rows, so a chunk is contiguous in row-major
+    order and keeps the leaf's sharding on the other axes.
+
+    Full chunks run in one ``fori_loop`` for the whole group (dynamic slices, no copy); the
+    remaining rows form one last, shorter chunk.  ``index`` is the row-major flat index of each
+    position of the chunk.
     """
-    flats = [sharding.flatten(x) for x in xs]
-    n = flats[0].shape[0]
-    size = min(CHUNK, n)
-    full = n // size
+    views = [_chunk_view(x) for x in xs]
+    shape = views[0].shape
+    row_size = max(1, views[0].size // shape[0])
+    rows = max(1, min(shape[0], CHUNK // row_size))
+    full = shape[0] // rows
 
     def chunk(start, length):
-        keys_GxC = jnp.stack(
+        keys = jnp.stack(
             [
-                selection.elementwise_magnitude_keys(lax.dynamic_slice_in_dim(f, start, length))
-                for f in flats
+                selection.elementwise_magnitude_keys(lax.dynamic_slice_in_dim(v, start, length))
+                for v in views
             ]
         )
-        return keys_GxC, start + jnp.arange(length, dtype=jnp.int32)
+        return keys, start * row_size + flat_index((length, *shape[1:]))
 
     def step(r, carry):
-        return body(*chunk(r * size, size), carry)
+        return body(*chunk(r * rows, rows), carry)
 
     carry = lax.fori_loop(0, full, step, init) if full > 1 else step(0, init)
-    if n > full * size:
-        carry = body(*chunk(full * size, n - full * size), carry)
+    if shape[0] > full * rows:
+        carry = body(*chunk(full * rows, shape[0] - full * rows), carry)
     return carry
 
 
-def _add_counts(hist_GxB: jax.Array, bins_GxC: jax.Array) -> jax.Array:
-    """``hist[g, b] += #(bins[g] == b)``; bins outside ``[0, B)`` are dropped."""
+def _row_axes(a: jax.Array) -> tuple[int, ...]:
+    """Every axis but the first (the group axis ``G``)."""
+    return tuple(range(1, a.ndim))
+
+
+def _add_counts(hist_GxB: jax.Array, bins_Gx: jax.Array) -> jax.Array:
+    """``hist[g, b] += #(bins[g] == b)`` (``bins`` of any shape after ``G``); bins outside
+    ``[0, B)`` are dropped."""
     rows, num_bins = hist_GxB.shape
-    valid = (bins_GxC >= 0) & (bins_GxC < num_bins)
-    row_start = jnp.arange(rows, dtype=jnp.int32)[:, None] * num_bins
+    valid = (bins_Gx >= 0) & (bins_Gx < num_bins)
+    row_start = (jnp.arange(rows, dtype=jnp.int32) * num_bins).reshape(
+        (rows,) + (1,) * (bins_Gx.ndim - 1)
+    )
     # Invalid entries go past the end (a negative index would wrap around).
-    flat = jnp.where(valid, row_start + bins_GxC, rows * num_bins)
+    flat = jnp.where(valid, row_start + bins_Gx, rows * num_bins)
     counts = hist_GxB.reshape(-1).at[flat].add(jnp.ones((), jnp.int32), mode="drop")
     return counts.reshape(rows, num_bins)
 
@@ -97,10 +117,15 @@ def _add_counts(hist_GxB: jax.Array, bins_GxC: jax.Array) -> jax.Array:
 def high_histograms(xs: Sequence[jax.Array]) -> jax.Array:
     """int32 ``[G, 65536]``: per leaf, how many keys have each high 16-bit digit (pass 1)."""
 
-    def body(keys_GxC, _, hist_GxB):
-        return _add_counts(hist_GxB, keys_GxC >> _BITS)
+    def body(keys_Gx, _, hist_GxB):
+        return _add_counts(hist_GxB, keys_Gx >> _BITS)
 
     return _fold_chunks(xs, body, jnp.zeros((len(xs), _BINS), jnp.int32))
+
+
+def _per_leaf(value_G: jax.Array, like_Gx: jax.Array) -> jax.Array:
+    """``value_G`` shaped to broadcast against ``like_Gx``."""
+    return value_G.reshape((value_G.shape[0],) + (1,) * (like_Gx.ndim - 1))
 
 
 def low_histograms(xs: Sequence[jax.Array], high_GxS: jax.Array) -> jax.Array:
@@ -108,11 +133,14 @@ def low_histograms(xs: Sequence[jax.Array], high_GxS: jax.Array) -> jax.Array:
     whose high digit is ``high_GxS[g, s]`` (pass 2)."""
     rows = high_GxS.shape[1]
 
-    def body(keys_GxC, _, hist_SxGxB):
-        high_GxC, low_GxC = keys_GxC >> _BITS, keys_GxC & (_BINS - 1)
+    def body(keys_Gx, _, hist_SxGxB):
+        high_Gx, low_Gx = keys_Gx >> _BITS, keys_Gx & (_BINS - 1)
         return jnp.stack(
             [
-                _add_counts(hist_SxGxB[s], jnp.where(high_GxC == high_GxS[:, s, None], low_GxC, -1))
+                _add_counts(
+                    hist_SxGxB[s],
+                    jnp.where(high_Gx == _per_leaf(high_GxS[:, s], high_Gx), low_Gx, -1),
+                )
                 for s in range(rows)
             ]
         )
@@ -128,8 +156,10 @@ def tie_cuts(
     (0 when ``needed <= 0``; the leaf size when there are fewer), and how many such entries the
     leaf has (pass 3; only run when ties straddle a boundary)."""
 
-    def body(keys_GxC, index_C, carry):
+    def body(keys_Gx, index_x, carry):
         seen_GxS, cut_GxS = carry
+        keys_GxC = sharding.flatten_rows(keys_Gx)
+        index_C = sharding.flatten(index_x)
         tied_GxSxC = keys_GxC[:, None, :] == key_GxS[:, :, None]
         running = seen_GxS[:, :, None] + jnp.cumsum(tied_GxSxC, axis=-1, dtype=jnp.int32)
         hit = tied_GxSxC & (running == needed_GxS[:, :, None])
@@ -160,7 +190,7 @@ def group_thresholds(
     xs: Sequence[jax.Array], k_forward: Sequence[int], k_backward: Sequence[int]
 ) -> list[SetThresholds]:
     """:class:`SetThresholds` of ``A`` (top ``k_forward[g]``) and ``B`` (top ``k_backward[g]``)
-    of ``|θ|`` for leaves of one size, selected together (one loop per pass for the group)."""
+    of ``|θ|`` for leaves of one shape, selected together (one loop per pass for the group)."""
     groups = len(xs)
     k_GxS = jnp.array(list(zip(k_forward, k_backward, strict=True)), jnp.int32)
     high_GxB = high_histograms(xs)
@@ -180,17 +210,19 @@ def group_thresholds(
     return [SetThresholds(key_GxS[g], cut_GxS[g]) for g in range(groups)]
 
 
-def _by_size(xs: Sequence[jax.Array]) -> dict[int, list[int]]:
-    groups: dict[int, list[int]] = {}
+def _by_size(xs: Sequence[jax.Array]) -> dict[tuple, list[int]]:
+    """Indices of the leaves walked together: same shape, same walk (:func:`_chunk_view`)."""
+    groups: dict[tuple, list[int]] = {}
     for i, x in enumerate(xs):
-        groups.setdefault(int(x.size), []).append(i)
+        walk = x.ndim == 0 or sharding.unsharded_axis(x) != 0
+        groups.setdefault((tuple(x.shape), walk), []).append(i)
     return groups
 
 
 def leaf_thresholds(
     xs: Sequence[jax.Array], k_forward: Sequence[int], k_backward: Sequence[int]
 ) -> list[SetThresholds]:
-    """Per-leaf :class:`SetThresholds` for any leaves; leaves of equal size share their loops.
+    """Per-leaf :class:`SetThresholds` for any leaves; leaves of equal shape share their loops.
     ``1 <= k_forward[i] <= k_backward[i] <= xs[i].size``."""
     out: list[SetThresholds | None] = [None] * len(xs)
     for members in _by_size(xs).values():

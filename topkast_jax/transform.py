@@ -323,8 +323,7 @@ def topkast(
         def refresh():
             rng, mask_rng = jax.random.split(state.rng)
             sets = compute_sets(new_params, plan, mask_rng)
-            new = sets_masks(sets)
-            return sets, stats_lib.refresh_set_stats(state.stats, masks, new), rng
+            return sets, stats_lib.refresh_set_stats(state.stats, state.sets, sets), rng
 
         def keep():
             return state.sets, state.stats, state.rng
