@@ -15,8 +15,9 @@ sparsity it prints, from XLA's compiled memory analysis (deterministic, no run n
   ``topkast_jax.always_sparse_linen.layerwise(nn.Dense)`` and ``lazy_alpha=True`` (each layer's
   dense ``α`` built inside that layer and rebuilt in its backward pass);
 
-and then, on real weights, the wall time of one always-sparse step and of one refresh (device →
-host, exact host selection of every leaf, host → device), in ms and ms per million weights.
+and then, on real weights, the wall time of one dense optax step, one always-sparse step and one
+refresh (device → host, exact host selection of every leaf, host → device), interleaved, medians,
+the refresh also in ms per million weights.
 
 ``--budget_mib`` adds the device-budget demonstration: the byte cap is enforced on XLA's compiled
 figures (the dense step's peak exceeds it, the always-sparse step's peak and state fit), then the
@@ -151,8 +152,15 @@ def timing_rows(problem: bench.Problem, fs: float, bs: float, repeats: int) -> l
     step = sparse.make_step(problem.loss)
     state, loss = step(state, problem.batch)  # compile
     loss.block_until_ready()
-    step_s, refresh_s = [], []
-    for _ in range(repeats):
+    dense = jax.jit(bench.dense_step(problem, inner), donate_argnums=(0, 1))
+    dense_state = (bench.fresh(problem.params), inner.init(problem.params))
+    dense_state = dense(*dense_state, problem.batch)[:2]  # compile
+    step_s, refresh_s, dense_s = [], [], []
+    for _ in range(repeats):  # interleaved, so load changes hit all three alike
+        start = time.perf_counter()
+        *dense_state, loss = dense(*dense_state, problem.batch)
+        loss.block_until_ready()
+        dense_s.append(time.perf_counter() - start)
         start = time.perf_counter()
         state, loss = step(state, problem.batch)
         loss.block_until_ready()
@@ -161,11 +169,13 @@ def timing_rows(problem: bench.Problem, fs: float, bs: float, repeats: int) -> l
         state = sparse.refresh(state)
         jax.block_until_ready(state.device)
         refresh_s.append(time.perf_counter() - start)
+    dense_ms = 1e3 * statistics.median(dense_s)
     millions = sum(leaf.size for leaf in sparse.plan(params) if leaf.sparse) / 1e6
     step_ms, refresh_ms = 1e3 * statistics.median(step_s), 1e3 * statistics.median(refresh_s)
     return [
         f"init (host selection + upload) {init_s * 1e3:9.0f} ms",
-        f"one always-sparse step         {step_ms:9.0f} ms   (median of {repeats})",
+        f"one dense optax step           {dense_ms:9.0f} ms   (median of {repeats})",
+        f"one always-sparse step         {step_ms:9.0f} ms   = {step_ms / dense_ms:.2f} x dense",
         f"one refresh                    {refresh_ms:9.0f} ms = {refresh_ms / millions:.2f} ms "
         f"per million weights ({millions:.1f} M sparse weights); refresh / step = "
         f"{refresh_ms / step_ms:.2f}, so refresh_every=N adds {100 * refresh_ms / step_ms:.0f}%/N",
