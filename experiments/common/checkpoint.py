@@ -6,10 +6,11 @@ optax NamedTuple states, shardings and dtypes come back exactly as saved.
 Failure handling:
 
 * **A corrupt checkpoint costs one checkpoint.** :meth:`Checkpointer.restore_latest` tries the
-  checkpoints newest first; one that does not restore (truncated or flipped bytes, a deleted
-  item, an empty step directory, a missing ``_METADATA``) or restores with non-finite values is
-  reported, moved aside as ``<step>.corrupt`` (never deleted) and the next older one is tried.
-  With none restorable it raises :class:`CheckpointError` naming the directory.
+  checkpoints newest first; those that do not restore (truncated or flipped bytes, a deleted
+  item, an empty step directory, a missing ``_METADATA``) or restore with non-finite values,
+  newer than the one that does, are reported and moved aside as ``<step>.corrupt`` (never
+  deleted). With none restorable it raises :class:`CheckpointError` naming the directory and
+  moves nothing (they may be incompatible rather than corrupt).
 * **A failed save surfaces at that save.** :meth:`Checkpointer.save` waits for the write to land;
   on failure (e.g. disk full) the partial ``<step>.orbax-checkpoint-tmp-*`` directory is removed,
   the previous checkpoint stays intact and :class:`CheckpointError` says so.
@@ -153,39 +154,51 @@ class Checkpointer:
     ) -> tuple[Any, dict[str, Any]] | None:
         """``(state, meta)`` of the newest checkpoint that restores with finite values.
 
-        A checkpoint that fails is logged with the reason, moved aside to ``<step>.corrupt`` and
-        the next older one is tried.
+        Checkpoints are tried newest first. Those newer than the one that restores are corrupt:
+        each is logged with its reason and moved aside to ``<step>.corrupt`` (never deleted). An
+        empty step directory holds nothing and is always moved aside. When no checkpoint
+        restores, nothing else is moved: they may be incompatible (written by other code or for
+        another config) rather than corrupt.
 
         Returns:
-          None if the directory holds no checkpoint at all.
+          None if the directory holds no checkpoint (or only empty step directories).
 
         Raises:
           CheckpointError: there are checkpoints but none restores (the message names the
             directory and each checkpoint's reason).
         """
-        steps = self.all_steps()
-        failures = []
-        for step in reversed(steps):
+        failures: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            if not os.listdir(os.path.join(self.directory, str(step))):
+                failures.append((step, "empty step directory"))
+                continue
             try:
                 state, meta = self.restore(abstract_state, step)
                 bad = nonfinite_paths(state)
                 if bad:
                     raise ValueError(f"non-finite values in {', '.join(bad[:3])}")
-                return state, meta
             except Exception as e:  # any failure to read means this checkpoint is unusable
-                failures.append(f"step {step}: {_reason(e)}")
-                moved = self._move_aside(step)
-                log(
-                    f"checkpoint {step} in {self.directory} does not restore ({_reason(e)}); "
-                    f"moved aside to {moved}; trying the previous one"
-                )
-        if not steps:
+                failures.append((step, _reason(e)))
+                continue
+            self._set_aside(failures, log)
+            return state, meta
+        self._set_aside([f for f in failures if f[1] == "empty step directory"], log)
+        if all(reason == "empty step directory" for _, reason in failures):
             return None
+        reasons = "; ".join(f"step {step}: {reason}" for step, reason in failures)
         raise CheckpointError(
-            f"no checkpoint in {self.directory} restores; they were moved aside as "
-            f"<step>{CORRUPT_SUFFIX} ({'; '.join(failures)}). Start over with a new --workdir "
-            "(or delete this one)."
+            f"no checkpoint in {self.directory} restores ({reasons}). If the code or the config "
+            "changed since they were written they may be incompatible rather than corrupt; "
+            "otherwise start over with a new --workdir (or delete this one)."
         )
+
+    def _set_aside(self, failures: list[tuple[int, str]], log: Callable[[str], None]) -> None:
+        for step, reason in failures:
+            moved = self._move_aside(step)
+            log(
+                f"checkpoint {step} in {self.directory} does not restore ({reason}); "
+                f"moved aside to {moved}"
+            )
 
     def _move_aside(self, step: int) -> str:
         source = os.path.join(self.directory, str(step))

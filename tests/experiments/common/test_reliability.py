@@ -108,7 +108,15 @@ def test_no_restorable_checkpoint_fails_naming_the_directory(tmp_path):
         _delete_metadata(os.path.join(directory, step))
     with pytest.raises(CheckpointError, match=f"no checkpoint in {directory} restores"):
         Checkpointer(directory).restore_latest(ABSTRACT, log=lambda _: None)
-    assert sorted(os.listdir(directory)) == ["1.corrupt", "2.corrupt"]
+    assert sorted(os.listdir(directory)) == ["1", "2"]  # maybe incompatible: left in place
+
+
+def test_only_empty_step_directories_mean_a_fresh_start(tmp_path):
+    directory = tmp_path / "ckpt"
+    os.makedirs(directory / "50")  # killed while creating its first checkpoint
+    logged = []
+    assert Checkpointer(str(directory)).restore_latest(ABSTRACT, log=logged.append) is None
+    assert os.listdir(directory) == ["50.corrupt"] and "empty step directory" in logged[0]
 
 
 def test_no_checkpoint_at_all_is_not_an_error(tmp_path):
