@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from test_sharding import _load  # the same result files: <axis_type>.npz or .error
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(os.path.dirname(_HERE))
@@ -33,13 +34,6 @@ def run_dirs(tmp_path_factory):
         assert proc.returncode == 0, f"{n}-device run crashed:\n{proc.stdout}{proc.stderr}"
         dirs[n] = out_dir
     return dirs
-
-
-def _load(out_dir, axis_type):
-    error = out_dir / f"{axis_type}.error"
-    if error.exists():
-        pytest.fail(f"run on {out_dir.name} with {axis_type} mesh failed:\n{error.read_text()}")
-    return dict(np.load(out_dir / f"{axis_type}.npz"))
 
 
 @pytest.mark.parametrize("axis_type", ["auto", "explicit"])
