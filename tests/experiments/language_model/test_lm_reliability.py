@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from test_lm_train import (
     _checkpoint_steps,
+    _free_port,
     _run,
     _wait,
     cli_flags,
@@ -169,3 +170,37 @@ def test_state_that_turns_non_finite_is_never_saved(text_file, tmp_path):  # noq
         train.train_and_evaluate(config, workdir)
     assert Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() is None
     assert not os.path.exists(os.path.join(workdir, "lock.json"))
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(text_file, tmp_path):  # noqa: F811
+    """Several hosts: the processes agree at logging steps, so a signal to one stops all, with
+    one checkpoint of the same step."""
+    workdir = str(tmp_path / "gloo")
+    port = _free_port()
+    args = [*cli_flags(text_file), *CONSTANT_LR, "--config.num_train_steps=100000"]
+    args += ["--config.checkpoint_every_steps=100000", f"--workdir={workdir}"]
+    procs = [
+        _run(
+            [
+                *args,
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                "--cpu_collectives=gloo",
+            ],
+            CPU,
+        )
+        for i in range(2)
+    ]
+    try:
+        _wait_for_train_lines(procs[0], workdir, 5)
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [143, 143], outs[0][-2000:] + outs[1][-2000:]
+    (step,) = _checkpoint_steps(workdir)
+    assert f"stopped by SIGTERM at step {step}" in outs[1]
+    assert f"at step {step}; checkpoint {step} is in" in outs[0]
