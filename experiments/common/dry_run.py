@@ -67,6 +67,21 @@ def with_device_bytes(
     return out, {"device_state_bytes": int(sum(per_leaf.values()))}
 
 
+def plan_rows(abstract_params: Any, sparsity: Any, sparsify: Any) -> list[dict[str, Any]]:
+    """:func:`layer_rows` of the sparsity config ``sparsity`` (method, sparsities,
+    distribution) on the leaves ``sparsify`` selects."""
+    from experiments.common.sparsity import planned_densities
+
+    forward, backward = planned_densities(sparsity)
+    return layer_rows(
+        abstract_params,
+        sparsify=sparsify,
+        forward_sparsity=forward,
+        backward_sparsity=backward,
+        distribution=sparsity.get("distribution", "uniform"),
+    )
+
+
 def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """``total_params``, ``sparse_params``, ``forward_nonzero``, ``backward_nonzero`` and the
     overall densities ``forward_density = forward_nonzero / total_params`` (same for backward),

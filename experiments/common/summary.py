@@ -157,6 +157,26 @@ def build_summary(
     return record
 
 
+def summary_of_run(
+    experiment: str, config: Any, params: Any, opt_state: Any, **fields: Any
+) -> dict[str, Any]:
+    """:func:`build_summary` with what the config and the final state give: ``data``,
+    ``method``, the planned sparsities (``config.sparsity``) and the realised densities;
+    ``fields``: ``train_flops_vs_dense``, ``steps``, ``wall_seconds``, ``final``, ``extra``."""
+    from experiments.common.sparsity import planned_densities
+
+    forward, backward = planned_densities(config.sparsity)
+    return build_summary(
+        experiment=experiment,
+        data=config.data.name,
+        method=config.sparsity.method,
+        forward_sparsity=forward,
+        backward_sparsity=backward,
+        densities=realised_densities(params, opt_state),
+        **fields,
+    )
+
+
 def write_json(path: str, record: Mapping[str, Any]) -> None:
     """Write ``record`` as indented JSON, atomically (a reader never sees half a file)."""
     tmp = path + ".tmp"

@@ -46,7 +46,6 @@ from experiments.common import workdir as workdir_lib
 from experiments.common.checkpoint import Checkpointer
 from experiments.common.metrics import MetricsWriter
 from experiments.common.progress import ProgressLogger
-from experiments.common.sparsity import planned_densities
 from experiments.imagenet import costs, input_pipeline, models
 from experiments.imagenet.optimizer import make_optimizer
 from topkast_jax import flops
@@ -92,14 +91,7 @@ def abstract_variables(model: models.ResNet, image_size: int) -> Any:
 
 def layer_rows(config: ml_collections.ConfigDict, params: Any) -> list[dict[str, Any]]:
     """Per-leaf rows (name, shape, params, sparse, forward/backward density) for the plan."""
-    forward, backward = planned_densities(config.sparsity)
-    return dry_run_lib.layer_rows(
-        params,
-        sparsify=sparsify_fn(config),
-        forward_sparsity=forward,
-        backward_sparsity=backward,
-        distribution=config.sparsity.get("distribution", "uniform"),
-    )
+    return dry_run_lib.plan_rows(params, config.sparsity, sparsify_fn(config))
 
 
 def training_cost(
@@ -646,14 +638,11 @@ def build_summary(
     training throughput of this session.
     """
     stats = _host_metrics(tk.mask_stats(state["opt_state"], per_leaf=False))
-    forward, backward = planned_densities(config.sparsity)
-    return summary_lib.build_summary(
-        experiment="imagenet",
-        data=config.data.name,
-        method=config.sparsity.method,
-        forward_sparsity=forward,
-        backward_sparsity=backward,
-        densities=summary_lib.realised_densities(state["params"], state["opt_state"]),
+    return summary_lib.summary_of_run(
+        "imagenet",
+        config,
+        state["params"],
+        state["opt_state"],
         train_flops_vs_dense=cost["train_flops_vs_dense"],
         steps=int(jax.device_get(state["step"])),
         wall_seconds=wall_seconds,

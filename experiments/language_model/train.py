@@ -322,18 +322,6 @@ def training_cost(
     }
 
 
-def plan_rows(config: ml_collections.ConfigDict, abstract_params: Any) -> list[dict[str, Any]]:
-    """Per-leaf plan (name, shape, params, densities) of the configured sparsity."""
-    fwd, bwd = planned_densities(config.sparsity)
-    return dry_run_lib.layer_rows(
-        abstract_params,
-        sparsify=sparsify_fn(config),
-        forward_sparsity=fwd,
-        backward_sparsity=bwd,
-        distribution=config.sparsity.get("distribution", "uniform"),
-    )
-
-
 # ----------------------------------------------------------------------------- dry run
 def dry_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Per-layer table and totals from ``jax.eval_shape`` (no weights, no data); dry_run.json."""
@@ -343,7 +331,7 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mems = jax.ShapeDtypeStruct((model.num_layers, 1, 2, model.d_model), jnp.float32)
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy, dummy, mems)["params"]
     fwd, bwd = planned_densities(config.sparsity)
-    rows = plan_rows(config, abstract)
+    rows = dry_run_lib.plan_rows(abstract, config.sparsity, sparsify_fn(config))
     device_bytes = {}
     if config.sparsity.get("always_sparse", False):  # what the device holds per leaf
         sparse, _ = make_optimizer(config, sparsify_fn(config))
@@ -475,7 +463,7 @@ def _train(config, run, corpus, stop_at_step, start_time, closing) -> dict[str, 
         start_step=step,
         eval_units_after=eval_plan(config, evaluator, corpus),
     )
-    rows_plan = plan_rows(config, abstract["params"])
+    rows_plan = dry_run_lib.plan_rows(abstract["params"], config.sparsity, sparsify_fn(config))
     window = mask_dynamics.window_steps(config)
     import topkast_jax as tk
 
@@ -583,15 +571,12 @@ def _train(config, run, corpus, stop_at_step, start_time, closing) -> dict[str, 
             + f" ({seconds:.0f}s)"
         )
     writer.write(step, results, prefix="final/")
-    fwd, bwd = planned_densities(config.sparsity)
     train_seconds = progress.training_seconds()
-    summary = summary_lib.build_summary(
-        experiment="language_model",
-        data=config.data.name,
-        method=config.sparsity.method,
-        forward_sparsity=fwd,
-        backward_sparsity=bwd,
-        densities=summary_lib.realised_densities(state["params"], state["opt_state"]),
+    summary = summary_lib.summary_of_run(
+        "language_model",
+        config,
+        state["params"],
+        state["opt_state"],
         train_flops_vs_dense=training_cost(config, rows_plan)["train_flops_vs_dense"],
         steps=step,
         wall_seconds=elapsed(),

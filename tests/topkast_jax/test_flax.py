@@ -171,6 +171,20 @@ def _mse_step(graphdef, x, y):
     return loss_fn
 
 
+def _functional_step(graphdef, tx, x, y):
+    """The README's functional NNX recipe: ``(params, rest, opt_state) -> (..., loss)``."""
+    loss_fn = _mse_step(graphdef, x, y)
+
+    @jax.jit
+    def step(params, rest, opt_state):
+        alpha = tk.forward_params(params, opt_state)
+        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(alpha, rest)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), rest, opt_state, loss
+
+    return step
+
+
 def _leaf(tree, *path):
     for key in path:
         tree = tree[key]
@@ -182,14 +196,7 @@ def test_nnx_batchnorm_and_dropout_state_threads_through_the_step():
     model = _NNXBatchNormNet(nnx.Rngs(0, dropout=1))
     graphdef, params, rest = tk.nnx.split(model)
     tx = _nnx_tx()
-    loss_fn = _mse_step(graphdef, x, y)
-
-    @jax.jit
-    def step(params, rest, opt_state):
-        alpha = tk.forward_params(params, opt_state)
-        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(alpha, rest)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), rest, opt_state, loss
+    step = _functional_step(graphdef, tx, x, y)
 
     opt_state = tx.init(params)
     # BatchNorm's running mean after one step, from a numpy forward pass on α = θ ⊙ A
@@ -230,14 +237,7 @@ def test_nnx_optimizer_recipe_equals_the_functional_recipe():
     tx = _nnx_tx()
     # functional: params, rest and opt_state as pytrees
     graphdef, params, rest = tk.nnx.split(_NNXBatchNormNet(nnx.Rngs(0, dropout=1)))
-    loss_fn = _mse_step(graphdef, x, y)
-
-    @jax.jit
-    def step(params, rest, opt_state):
-        alpha = tk.forward_params(params, opt_state)
-        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(alpha, rest)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), rest, opt_state, loss
+    step = _functional_step(graphdef, tx, x, y)
 
     # nnx.Optimizer: the module and the optimizer hold everything
     model = _NNXBatchNormNet(nnx.Rngs(0, dropout=1))
