@@ -3,8 +3,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -176,11 +178,12 @@ TINY_FLAGS = {
 }
 
 
-def _run_cli(workdir, steps, cache_dir, **overrides):
-    """``experiments.imagenet.main`` on ``configs/imagenet/tiny.py`` shrunk further.
+def _cli(workdir, steps, cache_dir, **overrides):
+    """``(command, environment)`` of ``experiments.imagenet.main`` on ``configs/imagenet/tiny.py``
+    shrunk further.
 
-    The three runs of the test share a persistent compilation cache (a temporary directory), so
-    the unchanged step functions are compiled once.
+    The runs of a test share a persistent compilation cache (a temporary directory), so the
+    unchanged step functions are compiled once.
     """
     flags = dict(TINY_FLAGS, num_train_steps=steps, **overrides)
     cmd = [sys.executable, "-m", "experiments.imagenet.main",
@@ -192,7 +195,38 @@ def _run_cli(workdir, steps, cache_dir, **overrides):
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     )
+    return cmd, env
+
+
+def _run_cli(workdir, steps, cache_dir, **overrides):
+    cmd, env = _cli(workdir, steps, cache_dir, **overrides)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_sigterm_checkpoints_the_current_step_and_the_rerun_finishes(tmp_path):
+    workdir, cache = str(tmp_path / "run"), str(tmp_path / "jax_cache")
+    cmd, env = _cli(workdir, 100_000, cache, checkpoint_every_steps=100_000)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while len([r for r in read_metrics(workdir) if "train/loss" in r]) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, out[-3000:]
+    (step,) = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))]
+    assert f"stopped by SIGTERM at step {step}; checkpoint {step} is in" in out
+    rerun = _run_cli(workdir, step + 2, cache, checkpoint_every_steps=100_000)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from step {step}" in rerun.stdout
+    steps = [r["step"] for r in read_metrics(workdir) if "train/loss" in r]
+    assert steps == list(range(1, step + 3))
 
 
 def test_tiny_resnet_trains_resumes_and_stops_on_nan(tmp_path, metric_schema):
