@@ -93,19 +93,25 @@ def check_identity(
 ) -> dict[str, tuple[Any, Any]]:
     """The allowed changes of ``config`` against the workdir's ``config.json``.
 
+    A field present on one side only was added or removed by a change of the code (a command line
+    can only set existing fields): it is allowed and reported with the value None on the side
+    that lacks it.
+
     Returns ``{}`` for a new workdir, or one without checkpoints or summary (nothing to mix).
 
     Raises:
-      WorkdirError: a field outside ``allowed`` differs; the message lists every differing
-        field as ``old -> new`` and how to proceed.
+      WorkdirError: a field outside ``allowed`` present on both sides differs; the message lists
+        every such field as ``old -> new`` and how to proceed.
     """
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path) or not has_progress(workdir):
         return {}
     with open(path) as f:
         old = json.load(f)
-    changes = changed_fields(old, config_record(config))
-    refused = {k: v for k, v in changes.items() if k not in allowed}
+    new = config_record(config)
+    changes = changed_fields(old, new)
+    both = set(flatten(old)) & set(flatten(new))
+    refused = {k: v for k, v in changes.items() if k not in allowed and k in both}
     if refused:
         lines = "\n".join(f"  config.{k}: {o!r} -> {n!r}" for k, (o, n) in refused.items())
         raise WorkdirError(

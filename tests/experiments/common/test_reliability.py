@@ -241,6 +241,15 @@ def test_identity_allows_the_listed_changes_and_records_each_resume(tmp_path):
     assert records[0]["changed"] == {"num_train_steps": [10, 20]} and records[1]["changed"] == {}
 
 
+def test_fields_added_or_removed_by_the_code_are_allowed_and_recorded(tmp_path):
+    workdir = _workdir_with_progress(tmp_path, _config())
+    upgraded = _config()
+    upgraded.sparsity.track_reservoir = True  # a field a newer version of the code added
+    del upgraded["seed"]  # and one it dropped
+    changes = workdir_lib.check_identity(workdir, upgraded)
+    assert changes == {"seed": (0, None), "sparsity.track_reservoir": (None, True)}
+
+
 def test_identity_is_free_while_nothing_was_trained(tmp_path):
     workdir = str(tmp_path / "w")
     os.makedirs(workdir)
