@@ -51,6 +51,24 @@ def window_change(previous: Any, current: Any) -> dict[str, jax.Array]:
     }
 
 
+def jitted_window_fns(state_shardings: Any) -> tuple[Any, Any]:
+    """``(change_fn, snapshot_fn)`` on a train-state dict holding ``opt_state`` and
+    ``mask_snapshot``: ``change_fn(state)`` is :func:`window_change` from the snapshot to the
+    current forward mask; ``snapshot_fn(state)`` returns the state with the current forward mask
+    as the new snapshot (state donated, ``state_shardings`` kept)."""
+    import topkast_jax as tk
+
+    change_fn = jax.jit(
+        lambda s: window_change(s["mask_snapshot"], tk.get_masks(s["opt_state"]).forward)
+    )
+    snapshot_fn = jax.jit(
+        lambda s: dict(s, mask_snapshot=tk.get_masks(s["opt_state"]).forward),
+        out_shardings=state_shardings,
+        donate_argnums=0,
+    )
+    return change_fn, snapshot_fn
+
+
 def window_metrics(change: dict[str, float], window: int) -> dict[str, float]:
     """The logged record (names without the ``masks/`` prefix): ``window_change/<layer>``,
     ``window_change_{min,mean,max}`` and ``window_steps``; empty when no leaf is sparse."""

@@ -524,16 +524,7 @@ def _train(
     )
     eval_step = jax.jit(make_eval_step(model, config))
     stats_fn = jax.jit(lambda s: tk.mask_stats(s["opt_state"]))
-    window_fn = jax.jit(
-        lambda s: mask_dynamics.window_change(
-            s["mask_snapshot"], tk.get_masks(s["opt_state"]).forward
-        )
-    )
-    snapshot_fn = jax.jit(
-        lambda s: dict(s, mask_snapshot=tk.get_masks(s["opt_state"]).forward),
-        out_shardings=state_sharding,
-        donate_argnums=0,
-    )
+    window_fn, snapshot_fn = mask_dynamics.jitted_window_fns(state_sharding)
     reset_loss_fn = jax.jit(
         lambda s: dict(s, loss_sum=jnp.zeros((), jnp.float32)),
         out_shardings=state_sharding,

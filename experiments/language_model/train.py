@@ -468,16 +468,7 @@ def _train(config, run, corpus, stop_at_step, start_time, closing) -> dict[str, 
     import topkast_jax as tk
 
     stats_fn = jax.jit(lambda s: tk.mask_stats(s, per_leaf=False))
-    window_fn = jax.jit(
-        lambda s: mask_dynamics.window_change(
-            s["mask_snapshot"], tk.get_masks(s["opt_state"]).forward
-        )
-    )
-    snapshot_fn = jax.jit(
-        lambda s: dict(s, mask_snapshot=tk.get_masks(s["opt_state"]).forward),
-        out_shardings=shardings,
-        donate_argnums=0,
-    )
+    window_fn, snapshot_fn = mask_dynamics.jitted_window_fns(shardings)
     last_good = ckpt.latest_step()
     loss_sum, loss_count = jnp.zeros(()), 0
     end = (

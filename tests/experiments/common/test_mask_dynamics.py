@@ -45,3 +45,26 @@ def test_window_metrics_record():
 )
 def test_window_steps(fields, expected):
     assert mask_dynamics.window_steps(ml_collections.ConfigDict(fields)) == expected
+
+
+def test_jitted_window_fns_measure_then_move_the_snapshot():
+    import optax
+
+    import topkast_jax as tk
+
+    params = {"w": jnp.arange(20.0).reshape(4, 5)}
+    tx = tk.topkast(optax.sgd(1.0), forward_sparsity=0.5, backward_sparsity=0.5)
+    opt_state = tx.init(params)
+    state = {"opt_state": opt_state, "mask_snapshot": tk.get_masks(opt_state).forward}
+    change_fn, snapshot_fn = mask_dynamics.jitted_window_fns(None)
+    assert float(change_fn(state)["w"]) == 0.0
+    # reversing the magnitudes moves A to the other half: every position flips
+    _, opt_state = tx.update({"w": jnp.full((4, 5), 0.0)}, opt_state, {"w": 20.0 - params["w"]})
+    state = dict(state, opt_state=opt_state)
+    flipped = np.mean(
+        np.asarray(tk.get_masks(opt_state).forward["w"]) != np.asarray(state["mask_snapshot"]["w"])
+    )
+    assert flipped == 1.0
+    assert float(change_fn(state)["w"]) == pytest.approx(flipped)
+    state = snapshot_fn(state)
+    assert float(change_fn(state)["w"]) == 0.0
