@@ -20,8 +20,22 @@
   (tensorboardX); with ``start_step`` (a resume) later records are cut and no ``(step, name)`` is
   written twice; ``.flush()``, ``.close()``; ``read_metrics(workdir)`` -> list of dicts.
 
-``progress`` — ``ProgressLogger(total_steps, start_step)``: ``.line(step, {name: value})`` ->
-  ``"step 120/1000 | loss 2.31 | 4.2 steps/s | ETA 3m29s"``; ``format_duration(seconds)``.
+``progress`` — ``ProgressLogger(total_steps, start_step, eval_units_after=None, clock=)``:
+  ``with .excluded("compile" | "eval" | "checkpoint", eval_units=0):`` keeps that time out of the
+  training rate; ``.line(step, {name: value})`` -> ``"step 120/1000 | loss 2.31 | 4.2 steps/s |
+  ETA 3m29s (eval 40s)"`` (the ETA includes the evaluation still to run), ``.steps_per_second``
+  (over the last interval), ``.rate()``, ``.training_seconds()``; ``format_duration(seconds)``.
+
+``summary`` — the one metric-naming scheme (``train/``, ``masks/``, ``eval/``, ``final/``) and
+  ``summary.json`` schema (``SUMMARY_KEYS``) of every trainer: ``summary_of_run(experiment,
+  config, params, opt_state, train_flops_vs_dense=, steps=, wall_seconds=, final=, extra=)``,
+  ``build_summary``, ``write_summary`` / ``read_summary``, ``realised_densities(params,
+  opt_state)``, ``throughput(steps_per_second, items_per_step, unit)``,
+  ``exploration_penalty(params, opt_state)`` (0 for the baselines); ``write_provenance(workdir)``
+  -> ``provenance.json`` (package versions, git commit, device kind and count).
+
+``mask_dynamics`` — Figure 3: ``window_steps(config)``, ``window_change(previous, current)``,
+  ``jitted_window_fns(state_shardings)``, ``window_metrics(change, window)``.
 
 ``guard`` — ``check_finite(loss, step, last_good_checkpoint, hint)`` and
   ``check_state_finite(state, step, last_good_checkpoint, hint)`` raise ``NonFiniteLossError``
@@ -37,7 +51,8 @@
   ``Interrupted`` (raised after the checkpoint; the launcher exits with ``128 + signal``).
 
 ``dry_run`` — ``layer_rows(abstract_params, sparsify=, forward_sparsity=, backward_sparsity=,
-  distribution=)`` (via ``tk.layer_densities``; works on ``jax.eval_shape`` output),
+  distribution=)`` (via ``tk.layer_densities``; works on ``jax.eval_shape`` output; natural order
+  of names), ``plan_rows(abstract_params, config.sparsity, sparsify)``,
   ``totals(rows)`` -> ``total_params, sparse_params, forward_nonzero, backward_nonzero, ...``,
   ``format_table(rows, totals)``, ``write_dry_run(workdir, rows, extra) -> dict`` (dry_run.json).
 
