@@ -103,3 +103,13 @@ def test_git_state_outside_a_repository_is_none(tmp_path):
 
 def test_package_versions_of_a_missing_package_is_none():
     assert summary_lib.package_versions(("no-such-package-xyz",)) == {"no-such-package-xyz": None}
+
+
+def test_exploration_penalty_is_topkasts_and_zero_for_a_baseline():
+    params, _ = _topkast_state()
+    tx = tk.topkast(optax.sgd(0.1), forward_sparsity=0.8, backward_sparsity=0.5, exploration_l2=0.1)
+    opt_state = tx.init(params)
+    value = float(summary_lib.exploration_penalty(params, opt_state))
+    assert value > 0 and value == float(tk.exploration_penalty(params, opt_state))
+    static = tk.baselines.static_sparse(optax.sgd(0.1), sparsity=0.8)
+    assert float(summary_lib.exploration_penalty(params, static.init(params))) == 0.0
