@@ -113,7 +113,7 @@ def train(config: Any, run: Any, corpus: Any, stop_at_step: int | None) -> dict[
         results.update({f"{split}_{k}": v for k, v in lm.score(nll, corpus.metric).items()})
     writer.write(end, results, prefix="final/")
     writer.close()
-    rows = lm.plan_rows(config, params)
+    rows = dry_run_lib.plan_rows(params, config.sparsity, lm.sparsify_fn(config))
     summary = summary_lib.build_summary(
         experiment="language_model",
         data=config.data.name,
