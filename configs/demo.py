@@ -17,7 +17,9 @@ test BPC 2.3415, valid BPC 2.3319 after 1500 steps
 parameters of which 20.5% are nonzero in the forward pass. Another Python version has other
 standard-library text, and other library versions round differently: runs elsewhere gave up to
 0.011 more (test 2.3521 / valid 2.3372, reported in issue 11). tests/test_demo_result.py keeps
-these figures equal to the recorded run.
+these figures equal to the recorded run. Its mask dynamics (paper Fig. 3, 150-step windows):
+docs/demo_run/mask_dynamics.png, drawn from docs/demo_run/metrics.jsonl by
+``python scripts/plot_mask_dynamics.py docs/demo_run --names "demo: 80% fwd / 50% bwd"``.
 There is no paper figure for this run: it is a CPU-sized version of the paper's enwik8 setup
 (Table 2) with a 3-layer, d_model 128 model, dropout 0, and a shorter, larger-lr schedule
 (warmup 1e-7 -> 2e-3 over 100 steps, cosine to 0 at step 1500, clip 0.25) because it trains
