@@ -11,7 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from always_sparse_harness import NO_FMA, batch_at, mlp_loss, mlp_params, side_by_side
+from always_sparse_harness import (
+    NO_FMA,
+    batch_at,
+    masked_step,
+    mlp_loss,
+    mlp_params,
+    side_by_side,
+)
 
 import topkast_jax as tk
 from topkast_jax import always_sparse_device as dev
@@ -239,3 +246,32 @@ def test_linen_layerwise_alpha_gives_the_same_run():
     probe.make_step(lambda p, batch: seen.append(p) or loss(p, batch))(probe.init(params), (x, y))
     kernels = [leaf for leaf in jax.tree.leaves(seen[0], is_leaf=dev.is_sparse_leaf)]
     assert any(dev.is_sparse_leaf(leaf) for leaf in kernels)
+
+
+def test_bfloat16_leaves_match_masked():
+    """Host θ keeps the leaf dtype; selection widens to float32 exactly, as the library does."""
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), mlp_params())
+
+    def loss(p, batch):
+        return mlp_loss(jax.tree.map(lambda x: x.astype(jnp.float32), p), batch)
+
+    kw = dict(BASE, refresh_every=2)
+    tx = tk.topkast(optax.sgd(0.05), **kw)
+    m_step, m_state, m_params = masked_step(tx, loss, NO_FMA), jax.jit(tx.init)(params), params
+    sparse = tk.AlwaysSparse(optax.sgd(0.05), **kw)
+    s_state, s_step = sparse.init(params), sparse.make_step(loss, compiler_options=NO_FMA)
+    for t in range(30):
+        m_params, m_state, _ = m_step(m_params, m_state, batch_at(t))
+        s_state, _ = s_step(s_state, batch_at(t))
+        for a, b in zip(
+            jax.tree.leaves(tk.get_masks(m_state).backward),
+            jax.tree.leaves(sparse.masks(s_state).backward),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(np.asarray(a), b, f"B at step {t}")
+    dense = sparse.dense_params(s_state)
+    assert dense["l0"]["kernel"].dtype == jnp.bfloat16
+    _assert_trees_equal(
+        jax.tree.map(lambda x: np.asarray(x, np.float32), dense),
+        jax.tree.map(lambda x: np.asarray(x, np.float32), m_params),
+    )
