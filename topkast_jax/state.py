@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import jax
@@ -165,3 +166,25 @@ def forward_params(params: Any, opt_state: optax.OptState) -> Any:
     """
     masks = get_masks(opt_state)
     return map_sparse(lambda p, a: jnp.where(a, p, jnp.zeros((), p.dtype)), params, masks.forward)
+
+
+def legacy_format(saved_paths: Iterable[str], target_paths: Iterable[str]) -> str | None:
+    """Why a saved optimizer state cannot restore into this version's :class:`TopKastState`, or
+    ``None``.
+
+    ``saved_paths`` and ``target_paths`` are ``"a/b/c"`` key paths of the saved tree (e.g. an
+    orbax checkpoint's metadata) and of the state to restore into.  topkast-jax 0.1 stored
+    ``A`` and ``B`` as one bool per weight each under ``TopKastState.masks`` (and per-weight
+    statistics); this version packs both into ``TopKastState.sets`` at two bits per weight.
+    """
+    saved = set(saved_paths)
+    old = {p.rsplit("/masks/forward", 1)[0] for p in saved if "/masks/forward" in f"/{p}"}
+    old = {prefix for prefix in old if f"{prefix}/exploration_l2".lstrip("/") in saved}
+    new = any("/sets/" in f"/{p}" for p in target_paths)
+    if not (old and new):
+        return None
+    return (
+        "it holds a Top-KAST optimizer state in the format of topkast-jax 0.1 (A and B as one "
+        "bool per weight under 'masks', per-weight statistics); this version packs A and B into "
+        "'sets' at two bits per weight. Resume it with the version that wrote it, or start anew."
+    )

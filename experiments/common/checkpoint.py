@@ -30,6 +30,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from experiments.common.guard import nonfinite_paths
+from topkast_jax.state import legacy_format
+from topkast_jax.tree import path_name
 
 #: Suffix of a checkpoint directory moved aside because it does not restore.
 CORRUPT_SUFFIX = ".corrupt"
@@ -143,11 +145,28 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         target = jax.tree.map(_as_abstract, abstract_state)
+        self._check_format(step, target)
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
         )
         restored = self._manager.restore(step, args=args)
         return restored["state"], dict(restored["meta"])
+
+    def _check_format(self, step: int, target: Any) -> None:
+        """Raise :class:`CheckpointError` naming the format when checkpoint ``step`` holds an
+        optimizer state of an older topkast-jax format (it would fail with a structure error)."""
+        reader = ocp.StandardCheckpointer()
+        try:
+            saved = reader.metadata(os.path.join(self.directory, str(step), "state")).item_metadata
+        except Exception:  # no readable metadata: the restore itself reports what is wrong
+            return
+        finally:
+            reader.close()
+        problem = legacy_format(_paths(saved), _paths(target))
+        if problem:
+            raise CheckpointError(
+                f"checkpoint {step} in {self.directory} cannot restore: {problem}"
+            )
 
     def restore_latest(
         self, abstract_state: Any, log: Callable[[str], None] = print
@@ -232,6 +251,12 @@ def _reason(e: BaseException, limit: int = 400) -> str:
     if len(first) > limit:
         first = first[: limit // 3] + " ... " + first[-(2 * limit) // 3 :]
     return f"{type(e).__name__}: {first}"
+
+
+def _paths(tree: Any) -> list[str]:
+    """``"a/b/c"`` key paths of every leaf of ``tree``."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [path_name(path) for path, _ in flat]
 
 
 def _as_abstract(x: Any) -> Any:

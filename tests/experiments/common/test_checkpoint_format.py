@@ -1,0 +1,71 @@
+"""An orbax checkpoint of an older Top-KAST state format fails with an error naming the format
+(issue 8), not a raw structure error, and is neither moved aside nor deleted."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import topkast_jax as tk
+from experiments.common.checkpoint import Checkpointer, CheckpointError
+from topkast_jax.state import legacy_format
+
+
+class OldTopKastState(NamedTuple):
+    """topkast-jax 0.1's state: bool masks and per-weight statistics."""
+
+    count: Any
+    masks: tk.Masks
+    densities: Any
+    exploration_l2: Any
+    stats: tk.MaskStats
+    rng: Any
+    inner_state: Any
+
+
+def _params():
+    return {"w": jnp.arange(1.0, 25.0).reshape(4, 6), "b": jnp.zeros(6)}
+
+
+def _old_state(params):
+    forward = {"w": jnp.abs(params["w"]) > 20, "b": None}
+    backward = {"w": jnp.abs(params["w"]) > 10, "b": None}
+    stats = tk.MaskStats({"w": jnp.zeros(()), "b": None}, forward, {"w": ~backward["w"], "b": None})
+    return OldTopKastState(
+        count=jnp.zeros((), jnp.int32),
+        masks=tk.Masks(forward, backward),
+        densities={"w": jnp.float32(0.2), "b": None},
+        exploration_l2=jnp.float32(0.0),
+        stats=stats,
+        rng=jax.random.PRNGKey(0),
+        inner_state=optax.sgd(0.1).init(params),
+    )
+
+
+def test_old_format_checkpoint_names_the_format(tmp_path):
+    params = _params()
+    directory = str(tmp_path / "checkpoints")
+    old = Checkpointer(directory)
+    old.save(7, {"params": params, "opt_state": _old_state(params)}, {"step": 7})
+    old.close()
+    tx = tk.topkast(optax.sgd(0.1), forward_sparsity=0.8, backward_sparsity=0.5)
+    target = {"params": params, "opt_state": tx.init(params)}
+    new = Checkpointer(directory)
+    with pytest.raises(CheckpointError, match="format of topkast-jax 0.1") as error:
+        new.restore_latest(target, log=lambda _: None)
+    assert "checkpoint 7" in str(error.value) and directory in str(error.value)
+    assert new.all_steps() == [7]  # kept where it was
+
+
+def test_legacy_format_flags_only_an_old_topkast_state():
+    old = ["opt_state/masks/forward/w", "opt_state/exploration_l2", "params/w"]
+    new = ["opt_state/sets/w/bits", "opt_state/exploration_l2", "params/w"]
+    baseline = ["opt_state/masks/forward/w", "opt_state/count", "params/w"]
+    assert "topkast-jax 0.1" in legacy_format(old, new)
+    assert legacy_format(new, new) is None
+    assert legacy_format(baseline, baseline) is None
+    assert legacy_format(old, old) is None
