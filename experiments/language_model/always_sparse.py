@@ -6,9 +6,9 @@ memory and is touched at a refresh (every ``config.sparsity.refresh_every`` step
 the masked trainer's (``train.make_train_step``) — same dropout keys, same memory reset — so the two
 modes give the same ``A``, ``B`` and, up to float reassociation, the same parameters.
 
-Differences from the masked trainer: no mid-run checkpoints or resume (a workdir holding
-checkpoints is refused), no mask statistics; the final evaluation builds the dense ``α = θ ⊙ A``
-on the device once (``AlwaysSparse.forward_params``).
+Differences from the masked trainer: no periodic evaluation and no mask statistics (only the
+training loss is logged); the final evaluation builds the dense ``α = θ ⊙ A`` on the device once
+(``AlwaysSparse.forward_params``).  Checkpoints and resume work as in the masked trainer.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 from experiments.common import dry_run as dry_run_lib
 from experiments.common import mesh as mesh_lib
 from experiments.common import summary as summary_lib
+from experiments.common.checkpoint import Checkpointer
 from experiments.common.metrics import MetricsWriter
 
 
@@ -49,31 +50,40 @@ def make_loss(model: Any) -> Callable[[Any, dict[str, Any]], tuple[jax.Array, ja
 def train(config: Any, run: Any, corpus: Any, stop_at_step: int | None) -> dict[str, Any] | None:
     """The always-sparse run of ``train.train_and_evaluate`` (the workdir is held by ``run``).
 
-    Raises:
-      NotImplementedError: the workdir holds checkpoints (this mode does not resume).
+    Checkpoints (orbax, ``experiments.common.checkpoint``) hold the host ``θ``, the device
+    ``B``-state, the memory, the key and the step; the data position is in their metadata, so a
+    rerun resumes exactly.
     """
     from experiments.language_model import input_pipeline, models
     from experiments.language_model import train as lm
 
-    if os.path.isdir(os.path.join(run.workdir, "checkpoints")) and os.listdir(
-        os.path.join(run.workdir, "checkpoints")
-    ):
-        raise NotImplementedError(
-            f"{run.workdir} holds checkpoints; config.sparsity.always_sparse=True does not resume "
-            "(use a fresh --workdir)."
-        )
     mesh = mesh_lib.make_data_mesh()
     rep = mesh_lib.replicated(mesh)
     model = models.model_from_config(config.model)
     sparse, _ = lm.make_optimizer(config, lm.sparsify_fn(config))
     params, rng = lm.init_params(config, model)
-    state = sparse.init(jax.device_put(params, rep))
-    step_fn = sparse.make_step(make_loss(model), has_aux=True)
     mem_shard = mesh_lib.batch_sharded(mesh, 4, batch_axis=1)
     zeros = jax.jit(
         lambda: lm.zero_mems(model, config.batch_size, config.mem_len), out_shardings=mem_shard
     )
-    mems = zeros()
+    ckpt = Checkpointer(
+        os.path.join(run.workdir, "checkpoints"),
+        config.get("max_checkpoints_to_keep", 2),
+        primary=run.primary,
+    )
+    state = {
+        "step": np.asarray(0, np.int64),
+        "sparse": sparse.init(jax.device_put(params, rep)),
+        "mems": zeros(),
+        "rng": rng,
+    }
+    meta: dict[str, Any] = {"position": 0}
+    restored = ckpt.restore_latest(state, log=lm._log)
+    if restored is not None:
+        state, meta = restored
+        lm._log(f"resumed from step {int(state['step'])} (always-sparse)")
+        run.resumed(int(state["step"]))
+    step_fn = sparse.make_step(make_loss(model), has_aux=True)
     stream = input_pipeline.TrainStream(
         input_pipeline.StreamBatcher(
             corpus.train,
@@ -81,26 +91,39 @@ def train(config: Any, run: Any, corpus: Any, stop_at_step: int | None) -> dict[
             config.seq_len,
             mesh_lib.local_batch_slice(config.batch_size),
         ),
-        position=0,
+        position=meta["position"],
     )
-    writer = MetricsWriter(run.workdir, enabled=run.primary, start_step=0)
+    first = int(state["step"])
+    writer = MetricsWriter(run.workdir, enabled=run.primary, start_step=first)
     end = config.num_train_steps if stop_at_step is None else stop_at_step
     start, losses = time.monotonic(), []
-    for step in range(1, end + 1):
+    for step in range(first + 1, end + 1):
         local, reset = stream.next()
         batch = {
             k: mesh_lib.global_batch(local[k], mesh, config.batch_size)
             for k in ("inputs", "targets")
         }
-        rng, dropout = jax.random.split(rng)  # the masked trainer's key sequence
-        mems = zeros() if reset else mems
-        state, (loss, mems) = step_fn(state, dict(batch, mems=mems, dropout=dropout))
+        rng, dropout = jax.random.split(state["rng"])  # the masked trainer's key sequence
+        mems = zeros() if reset else state["mems"]
+        sparse_state, (loss, mems) = step_fn(
+            state["sparse"], dict(batch, mems=mems, dropout=dropout)
+        )
+        state = {
+            "step": np.asarray(step, np.int64),
+            "sparse": sparse_state,
+            "mems": mems,
+            "rng": rng,
+        }
         losses.append(loss)
         if step % config.log_every_steps == 0 or step == end:
             mean = float(np.mean(jax.device_get(losses)))
             losses = []
             writer.write(step, lm.score(mean, corpus.metric), prefix="train/")
             lm._log(f"step {step} loss {mean:.4f} (always-sparse)")
+        if step % config.checkpoint_every_steps == 0 or step == end:
+            ckpt.save(step, state, stream.state())
+    ckpt.close()
+    state = state["sparse"]
     if end < config.num_train_steps:
         writer.close()
         return None

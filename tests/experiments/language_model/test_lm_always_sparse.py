@@ -10,6 +10,9 @@ and Adam amplifies 1-ulp differences on weights whose second moment is tiny; ove
 a difference eventually flips an exact near-tie at the top-k boundary.
 """
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,24 +112,54 @@ def test_dry_run_lists_device_bytes_per_leaf(tmp_path):
     assert record["device_state_bytes"] >= sum(r["device_bytes"] for r in record["layers"])
 
 
-def test_training_run_end_to_end(tmp_path):
-    text = tmp_path / "text.txt"
-    text.write_bytes(bytes(np.random.default_rng(0).integers(32, 127, size=6000, dtype=np.uint8)))
+def run_config(text_path, **overrides):
+    """A 6-step always-sparse run on a small text file, checkpoints every 3 steps."""
     config = small_config(
         **{
             "sparsity.always_sparse": True,
             "num_train_steps": 6,
             "log_every_steps": 3,
+            "checkpoint_every_steps": 3,
             "eval_every_steps": 0,
             "eval_batch_size": 4,
             "eval_seq_len": 8,
             "eval_mem_len": 8,
             "final_eval_max_windows": 2,
+            **overrides,
         }
     )
     config.data.name = "text"
-    config.data.path = str(text)
-    summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+    config.data.path = str(text_path)
+    return config
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_bytes(bytes(np.random.default_rng(0).integers(32, 127, size=6000, dtype=np.uint8)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(text_file, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    return train.train_and_evaluate(run_config(text_file), str(workdir)), workdir
+
+
+def test_training_run_end_to_end(reference):
+    summary, workdir = reference
     assert summary["always_sparse"] is True and summary["steps"] == 6
     assert np.isfinite(summary["valid_bpc"]) and np.isfinite(summary["test_bpc"])
     assert summary["device_state_bytes"] > 0
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(reference, text_file, tmp_path):
+    want, _ = reference
+    config = run_config(text_file)
+    assert train.train_and_evaluate(config, str(tmp_path), stop_at_step=3) is None
+    got = train.train_and_evaluate(config, str(tmp_path))
+    with open(tmp_path / "resumes.jsonl") as f:  # it really resumed (not a fresh 6-step run)
+        assert [json.loads(line)["step"] for line in f] == [3]
+    for key in ("valid_loss", "test_loss", "valid_bpc", "test_bpc"):
+        assert got[key] == want[key], key
