@@ -18,7 +18,7 @@ and, up to float reassociation, the same parameters.
 
 Example:
   >>> import jax.numpy as jnp, optax, topkast_jax as tk
-  >>> params = {"w": jnp.arange(1.0, 11.0).reshape(2, 5), "b": jnp.zeros(5)}
+  >>> params = {"w": jnp.arange(1.0, 11.0).reshape(2, 5), "b": jnp.zeros(2)}
   >>> sparse = tk.AlwaysSparse(optax.sgd(0.1), forward_sparsity=0.8, backward_sparsity=0.5)
   >>> state = sparse.init(params)
   >>> step = sparse.make_step(lambda p, x: jnp.sum((p["w"] @ x + p["b"]) ** 2))
