@@ -17,7 +17,8 @@ and the dense optax step, and prints from XLA's compiled analysis (deterministic
   once; the streaming selection runs in such loops, so the column "+loops" adds, for every
   refresh, the bytes the selection really reads: one pass per histogram plus the tie pass when it
   runs, i.e. ``2 × 4 bytes`` per sparse weight (an upper bound: ties rarely straddle);
-* compile s (wall clock of ``lower().compile()``);
+* compile s: CPU seconds this process spends in ``compile()`` (XLA's compiler threads
+  included; unlike wall time it does not grow with other jobs on a shared machine);
 * wall-time ratio Top-KAST / dense: the two compiled steps run alternately (A B A B ...), the
   median of the per-pair ratios with min–max.
 
@@ -153,9 +154,10 @@ def nbytes(tree: Any) -> int:
 
 def measure(step, params, opt_state, batch) -> Measured:
     """Compile the donated step and read XLA's memory and cost analysis."""
-    start = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch).compile()
-    compile_s = time.perf_counter() - start
+    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch)
+    start = time.process_time()  # CPU seconds of this process: robust to other jobs' load
+    compiled = lowered.compile()
+    compile_s = time.process_time() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
