@@ -6,13 +6,20 @@ memory and is touched at a refresh (every ``config.sparsity.refresh_every`` step
 the masked trainer's (``train.make_train_step``) — same dropout keys, same memory reset — so the two
 modes give the same ``A``, ``B`` and, up to float reassociation, the same parameters.
 
-Differences from the masked trainer: no periodic evaluation and no mask statistics (only the
-training loss is logged); the final evaluation builds the dense ``α = θ ⊙ A`` on the device once
-(``AlwaysSparse.forward_params``).  Checkpoints and resume work as in the masked trainer.
+Metrics follow the shared scheme (``experiments/common/summary.py``) through the masked trainer's
+helpers: ``train/`` loss, score, ``learning_rate``, ``exploration_penalty`` and throughput;
+``masks/`` forward and backward densities (total and per leaf) counted on the ``B``-state
+(``experiments/common/always_sparse_stats.py``); ``eval/`` on the masked trainer's cadence and
+``final/``; ``provenance.json`` and ``summary.json``.  An evaluation builds the dense
+``α = θ ⊙ A`` on the device for its duration (``AlwaysSparse.forward_params``).  Not logged here:
+``train/grad_norm`` (the device step returns only the loss), ``masks/mask_change*``,
+``masks/reservoir_activated`` and the Figure-3 window change (they need per-weight mask history,
+which this mode does not keep).  Checkpoints and resume work as in the masked trainer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -22,11 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.common import always_sparse_stats
 from experiments.common import dry_run as dry_run_lib
 from experiments.common import mesh as mesh_lib
 from experiments.common import summary as summary_lib
 from experiments.common.checkpoint import Checkpointer
 from experiments.common.metrics import MetricsWriter
+from experiments.common.progress import ProgressLogger
 
 
 def make_loss(model: Any) -> Callable[[Any, dict[str, Any]], tuple[jax.Array, jax.Array]]:
@@ -52,7 +61,8 @@ def train(config: Any, run: Any, corpus: Any, stop_at_step: int | None) -> dict[
 
     Checkpoints (orbax, ``experiments.common.checkpoint``) hold the host ``θ``, the device
     ``B``-state, the memory, the key and the step; the data position is in their metadata, so a
-    rerun resumes exactly.
+    rerun resumes exactly. Metrics, progress, periodic and final evaluation, ``provenance.json``
+    and ``summary.json`` go through the masked trainer's shared helpers (same names).
     """
     from experiments.language_model import input_pipeline, models
     from experiments.language_model import train as lm
@@ -60,7 +70,7 @@ def train(config: Any, run: Any, corpus: Any, stop_at_step: int | None) -> dict[
     mesh = mesh_lib.make_data_mesh()
     rep = mesh_lib.replicated(mesh)
     model = models.model_from_config(config.model)
-    sparse, _ = lm.make_optimizer(config, lm.sparsify_fn(config))
+    sparse, schedule = lm.make_optimizer(config, lm.sparsify_fn(config))
     params, rng = lm.init_params(config, model)
     mem_shard = mesh_lib.batch_sharded(mesh, 4, batch_axis=1)
     zeros = jax.jit(
@@ -84,6 +94,7 @@ def train(config: Any, run: Any, corpus: Any, stop_at_step: int | None) -> dict[
         lm._log(f"resumed from step {int(state['step'])} (always-sparse)")
         run.resumed(int(state["step"]))
     step_fn = sparse.make_step(make_loss(model), has_aux=True)
+    penalty = always_sparse_stats.penalty_fn(sparse, state["sparse"])
     stream = input_pipeline.TrainStream(
         input_pipeline.StreamBatcher(
             corpus.train,
@@ -95,6 +106,21 @@ def train(config: Any, run: Any, corpus: Any, stop_at_step: int | None) -> dict[
     )
     first = int(state["step"])
     writer = MetricsWriter(run.workdir, enabled=run.primary, start_step=first)
+    if run.primary:
+        summary_lib.write_provenance(run.workdir)
+    evaluator = lm.Evaluator(config, model, mesh, {"params": rep, "opt_state": rep})
+    progress = ProgressLogger(
+        config.num_train_steps,
+        start_step=first,
+        eval_units_after=lm.eval_plan(config, evaluator, corpus),
+    )
+
+    def evaluate(tokens_N, max_windows: int) -> tuple[dict[str, float], float]:
+        device = state["sparse"].device
+        alpha = lambda: (sparse.forward_params(state["sparse"]), None)  # noqa: E731
+        split = (tokens_N, max_windows)
+        return lm.timed_evaluation(progress, evaluator, corpus.metric, split, device, alpha)
+
     end = config.num_train_steps if stop_at_step is None else stop_at_step
     start, losses = time.monotonic(), []
     for step in range(first + 1, end + 1):
@@ -105,9 +131,10 @@ def train(config: Any, run: Any, corpus: Any, stop_at_step: int | None) -> dict[
         }
         rng, dropout = jax.random.split(state["rng"])  # the masked trainer's key sequence
         mems = zeros() if reset else state["mems"]
-        sparse_state, (loss, mems) = step_fn(
-            state["sparse"], dict(batch, mems=mems, dropout=dropout)
-        )
+        with progress.excluded("compile") if step == first + 1 else contextlib.nullcontext():
+            sparse_state, (loss, mems) = step_fn(
+                state["sparse"], dict(batch, mems=mems, dropout=dropout)
+            )
         state = {
             "step": np.asarray(step, np.int64),
             "sparse": sparse_state,
@@ -118,22 +145,23 @@ def train(config: Any, run: Any, corpus: Any, stop_at_step: int | None) -> dict[
         if step % config.log_every_steps == 0 or step == end:
             mean = float(np.mean(jax.device_get(losses)))
             losses = []
-            writer.write(step, lm.score(mean, corpus.metric), prefix="train/")
-            lm._log(f"step {step} loss {mean:.4f} (always-sparse)")
+            logged = {
+                "learning_rate": schedule(step - 1),
+                "exploration_penalty": penalty(sparse_state.device),
+            }
+            line = lm.log_training(writer, progress, step, mean, corpus.metric, logged, config)
+            writer.write(step, always_sparse_stats.mask_densities(sparse_state), prefix="masks/")
+            lm._log(line + " (always-sparse)")
+        lm.periodic_evaluation(config, step, end, corpus, evaluate, writer)
         if step % config.checkpoint_every_steps == 0 or step == end:
-            ckpt.save(step, state, stream.state())
+            with progress.excluded("checkpoint"):
+                ckpt.save(step, state, stream.state())
     ckpt.close()
-    state = state["sparse"]
     if end < config.num_train_steps:
         writer.close()
         return None
-    alpha = sparse.forward_params(state)
-    evaluator = lm.Evaluator(config, model, mesh, {"params": rep, "opt_state": rep})
-    results: dict[str, float] = {}
-    for split in ("valid", "test"):
-        windows = config.get("final_eval_max_windows", 0)
-        nll = evaluator(alpha, None, getattr(corpus, split), windows)
-        results.update({f"{split}_{k}": v for k, v in lm.score(nll, corpus.metric).items()})
+    windows = config.get("final_eval_max_windows", 0)
+    results = lm.final_evaluation(run, end, ckpt.directory, corpus, evaluate, windows)
     writer.write(end, results, prefix="final/")
     writer.close()
     rows = dry_run_lib.plan_rows(params, config.sparsity, lm.sparsify_fn(config))
@@ -148,7 +176,11 @@ def train(config: Any, run: Any, corpus: Any, stop_at_step: int | None) -> dict[
         steps=end,
         wall_seconds=time.monotonic() - start,
         final=results,
-        extra={"always_sparse": True, "device_state_bytes": sparse.device_bytes(state)},
+        extra={
+            "always_sparse": True,
+            "device_state_bytes": sparse.device_bytes(state["sparse"]),
+            **lm.run_throughput(progress, config),
+        },
     )
     if run.primary:
         path = summary_lib.write_summary(run.workdir, summary)

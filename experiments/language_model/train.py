@@ -476,7 +476,6 @@ def _train(config, run, corpus, stop_at_step, start_time, closing) -> dict[str, 
         if stop_at_step is None
         else min(stop_at_step, config.num_train_steps)
     )
-    tokens_per_step = config.batch_size * config.seq_len
 
     def elapsed() -> float:
         return prior_wall + time.monotonic() - start_time
@@ -487,12 +486,14 @@ def _train(config, run, corpus, stop_at_step, start_time, closing) -> dict[str, 
             ckpt.save(at_step, state, {**stream.state(), "wall_seconds": elapsed()})
 
     def evaluate(tokens_N, max_windows: int) -> tuple[dict[str, float], float]:
-        """Scores of one split and the seconds it took (excluded from the training rate)."""
-        jax.block_until_ready(state["params"])  # pending training steps count as training
-        eval_start = time.monotonic()
-        with progress.excluded("eval", evaluator.num_windows(tokens_N, max_windows)):
-            nll = evaluator(state["params"], state["opt_state"], tokens_N, max_windows)
-        return score(nll, corpus.metric), time.monotonic() - eval_start
+        return timed_evaluation(
+            progress,
+            evaluator,
+            corpus.metric,
+            (tokens_N, max_windows),
+            state["params"],
+            lambda: (state["params"], state["opt_state"]),
+        )
 
     if step < end and run.should_stop(at_sync_point=True):
         raise run.stop.interrupted(step, ckpt.directory, saved=False)
@@ -515,16 +516,8 @@ def _train(config, run, corpus, stop_at_step, start_time, closing) -> dict[str, 
             mean_loss = float(loss_sum) / loss_count
             guard.check_finite(mean_loss, step, last_good, DIVERGENCE_HINT)
         if due_log:
-            train = {"loss": mean_loss, **score(mean_loss, corpus.metric)}
-            shown = {k: train[k] for k in ("loss", "bpc", "perplexity") if k in train}
-            line = progress.line(step, shown)
-            train.update(
-                {k: metrics[k] for k in ("grad_norm", "learning_rate", "exploration_penalty")}
-            )
-            train.update(
-                summary_lib.throughput(progress.steps_per_second, tokens_per_step, "tokens")
-            )
-            writer.write(step, train, prefix="train/")
+            logged = {k: metrics[k] for k in ("grad_norm", "learning_rate", "exploration_penalty")}
+            line = log_training(writer, progress, step, mean_loss, corpus.metric, logged, config)
             writer.write(step, stats_fn(state["opt_state"]), prefix="masks/")
             _log(line)
             loss_sum, loss_count = jnp.zeros(()), 0
@@ -532,15 +525,8 @@ def _train(config, run, corpus, stop_at_step, start_time, closing) -> dict[str, 
             change = {k: float(v) for k, v in jax.device_get(window_fn(state)).items()}
             writer.write(step, mask_dynamics.window_metrics(change, window), prefix="masks/")
             state = snapshot_fn(state)
-        due_eval = config.eval_every_steps and step % config.eval_every_steps == 0 and step < end
-        if due_eval and not stopping:
-            scores, seconds = evaluate(corpus.valid, config.get("eval_max_windows", 0))
-            writer.write(step, scores, prefix="eval/")
-            _log(
-                f"step {step} eval (valid) "
-                + " ".join(f"{k} {v:.4f}" for k, v in scores.items())
-                + f" ({seconds:.0f}s)"
-            )
+        if not stopping:
+            periodic_evaluation(config, step, end, corpus, evaluate, writer)
         if due_ckpt:
             save(step)
             last_good = step
@@ -550,19 +536,8 @@ def _train(config, run, corpus, stop_at_step, start_time, closing) -> dict[str, 
         _log(f"stopped at step {step}; rerun the same command to resume")
         return None
 
-    results: dict[str, float] = {}
-    for split in ("valid", "test"):
-        if run.should_stop(at_sync_point=True):  # the final state is checkpoint `step`
-            raise run.stop.interrupted(step, ckpt.directory, saved=False)
-        scores, seconds = evaluate(getattr(corpus, split), final_windows)
-        results.update({f"{split}_{k}": v for k, v in scores.items()})
-        _log(
-            f"final {split}: "
-            + " ".join(f"{k} {v:.4f}" for k, v in scores.items())
-            + f" ({seconds:.0f}s)"
-        )
+    results = final_evaluation(run, step, ckpt.directory, corpus, evaluate, final_windows)
     writer.write(step, results, prefix="final/")
-    train_seconds = progress.training_seconds()
     summary = summary_lib.summary_of_run(
         "language_model",
         config,
@@ -574,9 +549,7 @@ def _train(config, run, corpus, stop_at_step, start_time, closing) -> dict[str, 
         final=results,
         extra={
             "final_eval_max_windows": final_windows,
-            **summary_lib.throughput(
-                progress.rate() if train_seconds > 0 else float("nan"), tokens_per_step, "tokens"
-            ),
+            **run_throughput(progress, config),
         },
     )
     if run.primary:
@@ -590,6 +563,83 @@ def _train(config, run, corpus, stop_at_step, start_time, closing) -> dict[str, 
     if run.primary:
         _log(f"wrote {path}")
     return summary
+
+
+# ----------------------------------------------------------------------------- shared by both loops
+def _scores_text(scores: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in scores.items())
+
+
+def log_training(
+    writer: MetricsWriter,
+    progress: ProgressLogger,
+    step: int,
+    mean_loss: float,
+    metric: str,
+    logged: dict[str, Any],
+    config: ml_collections.ConfigDict,
+) -> str:
+    """Write the ``train/`` record of a log line — ``loss``, the score (``bpc`` or
+    ``perplexity``), ``logged`` (learning rate, exploration penalty, ...) and the throughput
+    (``steps_per_second``, ``tokens_per_second``) — and return the progress line."""
+    train = {"loss": mean_loss, **score(mean_loss, metric)}
+    line = progress.line(step, dict(train))
+    train.update(logged)
+    tokens_per_step = config.batch_size * config.seq_len
+    train.update(summary_lib.throughput(progress.steps_per_second, tokens_per_step, "tokens"))
+    writer.write(step, train, prefix="train/")
+    return line
+
+
+def run_throughput(progress: ProgressLogger, config: ml_collections.ConfigDict) -> dict:
+    """The summary's ``steps_per_second`` and ``tokens_per_second`` over the whole run's
+    training time (nan when no training step was timed)."""
+    rate = progress.rate() if progress.training_seconds() > 0 else float("nan")
+    return summary_lib.throughput(rate, config.batch_size * config.seq_len, "tokens")
+
+
+def timed_evaluation(
+    progress: ProgressLogger,
+    evaluator: Evaluator,
+    metric: str,
+    split: tuple[Any, int],
+    pending: Any,
+    weights: Any,
+) -> tuple[dict[str, float], float]:
+    """Scores of one split ``(tokens_N, max_windows)`` and the seconds it took, excluded from
+    the training rate. ``pending``: arrays of the last training step, waited for first (pending
+    steps count as training); ``weights() -> (params, opt_state)``, called in the excluded time."""
+    tokens_N, max_windows = split
+    jax.block_until_ready(pending)
+    eval_start = time.monotonic()
+    with progress.excluded("eval", evaluator.num_windows(tokens_N, max_windows)):
+        nll = evaluator(*weights(), tokens_N, max_windows)
+    return score(nll, metric), time.monotonic() - eval_start
+
+
+def periodic_evaluation(config, step: int, end: int, corpus, evaluate, writer) -> None:
+    """Every ``config.eval_every_steps`` steps before ``end``: ``evaluate(valid tokens,
+    config.eval_max_windows)`` logged under ``eval/``."""
+    every = config.eval_every_steps
+    if not (every and step % every == 0 and step < end):
+        return
+    scores, seconds = evaluate(corpus.valid, config.get("eval_max_windows", 0))
+    writer.write(step, scores, prefix="eval/")
+    _log(f"step {step} eval (valid) {_scores_text(scores)} ({seconds:.0f}s)")
+
+
+def final_evaluation(run, step: int, directory: str, corpus, evaluate, max_windows: int):
+    """``{"<split>_<metric>": value}`` for valid and test (``evaluate(tokens, max_windows)``);
+    a stop request between splits raises ``run.stop.interrupted`` (the final state is the
+    checkpoint of ``step``)."""
+    results: dict[str, float] = {}
+    for split in ("valid", "test"):
+        if run.should_stop(at_sync_point=True):
+            raise run.stop.interrupted(step, directory, saved=False)
+        scores, seconds = evaluate(getattr(corpus, split), max_windows)
+        results.update({f"{split}_{k}": v for k, v in scores.items()})
+        _log(f"final {split}: {_scores_text(scores)} ({seconds:.0f}s)")
+    return results
 
 
 def eval_plan(config: ml_collections.ConfigDict, evaluator: Evaluator, corpus) -> Any:

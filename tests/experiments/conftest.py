@@ -15,8 +15,23 @@ PREFIXES = ("train/", "eval/", "masks/", "final/")
 TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "exploration_penalty", "steps_per_second")
 
 
+#: Names every run logs, unless it declares them ``absent``.
+REQUIRED = (
+    *(f"train/{key}" for key in TRAIN_KEYS),
+    "masks/forward_density",
+    "masks/backward_density",
+    "masks/reservoir_activated",
+    "masks/window_change_mean",
+    "masks/window_steps",
+)
+
+
 def assert_metric_schema(
-    workdir: str, summary: dict, unit: str, scores: tuple[str, ...] | None
+    workdir: str,
+    summary: dict,
+    unit: str,
+    scores: tuple[str, ...] | None,
+    absent: tuple[str, ...] = (),
 ) -> None:
     """Every metric name follows the scheme; summary.json has the shared schema; provenance.
 
@@ -24,19 +39,20 @@ def assert_metric_schema(
       unit: the throughput unit, ``"tokens"`` or ``"examples"``.
       scores: the periodic evaluation's scores besides ``loss`` (``("bpc",)``,
         ``("top1", "top5")``); None: the run has no periodic evaluation, so no ``eval/`` names.
+      absent: names of :data:`REQUIRED` the trainer does not log (checked to be absent), e.g.
+        the always-sparse LM's ``train/grad_norm``.
     """
     records = read_metrics(workdir)
     names = {k for r in records for k in r if k != "step"}
     assert names and all(n.startswith(PREFIXES) for n in names), sorted(names)
-    for key in (*TRAIN_KEYS, f"{unit}_per_second"):
-        assert f"train/{key}" in names, key
+    assert set(absent) <= set(REQUIRED) and not set(absent) & names, sorted(absent)
+    for name in (*REQUIRED, f"train/{unit}_per_second"):
+        assert name in names or name in absent, name
     if scores is None:
         assert not any(n.startswith("eval/") for n in names)
     else:
         for key in ("loss", *scores):
             assert f"eval/{key}" in names, key
-    assert "masks/reservoir_activated" in names and "masks/forward_density" in names
-    assert {"masks/window_change_mean", "masks/window_steps"} <= names
     assert not {n for n in names if n.endswith(("/lr", "/count"))}
     assert set(summary_lib.SUMMARY_KEYS) <= set(summary)
     assert summary["final_metrics"] and all(k in summary for k in summary["final_metrics"])

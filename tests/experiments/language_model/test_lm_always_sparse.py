@@ -20,6 +20,8 @@ import pytest
 
 import topkast_jax as tk
 from configs import demo
+from experiments.common import always_sparse_stats
+from experiments.common.metrics import read_metrics
 from experiments.language_model import always_sparse, models, train
 
 NO_FMA = {"xla_backend_optimization_level": 0}
@@ -120,7 +122,8 @@ def run_config(text_path, **overrides):
             "num_train_steps": 6,
             "log_every_steps": 3,
             "checkpoint_every_steps": 3,
-            "eval_every_steps": 0,
+            "eval_every_steps": 3,
+            "eval_max_windows": 1,
             "eval_batch_size": 4,
             "eval_seq_len": 8,
             "eval_mem_len": 8,
@@ -163,3 +166,70 @@ def test_interrupted_and_resumed_equals_uninterrupted(reference, text_file, tmp_
         assert [json.loads(line)["step"] for line in f] == [3]
     for key in ("valid_loss", "test_loss", "valid_bpc", "test_bpc"):
         assert got[key] == want[key], key
+
+
+#: What the always-sparse mode does not log (no gradient norm from the device step, no
+#: per-weight mask history); every other name of the shared scheme it logs.
+NOT_LOGGED = (
+    "train/grad_norm",
+    "masks/reservoir_activated",
+    "masks/window_change_mean",
+    "masks/window_steps",
+)
+
+
+def test_metrics_summary_and_provenance_follow_the_shared_schema(reference, metric_schema):
+    summary, workdir = reference
+    metric_schema(str(workdir), summary, "tokens", ("bpc",), absent=NOT_LOGGED)
+    records = read_metrics(str(workdir))
+    assert [r["step"] for r in records if "eval/bpc" in r] == [3]  # eval_every_steps, not at end
+    logged = [r for r in records if "train/learning_rate" in r]
+    assert [r["step"] for r in logged] == [3, 6]
+    schedule = train.learning_rate_schedule(run_config("unused"))
+    for r in logged:
+        np.testing.assert_allclose(r["train/learning_rate"], float(schedule(r["step"] - 1)))
+        assert r["train/exploration_penalty"] > 0 and r["train/tokens_per_second"] > 0
+    masks = [r for r in records if "masks/forward_density" in r]
+    np.testing.assert_allclose(masks[-1]["masks/forward_density"], 0.2, atol=0.01)
+    np.testing.assert_allclose(masks[-1]["masks/backward_density"], 0.5, atol=0.01)
+
+
+def _reference_stats(sparse, state):
+    """Densities and exploration penalty from the dense host masks and θ (plain numpy)."""
+    masks = sparse.masks(state)
+    thetas = jax.tree.leaves(sparse.dense_params(state))
+    plan = sparse.plan(sparse.abstract_params(state))
+    forward = jax.tree.leaves(masks.forward, is_leaf=lambda x: x is None)
+    backward = jax.tree.leaves(masks.backward, is_leaf=lambda x: x is None)
+    n = n_a = n_b = 0
+    penalty = 0.0
+    for a, b, theta, leaf in zip(forward, backward, thetas, plan, strict=True):
+        if a is None:
+            continue
+        n, n_a, n_b = n + a.size, n_a + a.sum(), n_b + b.sum()
+        t2 = np.square(theta.astype(np.float64))
+        penalty += t2[a].sum() + t2[b & ~a].sum() / leaf.forward
+    return n_a / n, n_b / n, 0.5 * sparse.exploration_l2 * penalty
+
+
+def test_stats_from_the_b_state_equal_dense_numpy_references():
+    config = small_config(**{"sparsity.always_sparse": True})
+    model = models.model_from_config(config.model)
+    sparse, _ = train.make_optimizer(config, train.sparsify_fn(config))
+    params, _ = train.init_params(config, model)
+    state = sparse.init(params)
+    step = sparse.make_step(always_sparse.make_loss(model), has_aux=True)
+    mems = train.zero_mems(model, config.batch_size, config.mem_len)
+    data = np.random.default_rng(1)
+    for _ in range(9):  # past a refresh (every 7 steps)
+        tokens = data.integers(0, 256, size=(config.batch_size, config.seq_len + 1))
+        batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
+        state, (_, mems) = step(state, dict(batch, mems=mems, dropout=jax.random.PRNGKey(0)))
+    got = always_sparse_stats.mask_densities(state)
+    forward, backward, penalty = _reference_stats(sparse, state)
+    np.testing.assert_allclose(got["forward_density"], forward, rtol=1e-12)
+    np.testing.assert_allclose(got["backward_density"], backward, rtol=1e-12)
+    kernel = sparse.masks(state).forward["layer_0"]["ff"]["ff_1"]["kernel"]
+    assert got["forward_density/layer_0/ff/ff_1/kernel"] == kernel.mean()
+    value = always_sparse_stats.penalty_fn(sparse, state)(state.device)
+    np.testing.assert_allclose(float(value), penalty, rtol=1e-5)
