@@ -11,6 +11,11 @@ The device holds, per sparse leaf, the ``k_B`` values ``θ_B``, their indices an
 The names are those of ``tk.mask_stats`` (``forward_density``, ``backward_density`` over all
 sparse leaves, and ``forward_density/<path>``, ``backward_density/<path>`` per leaf), so the
 records go under ``masks/`` as in the masked trainers.
+
+For Figure 3 (``experiments/common/mask_dynamics.py``) the forward mask of the previous window is
+kept on the host, bit-packed (``n/8`` bytes per sparse leaf, a fixed shape for checkpoints):
+:func:`packed_forward_masks` and :func:`window_change`, once per window, read the ``k_B`` indices
+and flags from the device and unpack on the host.
 """
 
 from __future__ import annotations
@@ -86,3 +91,33 @@ def penalty_fn(sparse: Any, state: Any) -> Callable[[Any], jax.Array]:
         return 0.5 * l2 * total
 
     return penalty
+
+
+def _forward_masks(state: Any) -> list[tuple[str, np.ndarray]]:
+    """``(path, flat dense bool A)`` of every sparse leaf, built on the host."""
+    rows = _sparse_rows(state)
+    indices, in_a = jax.device_get(([i for _, _, i, _ in rows], [a for *_, a in rows]))
+    out = []
+    for (name, h, *_), i, a in zip(rows, indices, in_a, strict=True):
+        mask = np.zeros(h.size, bool)
+        mask[np.asarray(i)[np.asarray(a)]] = True
+        out.append((name, mask))
+    return out
+
+
+def packed_forward_masks(state: Any) -> list[np.ndarray]:
+    """The forward mask of every sparse leaf, flat and bit-packed (``np.packbits``, uint8)."""
+    return [np.packbits(mask) for _, mask in _forward_masks(state)]
+
+
+def window_change(previous: list[np.ndarray], state: Any) -> dict[str, float]:
+    """Per sparse leaf, the fraction of positions where ``state``'s forward mask differs from
+    ``previous`` (:func:`packed_forward_masks` of an earlier state): ``mean(m_t ≠ m_{t−w})``,
+    the ``mask_dynamics.window_change`` of the masked trainers."""
+    current = _forward_masks(state)
+    if len(previous) != len(current):
+        raise ValueError(f"previous holds {len(previous)} masks, the state {len(current)}")
+    return {
+        name: float(np.mean(np.unpackbits(old, count=mask.size).astype(bool) != mask))
+        for old, (name, mask) in zip(previous, current, strict=True)
+    }

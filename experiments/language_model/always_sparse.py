@@ -9,12 +9,14 @@ modes give the same ``A``, ``B`` and, up to float reassociation, the same parame
 Metrics follow the shared scheme (``experiments/common/summary.py``) through the masked trainer's
 helpers: ``train/`` loss, score, ``learning_rate``, ``exploration_penalty`` and throughput;
 ``masks/`` forward and backward densities (total and per leaf) counted on the ``B``-state
-(``experiments/common/always_sparse_stats.py``); ``eval/`` on the masked trainer's cadence and
-``final/``; ``provenance.json`` and ``summary.json``.  An evaluation builds the dense
-``α = θ ⊙ A`` on the device for its duration (``AlwaysSparse.forward_params``).  Not logged here:
-``train/grad_norm`` (the device step returns only the loss), ``masks/mask_change*``,
-``masks/reservoir_activated`` and the Figure-3 window change (they need per-weight mask history,
-which this mode does not keep).  Checkpoints and resume work as in the masked trainer.
+(``experiments/common/always_sparse_stats.py``) and the Figure-3 window change (the previous
+window's forward mask is kept on the host, bit-packed, and checkpointed as ``mask_snapshot``);
+``eval/`` on the masked trainer's cadence and ``final/``; ``provenance.json`` and
+``summary.json``.  An evaluation builds the dense ``α = θ ⊙ A`` on the device for its duration
+(``AlwaysSparse.forward_params``).  Not logged here: ``train/grad_norm`` (the device step returns
+only the loss), ``masks/mask_change*`` (``AlwaysSparse`` keeps no change at a refresh) and
+``masks/reservoir_activated`` (it needs per-weight history, which this mode does not keep).
+Checkpoints and resume work as in the masked trainer.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import always_sparse_stats
+from experiments.common import always_sparse_stats, mask_dynamics
 from experiments.common import dry_run as dry_run_lib
 from experiments.common import mesh as mesh_lib
 from experiments.common import summary as summary_lib
@@ -60,9 +62,10 @@ def train(config: Any, run: Any, corpus: Any, stop_at_step: int | None) -> dict[
     """The always-sparse run of ``train.train_and_evaluate`` (the workdir is held by ``run``).
 
     Checkpoints (orbax, ``experiments.common.checkpoint``) hold the host ``θ``, the device
-    ``B``-state, the memory, the key and the step; the data position is in their metadata, so a
-    rerun resumes exactly. Metrics, progress, periodic and final evaluation, ``provenance.json``
-    and ``summary.json`` go through the masked trainer's shared helpers (same names).
+    ``B``-state, the memory, the key, the step and the previous window's forward mask (packed,
+    Figure 3); the data position is in their metadata, so a rerun resumes exactly. Metrics,
+    progress, periodic and final evaluation, ``provenance.json`` and ``summary.json`` go
+    through the masked trainer's shared helpers (same names).
     """
     from experiments.language_model import input_pipeline, models
     from experiments.language_model import train as lm
@@ -81,11 +84,13 @@ def train(config: Any, run: Any, corpus: Any, stop_at_step: int | None) -> dict[
         config.get("max_checkpoints_to_keep", 2),
         primary=run.primary,
     )
+    initial = sparse.init(jax.device_put(params, rep))
     state = {
         "step": np.asarray(0, np.int64),
-        "sparse": sparse.init(jax.device_put(params, rep)),
+        "sparse": initial,
         "mems": zeros(),
         "rng": rng,
+        "mask_snapshot": always_sparse_stats.packed_forward_masks(initial),
     }
     meta: dict[str, Any] = {"position": 0}
     restored = ckpt.restore_latest(state, log=lm._log)
@@ -122,6 +127,7 @@ def train(config: Any, run: Any, corpus: Any, stop_at_step: int | None) -> dict[
         return lm.timed_evaluation(progress, evaluator, corpus.metric, split, device, alpha)
 
     end = config.num_train_steps if stop_at_step is None else stop_at_step
+    window = mask_dynamics.window_steps(config)
     start, losses = time.monotonic(), []
     for step in range(first + 1, end + 1):
         local, reset = stream.next()
@@ -135,12 +141,9 @@ def train(config: Any, run: Any, corpus: Any, stop_at_step: int | None) -> dict[
             sparse_state, (loss, mems) = step_fn(
                 state["sparse"], dict(batch, mems=mems, dropout=dropout)
             )
-        state = {
-            "step": np.asarray(step, np.int64),
-            "sparse": sparse_state,
-            "mems": mems,
-            "rng": rng,
-        }
+        state = dict(
+            state, step=np.asarray(step, np.int64), sparse=sparse_state, mems=mems, rng=rng
+        )
         losses.append(loss)
         if step % config.log_every_steps == 0 or step == end:
             mean = float(np.mean(jax.device_get(losses)))
@@ -152,6 +155,10 @@ def train(config: Any, run: Any, corpus: Any, stop_at_step: int | None) -> dict[
             line = lm.log_training(writer, progress, step, mean, corpus.metric, logged, config)
             writer.write(step, always_sparse_stats.mask_densities(sparse_state), prefix="masks/")
             lm._log(line + " (always-sparse)")
+        if step % window == 0:
+            change = always_sparse_stats.window_change(state["mask_snapshot"], sparse_state)
+            writer.write(step, mask_dynamics.window_metrics(change, window), prefix="masks/")
+            state["mask_snapshot"] = always_sparse_stats.packed_forward_masks(sparse_state)
         lm.periodic_evaluation(config, step, end, corpus, evaluate, writer)
         if step % config.checkpoint_every_steps == 0 or step == end:
             with progress.excluded("checkpoint"):

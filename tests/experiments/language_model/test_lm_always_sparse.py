@@ -166,16 +166,21 @@ def test_interrupted_and_resumed_equals_uninterrupted(reference, text_file, tmp_
         assert [json.loads(line)["step"] for line in f] == [3]
     for key in ("valid_loss", "test_loss", "valid_bpc", "test_bpc"):
         assert got[key] == want[key], key
+    assert _window_records(tmp_path) == _window_records(reference[1])
+
+
+def _window_records(workdir):
+    """The Figure-3 records of a run (its snapshot is checkpointed, so a resume keeps them)."""
+    return [
+        {k: v for k, v in r.items() if k == "step" or k.startswith("masks/window_")}
+        for r in read_metrics(str(workdir))
+        if "masks/window_steps" in r
+    ]
 
 
 #: What the always-sparse mode does not log (no gradient norm from the device step, no
 #: per-weight mask history); every other name of the shared scheme it logs.
-NOT_LOGGED = (
-    "train/grad_norm",
-    "masks/reservoir_activated",
-    "masks/window_change_mean",
-    "masks/window_steps",
-)
+NOT_LOGGED = ("train/grad_norm", "masks/reservoir_activated")
 
 
 def test_metrics_summary_and_provenance_follow_the_shared_schema(reference, metric_schema):
@@ -233,3 +238,32 @@ def test_stats_from_the_b_state_equal_dense_numpy_references():
     assert got["forward_density/layer_0/ff/ff_1/kernel"] == kernel.mean()
     value = always_sparse_stats.penalty_fn(sparse, state)(state.device)
     np.testing.assert_allclose(float(value), penalty, rtol=1e-5)
+
+
+def test_window_change_from_packed_snapshots_equals_dense_numpy():
+    config = small_config(**{"sparsity.always_sparse": True, "sparsity.refresh_every": 1})
+    model = models.model_from_config(config.model)
+    sparse, _ = train.make_optimizer(config, train.sparsify_fn(config))
+    state = sparse.init(train.init_params(config, model)[0])
+    before = sparse.masks(state).forward
+    snapshot = always_sparse_stats.packed_forward_masks(state)
+    step = sparse.make_step(always_sparse.make_loss(model), has_aux=True)
+    mems = train.zero_mems(model, config.batch_size, config.mem_len)
+    tokens = np.random.default_rng(2).integers(0, 256, size=(config.batch_size, config.seq_len + 1))
+    batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
+    for _ in range(3):
+        state, (_, mems) = step(state, dict(batch, mems=mems, dropout=jax.random.PRNGKey(0)))
+    after = sparse.masks(state).forward
+    got = always_sparse_stats.window_change(snapshot, state)
+    flat_before = jax.tree_util.tree_flatten_with_path(before, is_leaf=lambda x: x is None)[0]
+    want = {
+        "/".join(k.key for k in path): float(np.mean(old != new))
+        for (path, old), new in zip(
+            flat_before, jax.tree.leaves(after, is_leaf=lambda x: x is None), strict=True
+        )
+        if old is not None
+    }
+    assert got == want and any(v > 0 for v in want.values())  # the masks did move
+    assert always_sparse_stats.window_change(
+        snapshot, sparse.init(train.init_params(config, model)[0])
+    ) == dict.fromkeys(want, 0.0)
