@@ -29,6 +29,14 @@ def flatten(x: jax.Array) -> jax.Array:
     return jnp.reshape(x, (-1,), out_sharding=NamedSharding(sharding.mesh, PartitionSpec()))
 
 
+def replicated_like(x: jax.Array) -> NamedSharding | None:
+    """A replicated sharding on ``x``'s mesh when ``x`` is explicitly sharded, else ``None``
+    (e.g. the ``out_sharding`` of a histogram scattered from sharded indices: XLA sums the
+    per-device counts with a histogram-sized all-reduce)."""
+    sharding = explicit_sharding(x)
+    return None if sharding is None else NamedSharding(sharding.mesh, PartitionSpec())
+
+
 def flatten_rows(x_Gx: jax.Array) -> jax.Array:
     """``x.reshape(G, -1)``, replicated when ``x`` is explicitly sharded."""
     sharding = explicit_sharding(x_Gx)

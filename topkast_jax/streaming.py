@@ -110,7 +110,11 @@ def _add_counts(hist_GxB: jax.Array, bins_Gx: jax.Array) -> jax.Array:
     )
     # Invalid entries go past the end (a negative index would wrap around).
     flat = jnp.where(valid, row_start + bins_Gx, rows * num_bins)
-    counts = hist_GxB.reshape(-1).at[flat].add(jnp.ones((), jnp.int32), mode="drop")
+    counts = (
+        hist_GxB.reshape(-1)
+        .at[flat]
+        .add(jnp.ones((), jnp.int32), mode="drop", out_sharding=sharding.replicated_like(flat))
+    )
     return counts.reshape(rows, num_bins)
 
 
