@@ -95,11 +95,6 @@ def _fold_chunks(xs: Sequence[jax.Array], body: Body, init: object) -> object:
     return carry
 
 
-def _row_axes(a: jax.Array) -> tuple[int, ...]:
-    """Every axis but the first (the group axis ``G``)."""
-    return tuple(range(1, a.ndim))
-
-
 def _add_counts(hist_GxB: jax.Array, bins_Gx: jax.Array) -> jax.Array:
     """``hist[g, b] += #(bins[g] == b)`` (``bins`` of any shape after ``G``); bins outside
     ``[0, B)`` are dropped."""

@@ -44,7 +44,7 @@ from topkast_jax import sparsify as sparsify_lib
 from topkast_jax import stats as stats_lib
 from topkast_jax.penalty import add_penalty_gradient
 from topkast_jax.plan import LeafDensity, check_sparsities, layer_densities, unflatten_sparse
-from topkast_jax.state import Masks, PackedSets, TopKastState, is_set_leaf, sets_masks
+from topkast_jax.state import PackedSets, TopKastState, is_set_leaf, sets_masks
 from topkast_jax.tree import map_sparse
 from topkast_jax.validation import (
     check_choice,
@@ -109,22 +109,16 @@ def sparse_inner_update(
     return zero_outside(updates, backward), inner_state
 
 
-def stop_exploration(count: jax.Array, masks: Masks, stop_step: int | None) -> Masks:
-    """``B ← A`` once ``count >= stop_step`` (updates to ``B∖A`` stopped after step ``t``)."""
-    if stop_step is None:
-        return masks
-    stopped = count >= stop_step
-    backward = map_sparse(lambda b, a: jnp.where(stopped, a, b), masks.backward, masks.forward)
-    return Masks(masks.forward, backward)
-
-
 def _stop_exploration_sets(count: jax.Array, sets: Any, stop_step: int) -> Any:
-    """Packed sets with ``B ← A`` once ``count >= stop_step``."""
+    """Packed sets with ``B ← A`` once ``count >= stop_step`` (updates to ``B∖A`` stopped after
+    step ``t``).  Applied to the sets the state stores (at init and after every update), so the
+    masks an update reads are already stopped."""
     stopped = count >= stop_step
 
     def stop(p: PackedSets) -> PackedSets:
         code = p.codes()
-        forward_only = jnp.where(codes_lib.forward_of(code), jnp.uint8(3), jnp.uint8(0))
+        in_a = jnp.uint8(codes_lib.IN_A | codes_lib.IN_B)
+        forward_only = jnp.where(codes_lib.forward_of(code), in_a, jnp.uint8(0))
         return PackedSets.from_codes(jnp.where(stopped, forward_only, code))
 
     return jax.tree.map(lambda p: None if p is None else stop(p), sets, is_leaf=is_set_leaf)
@@ -306,7 +300,7 @@ def topkast(
             )
         plan = plan_for(params)
         l2 = jnp.asarray(exploration_l2, jnp.float32)
-        masks = stop_exploration(state.count, state.masks, stop_exploration_step)
+        masks = state.masks  # already B = A past stop_exploration_step (see init and below)
         grads = zero_outside(grads, masks.backward)  # (a)
         if not _is_zero(exploration_l2):
             grads = add_penalty_gradient(grads, params, masks, state.densities, l2)  # (b)
