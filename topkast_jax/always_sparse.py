@@ -86,9 +86,19 @@ def _placement(params: Any) -> NamedSharding | None:
 
 
 def _put(x: np.ndarray, like: Any) -> jax.Array:
-    """``x`` on the device(s) of ``like`` (a device array or a sharding), else the default."""
+    """``x`` on the device(s) of ``like`` (a device array or a sharding), else the default
+    device, always committed: the step's outputs are committed, and a mix of committed and
+    uncommitted inputs would make ``jax.jit`` compile the step again after every refresh."""
     sharding = getattr(like, "sharding", like)
-    return jnp.asarray(x) if sharding is None else jax.device_put(x, sharding)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.device_put(x, sharding)
+
+
+def _committed(tree: Any, placement: NamedSharding | None) -> Any:
+    """``tree`` with every uncommitted device array (e.g. an optimizer's step count, which
+    depends on no input) placed like :func:`_put`, so the step never sees a mix."""
+    return jax.tree.map(lambda x: x if x.committed else _put(x, placement), tree)
 
 
 def _own_copy(x: Any, placement: NamedSharding | None) -> jax.Array:
@@ -261,7 +271,7 @@ class AlwaysSparse:
             compressed,
             jax.tree.unflatten(treedef, idx_leaves),
             jax.tree.unflatten(treedef, a_leaves),
-            jax.jit(self.inner.init)(compressed),
+            _committed(jax.jit(self.inner.init)(compressed), placement),
         )
         return AlwaysSparseState(
             np.asarray(0, np.int64), rng, jax.tree.unflatten(treedef, host_leaves), device

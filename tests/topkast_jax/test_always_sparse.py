@@ -275,3 +275,17 @@ def test_bfloat16_leaves_match_masked():
         jax.tree.map(lambda x: np.asarray(x, np.float32), dense),
         jax.tree.map(lambda x: np.asarray(x, np.float32), m_params),
     )
+
+
+def test_step_compiles_once_across_refreshes(caplog):
+    """Every array the step receives is committed alike, before and after a refresh: a mix would
+    make ``jax.jit`` compile the device step again after each refresh (seconds on a real model).
+    (With ``global_topk`` the per-leaf ``k_B`` change at a refresh, and so do the shapes.)"""
+    sparse = tk.AlwaysSparse(optax.adam(1e-3), **dict(BASE, refresh_every=3))
+    state = sparse.init(mlp_params())
+    step = sparse.make_step(mlp_loss)
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        for i in range(8):  # refreshes after steps 3 and 6
+            state, _ = step(state, batch_at(i))
+    compiles = [r for r in caplog.records if "Compiling jit(device_step)" in r.getMessage()]
+    assert len(compiles) == 1, [r.getMessage()[:120] for r in compiles]
