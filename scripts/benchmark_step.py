@@ -18,7 +18,8 @@ and the dense optax step, and prints from XLA's compiled analysis (deterministic
   refresh, the bytes the selection really reads: one pass per histogram plus the tie pass when it
   runs, i.e. ``2 × 4 bytes`` per sparse weight (an upper bound: ties rarely straddle);
 * compile s: CPU seconds this process spends in ``compile()`` (XLA's compiler threads
-  included; unlike wall time it does not grow with other jobs on a shared machine);
+  included; unlike wall time it does not grow with other jobs on a shared machine), after one
+  discarded warm-up compile of the dense step (backend start-up, GPU autotuning);
 * wall-time ratio Top-KAST / dense: the two compiled steps run alternately (A B A B ...), the
   median of the per-pair ratios with min–max.
 
@@ -218,6 +219,9 @@ def run_problem(problem: Problem, pairs: int) -> None:
     print(f"\n## {problem.name}: {nbytes(problem.params) / MiB:.1f} MiB of params", flush=True)
     inner = inner_optimizer()
     dense_state = inner.init(problem.params)
+    # A first compile pays the backend's start-up (and GPU autotuning of the model's matmuls)
+    # once; it is discarded so the dense step's compile time is its own.
+    measure(dense_step(problem, inner), problem.params, dense_state, problem.batch)
     dense = measure(dense_step(problem, inner), problem.params, dense_state, problem.batch)
     header = (
         f"{'step':26s} {'peak MiB':>9s} {'/dense':>7s} {'persist':>9s} {'+MiB':>8s} "

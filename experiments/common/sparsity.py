@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import optax
@@ -137,3 +138,26 @@ def planned_densities(sparsity: Any) -> tuple[float, float]:
     if sparsity.method in ("static", "pruning", "set", "rigl"):
         return float(sparsity.forward), float(sparsity.forward)
     return float(sparsity.forward), float(sparsity.backward)
+
+
+def refresh_schedule(sparsity: Any) -> Callable[[int], bool | None]:
+    """``due(step)``: the static ``refresh_masks`` for the update that follows ``step`` updates.
+
+    With Top-KAST (masked) and ``refresh_every = N > 1`` a trainer compiles two steps, one that
+    refreshes A and B and one that does not, and runs the first when ``(step + 1) % N == 0`` —
+    the decision ``tk.topkast`` would take inside a ``lax.cond`` (``step`` = updates done so far,
+    the transform's ``count``), so 99 of 100 steps at ``N = 100`` carry no selection code.
+    Otherwise ``due`` always returns ``None`` (one step; baselines decide by themselves).
+    """
+    if refresh_cases(sparsity) == (None,):
+        return lambda step: None
+    every = int(sparsity.refresh_every)
+    return lambda step: (step + 1) % every == 0
+
+
+def refresh_cases(sparsity: Any) -> tuple[bool | None, ...]:
+    """The values :func:`refresh_schedule`'s ``due`` takes: ``(False, True)`` or ``(None,)``."""
+    every = int(sparsity.get("refresh_every", 1))
+    split = sparsity.method == "topkast" and every > 1 and not sparsity.get("always_sparse", False)
+    return (False, True) if split else (None,)
+

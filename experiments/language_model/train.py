@@ -30,6 +30,7 @@ import optax
 from experiments.common import config_rules, config_utils, guard, mask_dynamics
 from experiments.common import dry_run as dry_run_lib
 from experiments.common import mesh as mesh_lib
+from experiments.common import sparsity as sparsity_lib
 from experiments.common import summary as summary_lib
 from experiments.common import workdir as workdir_lib
 from experiments.common.checkpoint import Checkpointer
@@ -178,8 +179,16 @@ def with_shardings(abstract, shardings):
 
 
 # ----------------------------------------------------------------------------- steps
-def make_train_step(model, tx, schedule):
+def make_train_step(model, tx, schedule, refresh_masks=None):
+    """The jittable ``train_step(state, batch, reset) -> (state, metrics)``.
+
+    ``refresh_masks`` (a Python bool or ``None``) is passed to Top-KAST's ``update``: a loop that
+    knows which steps refresh A and B compiles the two cases apart
+    (:func:`experiments.common.sparsity.refresh_schedule`); ``None`` lets the transform decide.
+    """
     import topkast_jax as tk
+
+    static = {} if refresh_masks is None else {"refresh_masks": refresh_masks}
 
     def train_step(state, batch, reset):
         rng, dropout_rng = jax.random.split(state["rng"])
@@ -198,7 +207,7 @@ def make_train_step(model, tx, schedule):
             return jnp.mean(nll_BxT), new_mems
 
         (loss, new_mems), grads = jax.value_and_grad(loss_fn, has_aux=True)(alpha)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"], **static)
         params = optax.apply_updates(state["params"], updates)
         new_state = dict(
             state,
@@ -446,12 +455,16 @@ def _train(config, run, corpus, stop_at_step, start_time, closing) -> dict[str, 
     )
     batch_shard = mesh_lib.batch_sharded(mesh, 2)
     rep = mesh_lib.replicated(mesh)
-    train_step = jax.jit(
-        make_train_step(model, tx, schedule),
-        in_shardings=(shardings, batch_shard, rep),
-        out_shardings=(shardings, rep),
-        donate_argnums=(0,),
-    )
+    refresh_due = sparsity_lib.refresh_schedule(config.sparsity)
+    train_steps = {
+        due: jax.jit(
+            make_train_step(model, tx, schedule, refresh_masks=due),
+            in_shardings=(shardings, batch_shard, rep),
+            out_shardings=(shardings, rep),
+            donate_argnums=(0,),
+        )
+        for due in sparsity_lib.refresh_cases(config.sparsity)  # jitted lazily: compiled when used
+    }
     evaluator = Evaluator(config, model, mesh, shardings)
     writer = MetricsWriter(workdir, enabled=run.primary, start_step=step)
     closing.callback(writer.close)
@@ -497,16 +510,17 @@ def _train(config, run, corpus, stop_at_step, start_time, closing) -> dict[str, 
 
     if step < end and run.should_stop(at_sync_point=True):
         raise run.stop.interrupted(step, ckpt.directory, saved=False)
-    first = True
+    compiled = set()
     while step < end:
         local, reset = stream.next()
         batch = {
             k: mesh_lib.global_batch(local[k], mesh, config.batch_size)
             for k in ("inputs", "targets")
         }
-        with progress.excluded("compile") if first else contextlib.nullcontext():
-            state, metrics = train_step(state, batch, np.asarray(reset))
-        first = False
+        due = refresh_due(step)
+        with progress.excluded("compile") if due not in compiled else contextlib.nullcontext():
+            state, metrics = train_steps[due](state, batch, np.asarray(reset))
+        compiled.add(due)
         step += 1
         loss_sum, loss_count = loss_sum + metrics["loss"], loss_count + 1
         due_log = step % config.log_every_steps == 0 or step == end

@@ -326,3 +326,27 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(text_file, tmp_path):
     summary, ref_summary = read_summary(killed_dir), read_summary(ref_dir)
     for key in ("valid_bpc", "test_bpc", "forward_density", "backward_density", "steps"):
         assert summary[key] == ref_summary[key], key
+
+
+def test_split_refresh_steps_equal_the_transforms_own_decision(text_file, tmp_path, monkeypatch):
+    """At ``refresh_every > 1`` the loop compiles a refresh and a non-refresh step and picks one
+    per step (``sparsity.refresh_schedule``); resumed at an odd step, it trains exactly as the
+    single step whose ``tk.topkast`` decides inside ``lax.cond`` (``refresh_cases`` → ``(None,)``)."""
+    from experiments.common import sparsity as sparsity_lib
+
+    config = tiny_config(text_file, **{"sparsity.refresh_every": 2})
+    assert sparsity_lib.refresh_cases(config.sparsity) == (False, True)
+    due = sparsity_lib.refresh_schedule(config.sparsity)
+    assert [due(s) for s in range(5)] == [False, True, False, True, False]
+    split = str(tmp_path / "split")
+    assert train.train_and_evaluate(config, split, stop_at_step=3) is None
+    train.train_and_evaluate(config, split)
+    with monkeypatch.context() as m:
+        m.setattr(sparsity_lib, "refresh_cases", lambda sparsity: (None,))
+        cond = str(tmp_path / "cond")
+        train.train_and_evaluate(config, cond)
+    assert train_losses(split) == train_losses(cond)
+    state, _ = _final_params(split, config)
+    ref_state, _ = _final_params(cond, config)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
