@@ -41,6 +41,7 @@ import topkast_jax as tk
 from experiments.common import config_rules, config_utils, guard, mask_dynamics
 from experiments.common import dry_run as dry_run_lib
 from experiments.common import mesh as mesh_lib
+from experiments.common import sparsity as sparsity_lib
 from experiments.common import summary as summary_lib
 from experiments.common import workdir as workdir_lib
 from experiments.common.checkpoint import Checkpointer
@@ -166,8 +167,11 @@ def make_train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     config: ml_collections.ConfigDict,
+    refresh_masks: bool | None = None,
 ) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
-    """The (un-jitted) train step ``(state, batch) -> (state, metrics)``."""
+    """The (un-jitted) train step ``(state, batch) -> (state, metrics)``; ``refresh_masks`` is
+    passed to Top-KAST's ``update`` when not ``None`` (see ``sparsity.refresh_schedule``)."""
+    static = {} if refresh_masks is None else {"refresh_masks": refresh_masks}
     dtype = compute_dtype(config)
     smoothing = float(config.label_smoothing)
 
@@ -187,7 +191,7 @@ def make_train_step(
             return loss, (logits_BxK, updated["batch_stats"])
 
         (loss, (logits_BxK, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(alpha)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        updates, opt_state = tx.update(grads, opt_state, params, **static)
         params = optax.apply_updates(params, updates)
         new_state = dict(
             state,
@@ -517,11 +521,15 @@ def _train(
     start_step = int(jax.device_get(state["step"]))
     last_good = ckpt.latest_step()
 
-    train_step = jax.jit(
-        make_train_step(model, tx, schedule, config),
-        out_shardings=(state_sharding, replicated),
-        donate_argnums=0,
-    )
+    refresh_due = sparsity_lib.refresh_schedule(config.sparsity)
+    train_steps = {
+        due: jax.jit(
+            make_train_step(model, tx, schedule, config, refresh_masks=due),
+            out_shardings=(state_sharding, replicated),
+            donate_argnums=0,
+        )
+        for due in sparsity_lib.refresh_cases(config.sparsity)  # jitted lazily: compiled when used
+    }
     eval_step = jax.jit(make_eval_step(model, config))
     stats_fn = jax.jit(lambda s: tk.mask_stats(s["opt_state"]))
     window_fn, snapshot_fn = mask_dynamics.jitted_window_fns(state_sharding)
@@ -559,9 +567,12 @@ def _train(
 
     if start_step < config.num_train_steps and run.should_stop(at_sync_point=True):
         raise run.stop.interrupted(start_step, ckpt.directory, saved=False)
+    compiled = set()
     for step in range(start_step + 1, config.num_train_steps + 1):
-        with progress.excluded("compile") if step == start_step + 1 else contextlib.nullcontext():
-            state, metrics = train_step(state, next(batches))
+        due = refresh_due(step - 1)  # step - 1 updates done before this one
+        with progress.excluded("compile") if due not in compiled else contextlib.nullcontext():
+            state, metrics = train_steps[due](state, next(batches))
+        compiled.add(due)
         steps_since_check += 1
         due_log = step % config.log_every_steps == 0 or step == config.num_train_steps
         stopping = run.should_stop(at_sync_point=due_log)

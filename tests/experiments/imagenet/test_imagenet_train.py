@@ -326,3 +326,35 @@ def test_sparsity_options_reach_topkast():
     config.sparsity.method = "dense"
     with pytest.raises(ValueError, match="only apply to method 'topkast'"):
         make_sparse_optimizer(optax.sgd(0.1), config.sparsity, sparsify)
+
+
+def test_split_refresh_steps_equal_the_transforms_own_decision():
+    """At ``refresh_every > 1`` the trainer runs a refresh or a non-refresh step per step
+    (``sparsity.refresh_schedule`` of the updates done so far): the same run, bit for bit, as
+    the one step in which ``tk.topkast`` decides inside ``lax.cond``."""
+    from experiments.common import sparsity as sparsity_lib
+
+    config = tiny.get_config("0.8,0.5")
+    config.image_size, config.sparsity.refresh_every = 16, 2
+    model = train.create_model(config)
+    variables = train.abstract_variables(model, config.image_size)
+    tx, schedule = opt_lib.make_optimizer(config, variables["params"], train.sparsify_fn(config))
+    due = sparsity_lib.refresh_schedule(config.sparsity)
+    steps = {
+        d: jax.jit(train.make_train_step(model, tx, schedule, config, refresh_masks=d))
+        for d in (None, False, True)
+    }
+    cond = split = jax.jit(lambda: train.init_state(model, tx, config))()
+    rng = np.random.default_rng(0)
+    for t in range(5):
+        batch = {
+            "image": rng.integers(0, 256, (8, 16, 16, 3)).astype(np.uint8),
+            "label": rng.integers(0, config.num_classes, 8).astype(np.int32),
+        }
+        cond, _ = steps[None](cond, batch)
+        split, _ = steps[due(t)](split, batch)
+    for a, b in zip(jax.tree.leaves(cond), jax.tree.leaves(split), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    first, last = tk.get_masks(cond["opt_state"]).forward, cond["mask_snapshot"]
+    assert any((np.asarray(a) != np.asarray(b)).any() for a, b in
+               zip(jax.tree.leaves(first), jax.tree.leaves(last), strict=True))  # fmt: skip
