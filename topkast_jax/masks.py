@@ -3,7 +3,8 @@
 ``A`` = the ``k_A`` weights of largest ``|θ|``; ``B`` = the ``k_B`` of largest ``|θ|`` (so
 ``A ⊆ B``), or — the Table 1 ablation — ``A`` plus ``k_B − k_A`` weights drawn uniformly at random
 among the rest.  Per leaf by default; with ``global_topk`` one threshold over all sparse leaves
-(paper footnote 1), ties ordered by leaf order then row-major index.
+(paper footnote 1), ties ordered by leaf order then row-major index.  A leaf with a layer axis is
+selected per slice (:mod:`topkast_jax.layers`): its slices are rows like separate leaves.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from topkast_jax import distributions, selection, sharding
+from topkast_jax import distributions, layers, selection
 from topkast_jax.plan import LeafDensity, unflatten_sparse
 from topkast_jax.state import Masks
 
@@ -74,9 +75,13 @@ def topkast_masks(
     sparse_plan = [leaf for leaf in plan if leaf.sparse]
     if backward_selection == "random" and rng is None:
         raise ValueError('backward_selection="random" needs a PRNG key: pass rng.')
-    keys = [selection.magnitude_keys(p) for p in leaves]
+    rows = [
+        list(layers.to_rows(selection.elementwise_magnitude_keys(p), leaf.layer_axis))
+        for p, leaf in zip(leaves, sparse_plan, strict=True)
+    ]
+    keys = [row for leaf_rows in rows for row in leaf_rows]  # leaf order, then slice order
     if global_topk and keys:
-        sizes = [leaf.size for leaf in sparse_plan]
+        sizes = [row.shape[0] for row in keys]
         first = sparse_plan[0]
         k_fwd, k_bwd = distributions.mask_counts(first.forward, first.backward, sum(sizes))
         (fwd_N,), (bwd_N,) = _select(
@@ -87,12 +92,19 @@ def topkast_masks(
     else:
         forward, backward = _select(
             keys,
-            [leaf.k_forward for leaf in sparse_plan],
-            [leaf.k_backward for leaf in sparse_plan],
+            [leaf.slice_k_forward for leaf in sparse_plan for _ in range(leaf.layers)],
+            [leaf.slice_k_backward for leaf in sparse_plan for _ in range(leaf.layers)],
             backward_selection,
             rng,
             method,
         )
-    forward = [sharding.unflatten_like(m, p) for m, p in zip(forward, leaves, strict=True)]
-    backward = [sharding.unflatten_like(m, p) for m, p in zip(backward, leaves, strict=True)]
-    return Masks(unflatten_sparse(params, plan, forward), unflatten_sparse(params, plan, backward))
+
+    def per_leaf(masks: list[jax.Array]) -> Any:
+        out, start = [], 0
+        for p, leaf in zip(leaves, sparse_plan, strict=True):
+            rows_LxN = jnp.stack(masks[start : start + leaf.layers])
+            out.append(layers.from_rows(rows_LxN, p, leaf.layer_axis))
+            start += leaf.layers
+        return unflatten_sparse(params, plan, out)
+
+    return Masks(per_leaf(list(forward)), per_leaf(list(backward)))

@@ -1,6 +1,7 @@
 """The exploration penalty of Top-KAST (paper Eq. 3), in one definition.
 
-For a sparse leaf with forward set ``A``, backward set ``B ⊇ A`` and forward density ``D``:
+For a sparse leaf with forward set ``A``, backward set ``B ⊇ A`` and forward density ``D`` (of each
+slice, for a leaf with a layer axis: ``D`` is then an array that broadcasts against the leaf):
 
     penalty(θ) = λ · (½‖θ_A‖² + ½‖θ_{B∖A}‖² / D)
 
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from topkast_jax import boxes
 from topkast_jax.state import Masks, find_sparse_state
 from topkast_jax.tree import map_sparse, sparse_leaves
 
@@ -37,11 +39,13 @@ def penalty_value(params: Any, masks: Masks, densities: Any, l2: jax.Array) -> j
 def add_penalty_gradient(
     grads: Any, params: Any, masks: Masks, densities: Any, l2: jax.Array
 ) -> Any:
-    """``g + λ s ⊙ θ`` on sparse leaves; dense leaves unchanged."""
+    """``g + λ s ⊙ θ`` on sparse leaves; dense leaves unchanged.  ``densities`` (``D`` per leaf,
+    per slice for a leaf with a layer axis) may be stored without the params' Flax boxes."""
 
     def add(g, a, b, p, d):
         return (g + l2 * penalty_scale(a, b, d) * p).astype(g.dtype)
 
+    densities = boxes.rebox(grads, densities)
     return map_sparse(add, grads, masks.forward, masks.backward, params, densities)
 
 

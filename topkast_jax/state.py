@@ -95,7 +95,8 @@ class SetStats(NamedTuple):
     """Mask dynamics of :func:`topkast_jax.topkast` at two bits per weight at most.
 
     Attributes:
-      changed: per sparse leaf, float32 scalar ``|A_new ∖ A_old| / |A_old|`` at the last refresh.
+      changed: per sparse leaf, float32 scalar ``|A_new ∖ A_old| / |A_old|`` at the last refresh
+        (unboxed, like ``TopKastState.densities``).
       history: ``None`` unless ``track_reservoir=True``; then per sparse leaf a
         :class:`PackedSets` whose bit ``codes.IN_A`` marks weights that have ever been in ``A`` and
         bit ``codes.IN_B`` the initial reservoir ``C₀`` (in neither ``A`` nor ``B`` at init).
@@ -112,7 +113,10 @@ class TopKastState(NamedTuple):
       count: int32 number of updates applied.
       sets: per sparse leaf a :class:`PackedSets` holding ``A`` and ``B`` (2 bits per weight),
         ``None`` on dense leaves; :attr:`masks` unpacks them.
-      densities: per sparse leaf, float32 scalar forward density ``D`` (for the penalty).
+      densities: per sparse leaf, float32 forward density ``D`` (for the penalty): a scalar, or
+        for a leaf with a layer axis ``D`` of each slice along that axis, size 1 on the other
+        axes (it broadcasts against the leaf).  Stored without the params' Flax boxes, so a
+        partitioning setup replicates it.
       exploration_l2: float32 scalar ``λ``.
       stats: mask dynamics (:class:`SetStats`).
       rng: PRNG key (uint32[2]) for the random-``B∖A`` ablation.

@@ -6,6 +6,11 @@
   fraction that has ever entered ``A``.  It needs per-weight history: the baselines keep it as
   bool masks (:class:`MaskStats`); Top-KAST keeps it only with ``track_reservoir=True``, packed at
   two bits per weight (:class:`SetStats`), and otherwise omits the key.
+* per slice, for a leaf with a layer axis (scan-stacked layers): ``|A_l| / n_slice`` and
+  ``|B_l| / n_slice`` of every slice ``l``.
+
+Per-leaf scalars (the mask change) are stored without the params' Flax boxes
+(:func:`topkast_jax.boxes.strip`), so a partitioning setup replicates them.
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax import lax
 
+from topkast_jax import boxes
 from topkast_jax import codes as codes_lib
 from topkast_jax.state import Masks, MaskStats, PackedSets, SetStats, find_sparse_state, is_set_leaf
 from topkast_jax.tree import path_name, sparse_leaves
@@ -24,7 +32,7 @@ from topkast_jax.tree import path_name, sparse_leaves
 
 def init_stats(masks: Masks) -> MaskStats:
     """Statistics at initialisation: nothing changed, ``ever_active = A₀``, ``C₀ = ¬B₀``."""
-    changed = jax.tree.map(lambda a: jnp.zeros((), jnp.float32), masks.forward)
+    changed = boxes.strip(jax.tree.map(lambda a: jnp.zeros((), jnp.float32), masks.forward))
     reservoir = jax.tree.map(jnp.logical_not, masks.backward)
     return MaskStats(changed=changed, ever_active=masks.forward, reservoir=reservoir)
 
@@ -37,7 +45,7 @@ def fraction_changed(old: jax.Array, new: jax.Array) -> jax.Array:
 
 def refresh_stats(stats: MaskStats, old: Masks, new: Masks) -> MaskStats:
     """Statistics after a refresh from ``old`` to ``new`` masks."""
-    changed = jax.tree.map(fraction_changed, old.forward, new.forward)
+    changed = boxes.strip(jax.tree.map(fraction_changed, old.forward, new.forward))
     ever = jax.tree.map(jnp.logical_or, stats.ever_active, new.forward)
     return MaskStats(changed=changed, ever_active=ever, reservoir=stats.reservoir)
 
@@ -79,7 +87,7 @@ def _map_sets(fn, *trees: Any) -> Any:
 def refresh_set_stats(stats: SetStats, old: Any, new: Any) -> SetStats:
     """:class:`SetStats` after a refresh from the ``old`` to the ``new`` packed sets, computed
     on the packed bytes (a quarter of a byte per weight is read, nothing is unpacked)."""
-    changed = _map_sets(packed_fraction_changed, old, new)
+    changed = boxes.strip(_map_sets(packed_fraction_changed, old, new))
     if stats.history is None:
         return SetStats(changed=changed, history=None)
     history = _map_sets(_mark_ever_active, stats.history, new)
@@ -139,7 +147,9 @@ def mask_stats(opt_state: optax.OptState, *, per_leaf: bool = True) -> dict[str,
     (mean over sparse leaves of the change at the last refresh), ``mask_change_min``,
     ``mask_change_max``, ``reservoir_activated`` (baselines, and Top-KAST with
     ``track_reservoir=True``); with ``per_leaf`` also ``forward_density/<path>``,
-    ``backward_density/<path>`` and ``mask_change/<path>``.  Empty dict when no leaf is sparse.
+    ``backward_density/<path>`` and ``mask_change/<path>``, and for a leaf with a layer axis
+    ``forward_density/<path>/<l>`` and ``backward_density/<path>/<l>`` for each slice ``l``.  Empty
+    dict when no leaf is sparse.
     """
     state = find_sparse_state(opt_state)
     names, sizes, fwd, bwd = _set_counts(state)
@@ -164,4 +174,46 @@ def mask_stats(opt_state: optax.OptState, *, per_leaf: bool = True) -> dict[str,
             out[f"forward_density/{name}"] = fwd[i] / sizes[i]
             out[f"backward_density/{name}"] = bwd[i] / sizes[i]
             out[f"mask_change/{name}"] = changed[i]
+        out.update(_slice_stats(state, names))
+    return out
+
+
+def layer_axis_of(density: Any) -> int | None:
+    """The layer axis a stored per-leaf density marks (``D`` per slice along it, size 1 on the
+    other axes; see :class:`~topkast_jax.TopKastState`), ``None`` for a scalar or a single slice."""
+    shape = np.shape(density)
+    return int(np.argmax(shape)) if shape and max(shape) > 1 else None
+
+
+def _slice_ones(sets: PackedSets, bit: int, axis: int) -> jax.Array:
+    """Membership of one set, on which a sum over every axis but the layer ``axis`` counts each
+    slice: per-byte counts of the packed bits when they are packed along another axis (the layer
+    axis is then intact), else the unpacked bit."""
+    if sets.axis != axis:
+        return lax.population_count(codes_lib.plane(sets.bits, bit))
+    return (sets.codes() & bit) != 0
+
+
+def _slice_stats(state: Any, names: list[str]) -> dict[str, jax.Array]:
+    """``forward_density/<path>/<l>`` and ``backward_density/<path>/<l>`` per slice of every leaf
+    with a layer axis."""
+    densities = jax.tree.leaves(state.densities)
+    if isinstance(state.stats, SetStats):
+        sets = [(s, s) for _, s in _packed_leaves(state.sets)]
+        bits = (codes_lib.IN_A, codes_lib.IN_B)
+    else:
+        sets = [(a, b) for _, a, b in sparse_leaves(state.masks.forward, state.masks.backward)]
+        bits = (None, None)
+    out: dict[str, jax.Array] = {}
+    for name, density, pair in zip(names, densities, sets, strict=True):
+        axis = layer_axis_of(density)
+        if axis is None:
+            continue
+        for key, s, bit in zip(("forward_density", "backward_density"), pair, bits, strict=True):
+            ones = s if bit is None else _slice_ones(s, bit, axis)
+            others = tuple(d for d in range(ones.ndim) if d != axis)
+            per_slice = jnp.sum(ones, axis=others, dtype=jnp.float32)
+            slice_size = math.prod(s.shape) / np.shape(density)[axis]
+            for i in range(per_slice.shape[0]):
+                out[f"{key}/{name}/{i}"] = per_slice[i] / slice_size
     return out

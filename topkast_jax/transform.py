@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import optax
 from optax import tree_utils as otu
 
+from topkast_jax import boxes, distributions, selection, streaming
 from topkast_jax import codes as codes_lib
-from topkast_jax import distributions, selection, streaming
 from topkast_jax import masks as masks_lib
 from topkast_jax import sparsify as sparsify_lib
 from topkast_jax import stats as stats_lib
@@ -128,19 +128,23 @@ def _streaming_sets(params: Any, plan: list[LeafDensity], global_topk: bool) -> 
     """Packed ``A``/``B`` of ``θ`` by :mod:`topkast_jax.streaming` (magnitude ``B``)."""
     xs = [p for p, leaf in zip(jax.tree.leaves(params), plan, strict=True) if leaf.sparse]
     sparse_plan = [leaf for leaf in plan if leaf.sparse]
+    axes = [leaf.layer_axis for leaf in sparse_plan]
     if global_topk and xs:
         first = sparse_plan[0]
         k_fwd, k_bwd = distributions.mask_counts(
             first.forward, first.backward, sum(leaf.size for leaf in sparse_plan)
         )
-        thresholds = streaming.global_thresholds(xs, k_fwd, k_bwd)
+        thresholds = streaming.global_thresholds(xs, k_fwd, k_bwd, axes)
     else:
         thresholds = streaming.leaf_thresholds(
-            xs, [leaf.k_forward for leaf in sparse_plan], [leaf.k_backward for leaf in sparse_plan]
+            xs,
+            [leaf.slice_k_forward for leaf in sparse_plan],
+            [leaf.slice_k_backward for leaf in sparse_plan],
+            axes,
         )
     sets = [
-        PackedSets.from_codes(streaming.codes_from_thresholds(x, th))
-        for x, th in zip(xs, thresholds, strict=True)
+        PackedSets.from_codes(streaming.codes_from_thresholds(x, th, axis))
+        for x, th, axis in zip(xs, thresholds, axes, strict=True)
     ]
     return unflatten_sparse(params, plan, sets)
 
@@ -174,6 +178,15 @@ def select_sets(
     )
 
 
+def slice_densities(leaf: LeafDensity) -> jax.Array:
+    """float32 forward density ``D`` of a sparse leaf: a scalar, or with a layer axis ``D`` of
+    each slice along it (size 1 on the other axes, so it broadcasts against the leaf)."""
+    if leaf.layer_axis is None:
+        return jnp.asarray(leaf.forward, jnp.float32)
+    shape = [leaf.layers if d == leaf.layer_axis else 1 for d in range(len(leaf.shape))]
+    return jnp.full(shape, leaf.forward, jnp.float32)
+
+
 def _is_zero(value: Any) -> bool:
     """``value`` is a concrete number equal to 0 (a traced λ is never skipped)."""
     return not isinstance(value, jax.core.Tracer) and float(value) == 0.0
@@ -194,6 +207,7 @@ def topkast(
     selection_method: str = "auto",
     seed: int = 0,
     track_reservoir: bool = False,
+    layer_axis: Any = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Top-KAST: always-sparse training around any optax optimizer.
 
@@ -217,6 +231,13 @@ def topkast(
         the initial reservoir, so :func:`~topkast_jax.mask_stats` reports
         ``reservoir_activated`` (paper Fig. 3).  Off by default: the state then holds two bits
         per sparse weight in all.
+      layer_axis: the stacked-layer axis of scan-stacked leaves (``nn.scan`` / ``nnx.scan``):
+        each slice along it is selected, counted and penalised as a leaf of its own (``k`` per
+        slice, ERK over slices; ``global_topk`` stays one threshold over all slices).  An int
+        for every sparse leaf, a Flax axis name, ``None`` (whole leaves), or a pytree / callable
+        of those per leaf; default ``"auto"``: the axis named ``"layers"`` in the leaf's Flax
+        partitioning metadata (Linen ``nn.Partitioned`` names, NNX ``out_sharding``), where it
+        has one.  See :mod:`topkast_jax.layers`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params,
@@ -257,6 +278,7 @@ def topkast(
             forward_sparsity=forward_sparsity,
             backward_sparsity=backward_sparsity,
             distribution=distribution,
+            layer_axis=layer_axis,
         )
 
     def compute_sets(params: Any, plan: list[LeafDensity], rng: jax.Array) -> Any:
@@ -276,8 +298,8 @@ def topkast(
         if stop_exploration_step is not None:
             sets = _stop_exploration_sets(jnp.zeros((), jnp.int32), sets, stop_exploration_step)
         masks = sets_masks(sets)
-        densities = unflatten_sparse(
-            params, plan, [jnp.asarray(leaf.forward, jnp.float32) for leaf in plan if leaf.sparse]
+        densities = boxes.strip(  # no Flax box: a box shards its value like the leaf
+            unflatten_sparse(params, plan, [slice_densities(leaf) for leaf in plan if leaf.sparse])
         )
         return TopKastState(
             count=jnp.zeros((), jnp.int32),

@@ -26,11 +26,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from topkast_jax import boxes, layers
 from topkast_jax import sparsify as sparsify_lib
 from topkast_jax import stats as stats_lib
 from topkast_jax.baselines.schedules import EventTable
 from topkast_jax.baselines.state import BaselineState
-from topkast_jax.plan import LeafDensity, check_sparsity, layer_densities, unflatten_sparse
+from topkast_jax.plan import (
+    LeafDensity,
+    check_sparsity,
+    layer_densities,
+    slice_plan,
+    unflatten_sparse,
+)
 from topkast_jax.state import Masks
 from topkast_jax.transform import sparse_inner_update, zero_inner_state_outside, zero_outside
 from topkast_jax.tree import map_sparse
@@ -77,9 +84,36 @@ def sparse_values(tree: Any, plan: list[LeafDensity]) -> list[Any]:
     return [x for x, leaf in zip(leaves, plan, strict=True) if leaf.sparse]
 
 
-def mask_densities(mask_tree: Any) -> Any:
-    """float32 scalar ``|M| / n`` per sparse leaf (``None`` on dense leaves)."""
-    return jax.tree.map(lambda m: jnp.mean(m, dtype=jnp.float32), mask_tree)
+def mask_densities(params: Any, mask_tree: Any, plan: list[LeafDensity]) -> Any:
+    """float32 ``|M| / n`` per sparse leaf (``None`` on dense leaves): a scalar, or per slice for a
+    leaf with a layer axis (:func:`topkast_jax.layers.slice_mean`); no Flax box around them."""
+    values = [
+        layers.slice_mean(m, leaf.layer_axis)
+        for m, leaf in zip(sparse_values(mask_tree, plan), _sparse(plan), strict=True)
+    ]
+    return boxes.strip(unflatten_sparse(params, plan, values))
+
+
+def _sparse(plan: list[LeafDensity]) -> list[LeafDensity]:
+    return [leaf for leaf in plan if leaf.sparse]
+
+
+def per_slice(
+    fn: Callable[..., jax.Array],
+    leaf: LeafDensity,
+    arrays: list[jax.Array],
+    slice_args: list[jax.Array],
+) -> jax.Array:
+    """``fn(*flat arrays, *args)`` → a flat mask, for every slice of one sparse leaf: once on the
+    flattened leaf without a layer axis, vmapped over its ``L`` slices (rows of
+    :func:`topkast_jax.layers.to_rows`, ``slice_args`` with a leading ``L`` axis) otherwise;
+    returns the leaf-shaped mask."""
+    like = arrays[0]
+    if leaf.layer_axis is None:
+        flat = fn(*[a.ravel() for a in arrays], *[v[0] for v in slice_args])
+        return flat.reshape(like.shape)
+    rows = [layers.to_rows(a, leaf.layer_axis) for a in arrays]
+    return layers.from_rows(jax.vmap(fn)(*rows, *slice_args), like, leaf.layer_axis)
 
 
 def drop_to_zero(updates: Any, kept: Any, params: Any) -> Any:
@@ -96,6 +130,7 @@ def masked_baseline(
     sparsify: Any,
     distribution: str,
     seed: int,
+    layer_axis: Any = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     """The optax transformation of a baseline (see the module docstring).
 
@@ -108,6 +143,8 @@ def masked_baseline(
         with ``ndim >= 2``.
       distribution: ``"uniform"`` or ``"erk"``.
       seed: PRNG seed of the random masks.
+      layer_axis: stacked-layer axes, as in :func:`topkast_jax.topkast`: every slice is masked,
+        counted and scheduled as a leaf of its own.
 
     Raises:
       ValueError: ``sparsity`` outside ``[0, 1)`` or an unknown ``distribution`` (here), a bad
@@ -119,29 +156,33 @@ def masked_baseline(
 
     def plan_for(params: Any) -> list[LeafDensity]:
         return layer_densities(
-            params, sparsify=sparsify, forward_sparsity=sparsity, distribution=distribution
+            params,
+            sparsify=sparsify,
+            forward_sparsity=sparsity,
+            distribution=distribution,
+            layer_axis=layer_axis,
         )
 
     def init_fn(params: Any) -> BaselineState:
         plan = plan_for(params)
-        sparse_plan = [leaf for leaf in plan if leaf.sparse]
+        counts = rule.initial_counts(slice_plan(_sparse(plan)))
         rng, mask_rng = jax.random.split(jax.random.PRNGKey(seed))
-        leaf_rngs = jax.random.split(mask_rng, max(1, len(sparse_plan)))
-        masks = [
-            rule.initial_mask(p.ravel(), k, r).reshape(p.shape)
-            for p, k, r in zip(
-                sparse_values(params, plan),
-                rule.initial_counts(sparse_plan),
-                leaf_rngs,
-                strict=False,
-            )
-        ]
+        slice_rngs = jax.random.split(mask_rng, max(1, len(counts)))
+        masks, start = [], 0
+        for p, leaf in zip(sparse_values(params, plan), _sparse(plan), strict=True):
+            k = counts[start]  # the slices of a leaf share their shape, hence their count
+
+            def initial(x_N, r, k=k):
+                return rule.initial_mask(x_N, k, r)
+
+            masks.append(per_slice(initial, leaf, [p], [slice_rngs[start : start + leaf.layers]]))
+            start += leaf.layers
         mask_tree = unflatten_sparse(params, plan, masks)
         masks = Masks(forward=mask_tree, backward=mask_tree)
         return BaselineState(
             count=jnp.zeros((), jnp.int32),
             masks=masks,
-            densities=mask_densities(mask_tree),
+            densities=mask_densities(params, mask_tree, plan),
             exploration_l2=jnp.zeros((), jnp.float32),
             stats=stats_lib.init_stats(masks),
             rng=rng,
@@ -149,21 +190,26 @@ def masked_baseline(
         )
 
     def new_mask_tree(step, table, mask_tree, new_params, grads, plan, rng):
-        counts_L = table.row(step)
-        leaf_rngs = jax.random.split(rng, max(1, counts_L.shape[0]))
+        counts_L = table.row(step)  # one count per slice
+        slice_rngs = jax.random.split(rng, max(1, counts_L.shape[0]))
         rows = zip(
             sparse_values(mask_tree, plan),
             sparse_values(new_params, plan),
             sparse_values(grads, plan),
-            leaf_rngs,
-            strict=False,
+            _sparse(plan),
+            strict=True,
         )
-        masks = [
-            rule.update_mask(LeafUpdate(m.ravel(), p.ravel(), g.ravel(), counts_L[i], r)).reshape(
-                m.shape
+
+        def update(m_N, p_N, g_N, count, r):
+            return rule.update_mask(LeafUpdate(m_N, p_N, g_N, count, r))
+
+        masks, start = [], 0
+        for m, p, g, leaf in rows:
+            stop = start + leaf.layers
+            masks.append(
+                per_slice(update, leaf, [m, p, g], [counts_L[start:stop], slice_rngs[start:stop]])
             )
-            for i, (m, p, g, r) in enumerate(rows)
-        ]
+            start = stop
         return unflatten_sparse(new_params, plan, masks)
 
     def update_fn(grads, state: BaselineState, params=None, **extra_args):
@@ -180,7 +226,7 @@ def masked_baseline(
             **extra_args,
         )
         step = state.count + 1
-        table = rule.schedule([leaf for leaf in plan if leaf.sparse])
+        table = rule.schedule(slice_plan(_sparse(plan)))
 
         def refresh():
             rng, mask_rng = jax.random.split(state.rng)
@@ -199,7 +245,7 @@ def masked_baseline(
         new_state = BaselineState(
             count=step,
             masks=new_masks,
-            densities=mask_densities(new_masks.forward),
+            densities=mask_densities(params, new_masks.forward, plan),
             exploration_l2=state.exploration_l2,
             stats=stats,
             rng=rng,

@@ -113,12 +113,13 @@ def set_(
     sparsify: Any = None,
     distribution: str = "uniform",
     seed: int = 0,
+    layer_axis: Any = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     """Sparse Evolutionary Training (Mocanu et al. 2018): drop by magnitude, regrow at random.
 
     Args:
-      inner, sparsity, sparsify, distribution: as in
-        :func:`~topkast_jax.baselines.static_sparse`.
+      inner, sparsity, sparsify, distribution, layer_axis: as in
+        :func:`~topkast_jax.baselines.static_sparse` (drop and grow per slice).
       end_step: no mask update from this step on.
       update_every: ``ΔT``, steps between mask updates.
       drop_fraction: ``ζ`` (Mocanu et al.: 0.3), the fraction of active weights replaced.
@@ -146,6 +147,7 @@ def rigl(
     sparsify: Any = None,
     distribution: str = "uniform",
     seed: int = 0,
+    layer_axis: Any = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     """RigL (Evci et al. 2020): drop by magnitude, regrow by dense-gradient magnitude.
 
@@ -153,8 +155,8 @@ def rigl(
     weight outside the mask it is the dense gradient, which RigL ranks to regrow.
 
     Args:
-      inner, sparsity, sparsify, distribution: as in
-        :func:`~topkast_jax.baselines.static_sparse`.
+      inner, sparsity, sparsify, distribution, layer_axis: as in
+        :func:`~topkast_jax.baselines.static_sparse` (drop and grow per slice).
       end_step: ``T_end``, no mask update from this step on (RigL: 75% of training).
       update_every: ``ΔT`` (RigL ImageNet: 100).
       drop_fraction: ``α`` (RigL: 0.3), the initial drop fraction.

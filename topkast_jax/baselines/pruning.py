@@ -93,6 +93,7 @@ def magnitude_pruning(
     sparsify: Any = None,
     distribution: str = "uniform",
     seed: int = 0,
+    layer_axis: Any = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     """Gradual magnitude pruning of Zhu & Gupta (2018) around any optax optimizer.
 
@@ -105,6 +106,7 @@ def magnitude_pruning(
       initial_sparsity: ``s_i``, the target at ``begin_step`` (``<= sparsity``).
       distribution: ``"uniform"`` or ``"erk"`` — how each step's target spreads over leaves.
       seed: unused by the rule (kept for a uniform interface).
+      layer_axis: stacked-layer axes, as in :func:`topkast_jax.topkast` (pruned per slice).
 
     Returns:
       A transformation like :func:`~topkast_jax.baselines.static_sparse`'s.
@@ -139,5 +141,11 @@ def magnitude_pruning(
         frequency=frequency,
         distribution=distribution,
     )
-    common = dict(sparsity=sparsity, sparsify=sparsify, distribution=distribution, seed=seed)
+    common = dict(
+        sparsity=sparsity,
+        sparsify=sparsify,
+        distribution=distribution,
+        seed=seed,
+        layer_axis=layer_axis,
+    )
     return masked_baseline(inner, rule, name="magnitude_pruning", **common)

@@ -21,7 +21,8 @@ class BaselineState(NamedTuple):
     Attributes:
       count: int32 number of updates applied.
       masks: ``Masks(forward=M, backward=M)``; bool arrays on sparse leaves, ``None`` on dense.
-      densities: per sparse leaf, float32 scalar ``|M| / n`` of the current mask.
+      densities: per sparse leaf, float32 ``|M| / n`` of the current mask: a scalar, or per
+        slice for a leaf with a layer axis (size 1 on the other axes); stored unboxed.
       exploration_l2: float32 scalar, always 0 — the baselines have no exploration penalty, and
         :func:`topkast_jax.exploration_penalty` reads this field (so it returns 0 for them).
       stats: mask dynamics (:class:`topkast_jax.MaskStats`), refreshed at every mask update.

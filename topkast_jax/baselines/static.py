@@ -54,6 +54,7 @@ def static_sparse(
     sparsify: Any = None,
     distribution: str = "uniform",
     seed: int = 0,
+    layer_axis: Any = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     """Static random sparsity: a random mask at init, never changed.
 
@@ -65,6 +66,8 @@ def static_sparse(
         floating leaf with ``ndim >= 2``).
       distribution: ``"uniform"`` or ``"erk"`` densities over the sparse leaves.
       seed: PRNG seed of the mask.
+      layer_axis: stacked-layer axes, as in :func:`topkast_jax.topkast` (default: the axis named
+        ``"layers"`` in Flax metadata): each slice gets its own ``k`` and its own random mask.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
