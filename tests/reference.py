@@ -77,6 +77,51 @@ def global_masks(
 
 
 # --------------------------------------------------------------------------------------------
+# Scan-stacked leaves: every slice along the layer axis is a leaf of its own.
+
+
+def split_slices(theta: np.ndarray, axis: int | None) -> list[np.ndarray]:
+    """The slices of a leaf along its layer ``axis`` (``[theta]`` when ``axis`` is None)."""
+    theta = np.asarray(theta)
+    return [theta] if axis is None else [theta.take(i, axis=axis) for i in range(theta.shape[axis])]
+
+
+def join_slices(slices: Sequence[np.ndarray], axis: int | None) -> np.ndarray:
+    """Inverse of :func:`split_slices`."""
+    return slices[0] if axis is None else np.stack(slices, axis=axis)
+
+
+def slice_masks(
+    theta: np.ndarray, axis: int | None, forward_density: float, backward_density: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(A, B)`` of a stacked leaf: :func:`magnitude_masks` of each slice, counts per slice."""
+    pairs = [
+        magnitude_masks(s, forward_density, backward_density) for s in split_slices(theta, axis)
+    ]
+    return join_slices([a for a, _ in pairs], axis), join_slices([b for _, b in pairs], axis)
+
+
+def global_slice_masks(
+    thetas: Sequence[np.ndarray],
+    axes: Sequence[int | None],
+    forward_density: float,
+    backward_density: float,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Global top-k over every slice of every leaf: :func:`global_masks` of the slices in leaf
+    order, then slice order (ties to the lower index of that concatenation)."""
+    slices = [split_slices(t, a) for t, a in zip(thetas, axes, strict=True)]
+    flat = global_masks([s for leaf in slices for s in leaf], forward_density, backward_density)
+    out, start = [], 0
+    for leaf, axis in zip(slices, axes, strict=True):
+        pairs = flat[start : start + len(leaf)]
+        start += len(leaf)
+        out.append(
+            (join_slices([a for a, _ in pairs], axis), join_slices([b for _, b in pairs], axis))
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # Per-leaf densities.
 
 

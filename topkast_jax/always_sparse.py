@@ -189,20 +189,33 @@ class AlwaysSparse:
         self.global_topk = bool(global_topk)
         self.seed = int(seed)
         self.lazy_alpha = bool(lazy_alpha)
-        self.sparsify = sparsify if sparsify is not None else sparsify_lib.kernels()
+        self.sparsify = sparsify if sparsify is not None else sparsify_lib.default()
 
     # ----------------------------------------------------------------------------------------
     # Plan and static layout.
 
     def plan(self, params: Any) -> list[LeafDensity]:
-        """The per-leaf plan (:func:`topkast_jax.plan.layer_densities`) of dense-shaped params."""
-        return layer_densities(
+        """The per-leaf plan (:func:`topkast_jax.plan.layer_densities`) of dense-shaped params.
+
+        Raises:
+          NotImplementedError: a sparse leaf has a stacked-layer axis in its Flax metadata (this
+            mode selects whole leaves; :func:`topkast_jax.topkast` selects per slice).
+        """
+        plan = layer_densities(
             params,
             sparsify=self.sparsify,
             forward_sparsity=self.forward_sparsity,
             backward_sparsity=self.backward_sparsity,
             distribution=self.distribution,
         )
+        stacked = [leaf.path for leaf in plan if leaf.layer_axis is not None]
+        if stacked:
+            raise NotImplementedError(
+                f"AlwaysSparse selects whole leaves, but {stacked} have a stacked-layer axis "
+                "('layers' in their Flax metadata), which tk.topkast selects per slice: train "
+                "scan-stacked layers with tk.topkast."
+            )
+        return plan
 
     @staticmethod
     def abstract_params(state: AlwaysSparseState) -> Any:

@@ -2,6 +2,14 @@
 
 ``sparsify`` follows ``optax.masked``'s convention: a pytree of Python/NumPy bools with the
 structure of the params (one bool per leaf), or a callable ``params -> that pytree``.
+
+The default (:func:`default`) follows Flax's naming: the leaves named ``kernel`` (dense and
+convolution kernels) or ``embedding`` (embedding tables), whatever their rank, and never a
+``bias`` or a ``scale`` — so scan-stacked biases and norm scales (rank 2 and more) stay dense.  A
+tree with no leaf of those names (not Flax-named, e.g. ``{"w": ..., "b": ...}``) gets every
+floating leaf with ``ndim >= 2`` except those named ``bias`` or ``scale``.  The name of a leaf is
+the last component of its path (a Flax box's ``value`` attribute left out).  Every helper here
+carries its rule as text (:func:`describe`), for reports such as the experiments' dry-run table.
 """
 
 from __future__ import annotations
@@ -17,6 +25,63 @@ import numpy as np
 from topkast_jax.tree import path_name
 
 Sparsify = Any  # bool pytree or Callable[[params], bool pytree]
+
+#: Leaf names the default rule makes sparse: Flax's kernels and embedding tables.
+FLAX_SPARSE_NAMES = ("kernel", "embedding")
+#: Leaf names the default rule never makes sparse, whatever the leaf's rank.
+NEVER_SPARSE_NAMES = ("bias", "scale")
+
+
+def leaf_name(path: tuple) -> str:
+    """The last component of a leaf's path name (``"Dense_0/kernel"`` → ``"kernel"``)."""
+    return path_name(path).rsplit("/", 1)[-1]
+
+
+def _with_rule(select: Callable[[Any], Any], rule: str) -> Callable[[Any], Any]:
+    """``select`` with its rule as text (read by :func:`describe`)."""
+    select.rule = rule  # type: ignore[attr-defined]
+    return select
+
+
+def describe(sparsify: Sparsify) -> str:
+    """One line saying which leaves ``sparsify`` makes sparse: the rule of this module's helpers
+    (``None`` is the default's), else what kind of argument it is."""
+    if sparsify is None:
+        sparsify = default()
+    rule = getattr(sparsify, "rule", None)
+    if rule is not None:
+        return rule
+    if callable(sparsify):
+        return f"the callable {getattr(sparsify, '__name__', type(sparsify).__name__)}"
+    return "an explicit bool per leaf"
+
+
+def default() -> Callable[[Any], Any]:
+    """The default ``sparsify``: Flax naming (see the module docstring).
+
+    Returns:
+      A callable ``params -> bool pytree``: in a tree with a leaf named ``kernel`` or
+      ``embedding``, exactly those non-empty floating leaves; in a tree with none, every non-empty
+      floating leaf with ``ndim >= 2``; never a leaf named ``bias`` or ``scale``.
+    """
+
+    def select(params: Any) -> Any:
+        flat = jax.tree_util.tree_flatten_with_path(params)[0]
+        flax_named = any(leaf_name(path) in FLAX_SPARSE_NAMES for path, _ in flat)
+
+        def keep(path, p):
+            name = leaf_name(path)
+            if flax_named:
+                return name in FLAX_SPARSE_NAMES and is_kernel(p, min_ndim=0)
+            return name not in NEVER_SPARSE_NAMES and is_kernel(p)
+
+        return jax.tree_util.tree_map_with_path(keep, params)
+
+    return _with_rule(
+        select,
+        "leaves named kernel or embedding (Flax naming), whatever their rank; without such "
+        "names, floating leaves with ndim >= 2; never bias or scale",
+    )
 
 
 def is_kernel(p: Any, min_ndim: int = 2) -> bool:
@@ -37,7 +102,7 @@ def kernels(min_ndim: int = 2) -> Callable[[Any], Any]:
     def select(params: Any) -> Any:
         return jax.tree.map(lambda p: is_kernel(p, min_ndim), params)
 
-    return select
+    return _with_rule(select, f"floating leaves with ndim >= {min_ndim}")
 
 
 def kernels_except(names: Sequence[str], min_ndim: int = 2) -> Callable[[Any], Any]:
@@ -57,7 +122,8 @@ def kernels_except(names: Sequence[str], min_ndim: int = 2) -> Callable[[Any], A
 
         return jax.tree_util.tree_map_with_path(keep, params)
 
-    return select
+    rule = f"floating leaves with ndim >= {min_ndim}, except under {', '.join(sorted(excluded))}"
+    return _with_rule(select, rule)
 
 
 def resolve(sparsify: Sparsify, params: Any) -> list[bool]:

@@ -220,7 +220,9 @@ def topkast(
       refresh_every: recompute ``A`` and ``B`` every this many updates (paper App. C: 1 or 100).
       sparsify: which leaves are sparse — a bool pytree like params or a callable
         ``params -> bool pytree`` (``optax.masked``'s convention); default
-        :func:`topkast_jax.sparsify.kernels` (every floating leaf with ``ndim >= 2``).
+        :func:`topkast_jax.sparsify.default`: leaves named ``kernel`` or ``embedding`` (Flax
+        naming), never a ``bias`` or ``scale``; in a tree without those names, floating leaves
+        with ``ndim >= 2``.
       distribution: ``"uniform"`` or ``"erk"`` densities over sparse leaves.
       global_topk: one magnitude threshold over all sparse leaves instead of per leaf.
       backward_selection: ``"magnitude"`` (paper) or ``"random"`` ``B∖A`` (Table 1 ablation).
@@ -269,7 +271,7 @@ def topkast(
             "global_topk=True sets one threshold for all leaves: use "
             f"distribution='uniform', got {distribution!r}."
         )
-    sparsify = sparsify if sparsify is not None else sparsify_lib.kernels()
+    sparsify = sparsify if sparsify is not None else sparsify_lib.default()
 
     def plan_for(params: Any) -> list[LeafDensity]:
         return layer_densities(

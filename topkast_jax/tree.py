@@ -14,9 +14,14 @@ import jax
 
 
 def path_name(path: tuple) -> str:
-    """``('params', 'Dense_0', 'kernel')``-style key path → ``"params/Dense_0/kernel"``."""
+    """``('params', 'Dense_0', 'kernel')``-style key path → ``"params/Dense_0/kernel"``.
+
+    The attribute ``value`` of a Flax box (``nn.Partitioned``, ``nnx.Variable``) is left out, so a
+    boxed leaf has the name of the unboxed one."""
     parts = []
     for key in path:
+        if isinstance(key, jax.tree_util.GetAttrKey) and key.name == "value":
+            continue
         for attr in ("key", "name", "idx"):
             if hasattr(key, attr):
                 parts.append(str(getattr(key, attr)))

@@ -139,8 +139,8 @@ def masked_baseline(
       rule: the baseline's mask rule.
       name: the baseline's name, for error messages.
       sparsity: the (final) fraction of zeros on sparse leaves, in ``[0, 1)``.
-      sparsify: bool pytree or callable ``params -> bool pytree``; ``None``: every floating leaf
-        with ``ndim >= 2``.
+      sparsify: bool pytree or callable ``params -> bool pytree``; ``None``:
+        :func:`topkast_jax.sparsify.default` (Flax naming: ``kernel`` and ``embedding`` leaves).
       distribution: ``"uniform"`` or ``"erk"``.
       seed: PRNG seed of the random masks.
       layer_axis: stacked-layer axes, as in :func:`topkast_jax.topkast`: every slice is masked,
@@ -152,7 +152,7 @@ def masked_baseline(
     """
     sparsity = check_sparsity("sparsity", sparsity)
     check_distribution(distribution)
-    sparsify = sparsify if sparsify is not None else sparsify_lib.kernels()
+    sparsify = sparsify if sparsify is not None else sparsify_lib.default()
 
     def plan_for(params: Any) -> list[LeafDensity]:
         return layer_densities(

@@ -62,8 +62,8 @@ def static_sparse(
       inner: the optimizer that turns masked gradients into updates.
       sparsity: fraction of zeros on the sparse leaves, in ``[0, 1)``; leaf ``l`` keeps
         ``k_l = max(1, ⌊d_l n_l + ½⌋)`` weights (``d_l`` from ``distribution``).
-      sparsify: which leaves are sparse, as in :func:`topkast_jax.topkast` (default: every
-        floating leaf with ``ndim >= 2``).
+      sparsify: which leaves are sparse, as in :func:`topkast_jax.topkast` (default:
+        :func:`topkast_jax.sparsify.default`, Flax naming).
       distribution: ``"uniform"`` or ``"erk"`` densities over the sparse leaves.
       seed: PRNG seed of the mask.
       layer_axis: stacked-layer axes, as in :func:`topkast_jax.topkast` (default: the axis named
