@@ -28,11 +28,13 @@ def layer_rows(
     forward_sparsity: float,
     backward_sparsity: float,
     distribution: str = "uniform",
+    layer_axis: Any = "auto",
 ) -> list[dict[str, Any]]:
     """One dict per parameter leaf, in natural order of the names (``layer_2`` before
     ``layer_10``): name, shape, params, sparse, forward/backward density (rounded to
-    :data:`DENSITY_DIGITS` places) and the exact mask sizes ``forward_nonzero`` = |A|,
-    ``backward_nonzero`` = |B|."""
+    :data:`DENSITY_DIGITS` places; of each slice for a stacked leaf), the exact mask sizes
+    ``forward_nonzero`` = |A|, ``backward_nonzero`` = |B|, and ``layers`` — the slices a
+    scan-stacked leaf is selected in (1 for a whole leaf; see ``tk.topkast``'s ``layer_axis``)."""
     import topkast_jax as tk
 
     leaves = tk.layer_densities(
@@ -41,6 +43,7 @@ def layer_rows(
         forward_sparsity=forward_sparsity,
         backward_sparsity=backward_sparsity,
         distribution=distribution,
+        layer_axis=layer_axis,
     )
     rows = [
         {
@@ -52,6 +55,7 @@ def layer_rows(
             "backward_density": round(float(leaf.backward), DENSITY_DIGITS),
             "forward_nonzero": int(leaf.k_forward),
             "backward_nonzero": int(leaf.k_backward),
+            "layers": int(leaf.layers),
         }
         for leaf in leaves
     ]
@@ -65,6 +69,13 @@ def with_device_bytes(
     device_bytes_per_leaf``) and the totals ``{"device_state_bytes": ...}``."""
     out = [dict(r, device_bytes=int(per_leaf[r["name"]])) for r in rows]
     return out, {"device_state_bytes": int(sum(per_leaf.values()))}
+
+
+def sparsify_rule(sparsify: Any) -> str:
+    """The line of the table that says which leaves are sparse (``tk.sparsify.describe``)."""
+    import topkast_jax as tk
+
+    return tk.sparsify.describe(sparsify)
 
 
 def plan_rows(abstract_params: Any, sparsity: Any, sparsify: Any) -> list[dict[str, Any]]:
@@ -102,13 +113,19 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def format_table(
-    rows: list[dict[str, Any]], summary: dict[str, Any], method: str | None = None
+    rows: list[dict[str, Any]],
+    summary: dict[str, Any],
+    method: str | None = None,
+    rule: str | None = None,
 ) -> str:
     """A fixed-width text table of ``rows`` followed by the ``summary`` totals (and the
-    sparse-training ``method`` when given)."""
+    sparse-training ``method`` and the ``sparsify`` rule, ``tk.sparsify.describe``, when given).
+    A ``layers`` column appears when a leaf is selected per stacked layer."""
     name_w = max([len("name")] + [len(r["name"]) for r in rows])
     device = bool(rows) and all("device_bytes" in r for r in rows)  # always-sparse mode
+    stacked = any(r.get("layers", 1) > 1 for r in rows)
     header = f"{'name':<{name_w}}  {'shape':<20}  {'params':>13}  {'fwd':>6}  {'bwd':>6}"
+    header += f"  {'layers':>6}" if stacked else ""
     header += f"  {'device bytes':>13}" if device else ""
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -116,6 +133,7 @@ def format_table(
         lines.append(
             f"{r['name']:<{name_w}}  {shape:<20}  {r['params']:>13,}  "
             f"{r['forward_density']:>6.3f}  {r['backward_density']:>6.3f}"
+            + (f"  {r.get('layers', 1):>6}" if stacked else "")
             + (f"  {r['device_bytes']:>13,}" if device else "")
         )
     lines.append("-" * len(header))
@@ -133,6 +151,8 @@ def format_table(
             f"always-sparse device state {sum(r['device_bytes'] for r in rows):,} bytes "
             "(values, indices, A-flags and optimizer state on B; dense leaves in full)"
         )
+    if rule is not None:
+        lines.append(f"sparse leaves: {rule}")
     if method is not None:
         lines.append(f"method {method}")
     return "\n".join(lines)

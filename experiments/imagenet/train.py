@@ -134,7 +134,10 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     extra.update(training_cost(config, model, variables, rows))
     record = dry_run_lib.write_dry_run(workdir, rows, extra)
     if mesh_lib.is_primary():
-        print(dry_run_lib.format_table(rows, dry_run_lib.totals(rows), config.sparsity.method))
+        rule = dry_run_lib.sparsify_rule(sparsify_fn(config))
+        print(
+            dry_run_lib.format_table(rows, dry_run_lib.totals(rows), config.sparsity.method, rule)
+        )
         print(
             f"train_flops_vs_dense {record['train_flops_vs_dense']:.4f} "
             f"(per step {record['step_flops_vs_dense']:.4f} × {record['steps_multiplier']:g} "

@@ -356,7 +356,8 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         **device_bytes,
     }
     record = dry_run_lib.write_dry_run(workdir, rows, extra) if mesh_lib.is_primary() else {}
-    _log(dry_run_lib.format_table(rows, dry_run_lib.totals(rows), config.sparsity.method))
+    rule = dry_run_lib.sparsify_rule(sparsify_fn(config))
+    _log(dry_run_lib.format_table(rows, dry_run_lib.totals(rows), config.sparsity.method, rule))
     _log(f"wrote {os.path.join(workdir, 'dry_run.json')}")
     return record or dict(dry_run_lib.totals(rows), layers=rows, **extra)
 

@@ -50,3 +50,21 @@ def test_rows_in_natural_order_with_rounded_densities(tmp_path):
     assert table[2].startswith("embed/bias") and table[-4].startswith("layer_10/kernel")
     fwd, bwd = (4 * 20 + 40) / 440, (4 * 50 + 40) / 440  # 4 kernels of 100, 4 dense biases
     assert table[-1] == f"forward density {fwd:.3f} | backward density {bwd:.3f}"
+
+
+def test_table_shows_stacked_layers_and_the_sparsify_rule():
+    params = jax.eval_shape(
+        lambda: {"blocks": {"kernel": jnp.zeros((4, 10, 10)), "scale": jnp.zeros((4, 10))}}
+    )
+    rows = dry_run.layer_rows(
+        params, sparsify=tk.sparsify.default(), forward_sparsity=0.8, backward_sparsity=0.5,
+        layer_axis=0,
+    )  # fmt: skip
+    kernel, scale = rows
+    assert kernel["layers"] == 4 and kernel["forward_nonzero"] == 4 * 20  # k per layer
+    assert not scale["sparse"] and scale["layers"] == 1  # a stacked scale stays dense
+    rule = dry_run.sparsify_rule(None)
+    assert rule == tk.sparsify.describe(None) and "kernel or embedding" in rule
+    lines = dry_run.format_table(rows, dry_run.totals(rows), "topkast", rule).splitlines()
+    assert lines[0].split()[-1] == "layers" and lines[2].split()[-1] == "4"
+    assert lines[-2:] == [f"sparse leaves: {rule}", "method topkast"]
