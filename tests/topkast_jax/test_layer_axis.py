@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import flax.linen as nn
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
@@ -238,19 +239,22 @@ def _per_slice_stats(stats: dict, name: str, key: str) -> np.ndarray:
     return np.array([v for _, v in found])
 
 
-def test_mask_stats_report_each_slice():
+@pytest.mark.parametrize("axis", [0, 2])  # packed along the layer axis, and along another one
+def test_mask_stats_report_each_slice(axis):
     params = _stacked_params()
-    state = tk_harness.init(
-        tk.topkast(optax.sgd(0.1), forward_sparsity=FS, backward_sparsity=BS, layer_axis=AXES),
-        params,
-    )
-    stats = tk.mask_stats(state)
+    axes = dict(AXES, stack=axis)
+    tx = tk.topkast(optax.sgd(0.1), forward_sparsity=FS, backward_sparsity=BS, layer_axis=axes)
+    state = tk_harness.init(tx, params)
+    assert (state.sets["stack"].axis == axis) == (axis == 0)
+    stats = jax.jit(tk.mask_stats)(state)
     masks = tk.get_masks(state)
+    others = tuple(d for d in range(3) if d != axis)
     for key, mask in (("forward_density", masks.forward), ("backward_density", masks.backward)):
-        want = np.asarray(mask["stack"]).mean(axis=(1, 2))
+        want = np.asarray(mask["stack"]).mean(axis=others)
         np.testing.assert_allclose(_per_slice_stats(stats, "stack", key), want, rtol=1e-6)
         assert not any(k.startswith(f"{key}/w/") for k in stats)  # a whole leaf: no slices
-    np.testing.assert_allclose(state.densities["stack"], np.full((4, 1, 1), 1 - FS))
+    want_shape = [params["stack"].shape[axis] if d == axis else 1 for d in range(3)]
+    np.testing.assert_allclose(state.densities["stack"], np.full(want_shape, 1 - FS))
 
 
 BASELINES = {
@@ -322,3 +326,10 @@ def test_bad_layer_axis_names_the_problem():
         warnings.simplefilter("error")  # the default finds no metadata here, silently
         plan = tk.layer_densities(params, **kwargs)
     assert all(leaf.layer_axis is None for leaf in plan)
+
+
+def test_always_sparse_refuses_stacked_layers():
+    """The host-side mode selects whole leaves: it says so instead of selecting differently."""
+    params = {"blocks": {"kernel": nn.Partitioned(jnp.ones((4, 6, 5)), ("layers", None, None))}}
+    with pytest.raises(NotImplementedError, match="stacked-layer axis"):
+        tk.AlwaysSparse(optax.sgd(0.1), forward_sparsity=FS).plan(params)
