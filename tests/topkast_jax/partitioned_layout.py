@@ -1,8 +1,8 @@
 """Trains a Linen model whose params carry partition boxes (``nn.Partitioned`` with mesh axis
 names, or ``nn.with_logical_partitioning`` + ``nn.scan`` over ``"layers"``) on 8 host devices,
 with the shardings of params *and* optimizer state taken from the boxes (``nn.get_sharding`` /
-``nn.logical_to_mesh_sharding`` of ``nn.get_partition_spec``, as nanodo does), and writes the
-layout it got as JSON to ``argv[1]``.
+``nn.logical_to_mesh_sharding`` of ``nn.get_partition_spec``, as nanodo does); and selects a
+sharded stack per layer on explicit and auto meshes.  Writes what it got as JSON to ``argv[1]``.
 
 Run as a subprocess by ``test_partitioned.py`` (the device count must be set before jax loads).
 """
@@ -17,10 +17,16 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import topkast_jax as tk  # noqa: E402
 from topkast_jax import baselines  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import reference  # noqa: E402
 
 WIDTH, LAYERS = 16, 4
 RULES = (("embed", "data"), ("mlp", "model"), ("layers", None))
@@ -128,6 +134,29 @@ def find_adam(inner_state):
                 if hasattr(s, "mu"))  # fmt: skip
 
 
+def stacked_sharded() -> dict:
+    """A stack of 8 layers sharded along each of its axes, on explicit and auto meshes: are the
+    sets selected per layer exactly as numpy's stable argsort per slice?"""
+    rng = np.random.default_rng(0)
+    x = np.round(rng.normal(size=(8, 16, 32)) * 2).astype(np.float32)  # ties
+    out = {}
+    for axis_type in (jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto):
+        mesh = jax.make_mesh((8,), ("model",), axis_types=(axis_type,))
+        for sharded_axis in range(3):
+            spec = tuple("model" if d == sharded_axis else None for d in range(3))
+            w = jax.device_put(jnp.asarray(x), NamedSharding(mesh, P(*spec)))
+            tx = tk.topkast(optax.adam(1e-3), forward_sparsity=0.75, backward_sparsity=0.5,
+                            layer_axis=0)  # fmt: skip
+            with jax.set_mesh(mesh):
+                masks = tk.get_masks(jax.jit(tx.init)({"w": w}))
+            want_a, want_b = reference.slice_masks(x, 0, 0.25, 0.5)
+            out[f"{axis_type.name}/{spec}"] = bool(
+                np.array_equal(masks.forward["w"], want_a)
+                and np.array_equal(masks.backward["w"], want_b)
+            )
+    return out
+
+
 def main(path: str) -> None:
     cases = {
         "topkast_logical": (True, tk.topkast(optax.adam(1e-3), forward_sparsity=0.75,
@@ -141,6 +170,10 @@ def main(path: str) -> None:
             result[name] = run(logical, tx)
         except Exception:  # reported to the test, which fails with it
             result[name] = {"error": traceback.format_exc()[-3000:]}
+    try:
+        result["stacked_sharded"] = stacked_sharded()
+    except Exception:
+        result["stacked_sharded"] = {"error": traceback.format_exc()[-3000:]}
     with open(path, "w") as f:
         json.dump(result, f)
 

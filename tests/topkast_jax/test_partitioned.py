@@ -44,3 +44,11 @@ def test_state_shardings_fit_each_leaf(layout, case):
     if layers > 1:  # the 'layers' name: D per slice, k per slice
         assert got["density_shapes"] == ["(4, 1, 1)"]
     assert got["per_layer_forward"] == [got["slice_size"] // 4] * layers  # k = 0.25 · 256
+
+
+def test_sharded_stack_is_selected_per_layer_exactly(layout):
+    """A stack sharded along its layer axis or either slice axis, explicit or auto mesh: per
+    layer exactly numpy's stable argsort (ties included)."""
+    got = layout["stacked_sharded"]
+    assert "error" not in got, got.get("error")
+    assert len(got) == 6 and all(got.values()), got
