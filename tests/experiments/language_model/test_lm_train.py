@@ -331,7 +331,8 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(text_file, tmp_path):
 def test_split_refresh_steps_equal_the_transforms_own_decision(text_file, tmp_path, monkeypatch):
     """At ``refresh_every > 1`` the loop compiles a refresh and a non-refresh step and picks one
     per step (``sparsity.refresh_schedule``); resumed at an odd step, it trains exactly as the
-    single step whose ``tk.topkast`` decides inside ``lax.cond`` (``refresh_cases`` → ``(None,)``)."""
+    single step whose ``tk.topkast`` decides inside ``lax.cond`` (``refresh_cases`` gives
+    ``(None,)``)."""
     from experiments.common import sparsity as sparsity_lib
 
     config = tiny_config(text_file, **{"sparsity.refresh_every": 2})
