@@ -42,7 +42,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from topkast_jax import always_sparse_device as dev
 from topkast_jax import always_sparse_host as host
 from topkast_jax import masks as masks_lib
-from topkast_jax import selection
 from topkast_jax import sparsify as sparsify_lib
 from topkast_jax.plan import LeafDensity, check_sparsities, layer_densities, unflatten_sparse
 from topkast_jax.state import Masks
@@ -128,7 +127,9 @@ class AlwaysSparse:
       forward_sparsity, backward_sparsity, exploration_l2, refresh_every, sparsify, distribution,
         global_topk, backward_selection, stop_exploration_step, seed: as in
         :func:`topkast_jax.topkast`.
-      selection_method: accepted for compatibility; the host selection is exact numpy.
+      selection_method: only ``"auto"`` (the default): the host selects with numpy
+        (:mod:`topkast_jax.always_sparse_host`), which gives the masks of every exact method of
+        :func:`topkast_jax.topkast`; any other value raises ``ValueError``.
       track_reservoir: must be ``False`` (mask statistics are not tracked in this mode).
       lazy_alpha: the loss receives each sparse leaf as a
         :class:`~topkast_jax.always_sparse_device.SparseLeaf` (``k_B`` values and indices) and
@@ -179,7 +180,12 @@ class AlwaysSparse:
             if stop_exploration_step is None
             else check_int("stop_exploration_step", stop_exploration_step, 0)
         )
-        selection.resolve_method(selection_method)
+        if selection_method != "auto":
+            raise ValueError(
+                f"selection_method={selection_method!r} is not supported by AlwaysSparse: the host "
+                "selects A and B with numpy (one exact partition select per leaf, the masks of "
+                "every tk.topkast method); leave selection_method='auto'."
+            )
         if track_reservoir:
             raise NotImplementedError(
                 "track_reservoir=True is not supported by AlwaysSparse (no mask statistics are "
