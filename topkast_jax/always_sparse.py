@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -40,11 +41,13 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from topkast_jax import always_sparse_device as dev
+from topkast_jax import always_sparse_history as history_lib
 from topkast_jax import always_sparse_host as host
 from topkast_jax import masks as masks_lib
 from topkast_jax import sparsify as sparsify_lib
 from topkast_jax.plan import LeafDensity, check_sparsities, layer_densities, unflatten_sparse
 from topkast_jax.state import Masks
+from topkast_jax.tree import path_name
 from topkast_jax.validation import check_choice, check_distribution, check_int
 
 DeviceState = dev.DeviceState
@@ -59,12 +62,16 @@ class AlwaysSparseState(NamedTuple):
       host_params: params-shaped; sparse leaves the dense host ``θ`` (numpy; stale on ``B``
         between refreshes, where the device holds the current values), ``None`` on dense leaves.
       device: the :class:`~topkast_jax.always_sparse_device.DeviceState`.
+      history: the host-side mask statistics
+        (:class:`~topkast_jax.always_sparse_history.History`: the mask change at the last refresh
+        and, with ``track_reservoir``, the packed ever-active and reservoir bits).
     """
 
     count: np.ndarray
     rng: np.ndarray
     host_params: Any
     device: DeviceState
+    history: history_lib.History
 
 
 def _is_none(x: Any) -> bool:
@@ -108,14 +115,6 @@ def _own_copy(x: Any, placement: NamedSharding | None) -> jax.Array:
     return _put(np.asarray(x), placement)
 
 
-def _flat_masks(layout: host.Layout, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Flat bool ``(A, B)`` of a layout."""
-    a, b = np.zeros(size, bool), np.zeros(size, bool)
-    b[layout.indices] = True
-    a[layout.indices[layout.in_a]] = True
-    return a, b
-
-
 class AlwaysSparse:
     r"""Top-KAST with only ``B`` on the device and the dense ``θ`` on the host.
 
@@ -130,7 +129,10 @@ class AlwaysSparse:
       selection_method: only ``"auto"`` (the default): the host selects with numpy
         (:mod:`topkast_jax.always_sparse_host`), which gives the masks of every exact method of
         :func:`topkast_jax.topkast`; any other value raises ``ValueError``.
-      track_reservoir: must be ``False`` (mask statistics are not tracked in this mode).
+      track_reservoir: keep, on the host at two bits per sparse weight (bit-packed numpy),
+        which weights have ever been in ``A`` and the initial reservoir, so :meth:`mask_stats`
+        reports ``reservoir_activated`` (paper Fig. 3); updated at each refresh.  The device
+        holds nothing per weight for it.
       lazy_alpha: the loss receives each sparse leaf as a
         :class:`~topkast_jax.always_sparse_device.SparseLeaf` (``k_B`` values and indices) and
         builds its dense ``α`` where it is used — e.g. inside each Flax Linen layer with
@@ -138,7 +140,8 @@ class AlwaysSparse:
         once.  Default: the loss receives the dense ``α`` pytree.
 
     The methods: ``init(params)``, ``make_step(loss_fn)``, ``dense_params(state)``,
-    ``masks(state)``, ``device_bytes(state)`` and ``device_bytes_per_leaf(params)``.
+    ``masks(state)``, ``mask_stats(state)``, ``device_bytes(state)`` and
+    ``device_bytes_per_leaf(params)``.
     """
 
     def __init__(
@@ -186,11 +189,7 @@ class AlwaysSparse:
                 "selects A and B with numpy (one exact partition select per leaf, the masks of "
                 "every tk.topkast method); leave selection_method='auto'."
             )
-        if track_reservoir:
-            raise NotImplementedError(
-                "track_reservoir=True is not supported by AlwaysSparse (no mask statistics are "
-                "kept in this mode); use tk.topkast for the reservoir statistics."
-            )
+        self.track_reservoir = bool(track_reservoir)
         self.inner = inner
         self.global_topk = bool(global_topk)
         self.seed = int(seed)
@@ -292,8 +291,9 @@ class AlwaysSparse:
             jax.tree.unflatten(treedef, a_leaves),
             _committed(jax.jit(self.inner.init)(compressed), placement),
         )
+        history = history_lib.init_history(layouts, [t.size for t in thetas], self.track_reservoir)
         return AlwaysSparseState(
-            np.asarray(0, np.int64), rng, jax.tree.unflatten(treedef, host_leaves), device
+            np.asarray(0, np.int64), rng, jax.tree.unflatten(treedef, host_leaves), device, history
         )
 
     # ----------------------------------------------------------------------------------------
@@ -405,7 +405,7 @@ class AlwaysSparse:
                 rng, mask_rng = np.asarray(jax.random.split(jnp.asarray(state.rng)))
             masks = self._select(thetas, plan, mask_rng)
         else:
-            masks = [_flat_masks(lay, t.size) for lay, t in zip(old, thetas, strict=True)]
+            masks = [host.flat_masks(lay, t.size) for lay, t in zip(old, thetas, strict=True)]
         new = self._layouts(masks, int(state.count))
         dev_leaves = jax.tree.leaves(state.device.params)
         like = [v for v, leaf in zip(dev_leaves, plan, strict=True) if leaf.sparse]
@@ -429,8 +429,13 @@ class AlwaysSparse:
             on_device([lay.in_a for lay in new]),
             inner_state,
         )
+        history = (
+            history_lib.refresh_history(state.history, old, new, [t.size for t in thetas])
+            if reselect
+            else state.history
+        )
         return AlwaysSparseState(
-            state.count, rng, unflatten_sparse(state.device.params, plan, thetas), device
+            state.count, rng, unflatten_sparse(state.device.params, plan, thetas), device, history
         )
 
     # ----------------------------------------------------------------------------------------
@@ -456,7 +461,7 @@ class AlwaysSparse:
         def unpack(h, i, a):
             if i is None:
                 return None
-            fa, fb = _flat_masks(host.Layout(np.asarray(i), np.asarray(a)), h.size)
+            fa, fb = host.flat_masks(host.Layout(np.asarray(i), np.asarray(a)), h.size)
             return fa.reshape(h.shape), fb.reshape(h.shape)
 
         pairs = jax.tree.map(
@@ -471,6 +476,53 @@ class AlwaysSparse:
             jax.tree.map(lambda x: None if x is None else x[0], pairs, is_leaf=is_pair),
             jax.tree.map(lambda x: None if x is None else x[1], pairs, is_leaf=is_pair),
         )
+
+    @staticmethod
+    def mask_stats(state: AlwaysSparseState, *, per_leaf: bool = True) -> dict[str, float]:
+        """The statistics of :func:`topkast_jax.mask_stats` (same names and values), as Python
+        floats, from the ``B``-state and the host :class:`~topkast_jax.always_sparse_history.
+        History`; no dense array is built.
+
+        Keys: ``forward_density`` and ``backward_density`` (``Σ|A|/Σn``, ``Σ|B|/Σn``, float64),
+        ``mask_change`` (mean over sparse leaves of the change at the last refresh),
+        ``mask_change_min``, ``mask_change_max``, ``reservoir_activated`` (only with
+        ``track_reservoir``); with ``per_leaf`` also ``forward_density/<path>``,
+        ``backward_density/<path>`` and ``mask_change/<path>``.  Empty when no leaf is sparse.
+        ``|B|`` is the index vector's length; ``|A|`` a sum over the ``k_B`` flags on the device.
+        """
+        flat, _ = jax.tree_util.tree_flatten_with_path(state.host_params, is_leaf=_is_none)
+        rows = [
+            (path_name(path), h, i, a)
+            for (path, h), i, a in zip(
+                flat,
+                _host_leaves(state.device.indices),
+                _host_leaves(state.device.in_a),
+                strict=True,
+            )
+            if h is not None
+        ]
+        if not rows:
+            return {}
+        sizes = np.array([math.prod(np.shape(h)) for _, h, _, _ in rows], np.float64)
+        backward = np.array([np.shape(i)[0] for _, _, i, _ in rows], np.float64)
+        forward = np.asarray(jax.device_get(_forward_counts([a for *_, a in rows])), np.float64)
+        changed = np.asarray(state.history.changed, np.float32)
+        out = {
+            "forward_density": float(forward.sum() / sizes.sum()),
+            "backward_density": float(backward.sum() / sizes.sum()),
+            "mask_change": float(changed.mean()),
+            "mask_change_min": float(changed.min()),
+            "mask_change_max": float(changed.max()),
+        }
+        reservoir = history_lib.reservoir_fraction(state.history)
+        if reservoir is not None:
+            out["reservoir_activated"] = float(reservoir)
+        if per_leaf:
+            for (name, *_), n, f, b, c in zip(rows, sizes, forward, backward, changed, strict=True):
+                out[f"forward_density/{name}"] = float(f / n)
+                out[f"backward_density/{name}"] = float(b / n)
+                out[f"mask_change/{name}"] = float(c)
+        return out
 
     @staticmethod
     def device_bytes(state: AlwaysSparseState) -> int:
@@ -511,11 +563,19 @@ class AlwaysSparse:
             sparse_tree(lambda p, leaf: jax.ShapeDtypeStruct((leaf.k_backward,), np.bool_)),
             jax.eval_shape(self.inner.init, compressed),
         )
+        sizes = [leaf.size for leaf in plan if leaf.sparse]
+        packed = tuple(jax.ShapeDtypeStruct((-(-n // 8),), np.uint8) for n in sizes)
+        history = history_lib.History(
+            jax.ShapeDtypeStruct((len(sizes),), np.float32),
+            packed if self.track_reservoir else None,
+            packed if self.track_reservoir else None,
+        )
         return AlwaysSparseState(
             jax.ShapeDtypeStruct((), np.int64),
             jax.ShapeDtypeStruct((2,), np.uint32),
             sparse_tree(lambda p, leaf: jax.ShapeDtypeStruct(leaf.shape, p.dtype)),
             device,
+            history,
         )
 
     def device_bytes_per_leaf(self, params: Any) -> dict[str, int]:
@@ -547,6 +607,12 @@ class AlwaysSparse:
         out = {leaf.path: b for leaf, b in zip(plan, per_leaf, strict=True)}
         out["<inner non-param state>"] = non_param
         return out
+
+
+@jax.jit
+def _forward_counts(in_a: list[jax.Array]) -> jax.Array:
+    """int32 ``[L]``: ``|A|`` of each sparse leaf, summed over its ``k_B`` flags."""
+    return jnp.stack([jnp.sum(a, dtype=jnp.int32) for a in in_a])
 
 
 @functools.cache

@@ -127,6 +127,14 @@ def layout(forward_N: np.ndarray, backward_N: np.ndarray) -> Layout:
     return Layout(indices, forward_N[indices])
 
 
+def flat_masks(layout: Layout, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat bool ``(A[size], B[size])`` of a layout of a leaf of ``size`` weights."""
+    a, b = np.zeros(size, bool), np.zeros(size, bool)
+    b[layout.indices] = True
+    a[layout.indices[layout.in_a]] = True
+    return a, b
+
+
 def carry_positions(
     old_K: np.ndarray, new_J: np.ndarray, size: int
 ) -> tuple[np.ndarray, np.ndarray]:

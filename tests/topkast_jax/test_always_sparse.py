@@ -181,8 +181,6 @@ def test_errors_name_the_argument():
         tk.AlwaysSparse(inner, forward_sparsity=0.5, exploration_l2=-1.0)
     with pytest.raises(ValueError, match="backward_selection"):
         tk.AlwaysSparse(inner, forward_sparsity=0.5, backward_selection="grow")
-    with pytest.raises(NotImplementedError, match="track_reservoir"):
-        tk.AlwaysSparse(inner, forward_sparsity=0.5, track_reservoir=True)
     for method in ("histogram", "sort", "nonsense"):  # the host selection is numpy's, not these
         with pytest.raises(ValueError, match="selection_method"):
             tk.AlwaysSparse(inner, forward_sparsity=0.5, selection_method=method)

@@ -1,0 +1,113 @@
+"""``AlwaysSparse.mask_stats`` equals ``tk.mask_stats`` of the masked run, step by step.
+
+The masked ``tk.topkast(track_reservoir=True)`` keeps the history in its packed sets on the
+device; ``tk.AlwaysSparse(track_reservoir=True)`` keeps it on the host, updated at each refresh
+from the old and new ``B``-layouts.  Same seed, data and schedule: the same numbers.
+"""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from always_sparse_harness import NO_FMA, batch_at, masked_step, mlp_loss, mlp_params
+
+import topkast_jax as tk
+from topkast_jax import always_sparse_history as history_lib
+from topkast_jax import always_sparse_host as host
+
+BASE = dict(forward_sparsity=0.8, backward_sparsity=0.5, exploration_l2=1e-2, refresh_every=3)
+CASES = {
+    "base": BASE,
+    "global_topk": dict(BASE, global_topk=True),
+    "random_stop": dict(BASE, backward_selection="random", seed=3, stop_exploration_step=10),
+}
+STEPS = 24
+
+
+def _masked_stats(state) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(tk.mask_stats(state)).items()}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_mask_stats_equal_the_masked_transform_at_every_step(name):
+    kw = dict(CASES[name], track_reservoir=True)
+    inner = optax.adam(5e-2)  # large steps: A changes at every refresh
+    params = mlp_params()
+    tx = tk.topkast(inner, **kw)
+    m_step, m_state = masked_step(tx, mlp_loss, NO_FMA), jax.jit(tx.init)(params)
+    sparse = tk.AlwaysSparse(inner, **kw)
+    s_state, s_step = sparse.init(params), sparse.make_step(mlp_loss, compiler_options=NO_FMA)
+    reservoir = []
+    for t in range(STEPS + 1):
+        want, got = _masked_stats(m_state), sparse.mask_stats(s_state)
+        assert got.keys() == want.keys(), f"step {t}"
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=f"{key}, step {t}")
+        reservoir.append(got["reservoir_activated"])
+        if t < STEPS:
+            params, m_state, _ = m_step(params, m_state, batch_at(t))
+            s_state, _ = s_step(s_state, batch_at(t))
+    assert reservoir[0] == 0.0 and reservoir[-1] > 0, reservoir  # the statistic moved
+    assert np.all(np.diff(reservoir) >= 0)  # ever-active only grows
+
+
+def test_without_track_reservoir_no_history_and_no_key():
+    sparse = tk.AlwaysSparse(optax.sgd(0.1), **BASE)
+    state = sparse.init(mlp_params())
+    assert state.history.ever_active is None and state.history.reservoir is None
+    stats = sparse.mask_stats(state, per_leaf=False)
+    assert "reservoir_activated" not in stats
+    assert set(stats) == {
+        "forward_density",
+        "backward_density",
+        "mask_change",
+        "mask_change_min",
+        "mask_change_max",
+    }
+
+
+def test_history_is_packed_host_bits_of_a_and_not_b():
+    """Two bits per weight on the host, none on the device; the bits are ``A₀`` and ``¬B₀``."""
+    params = mlp_params()
+    sparse = tk.AlwaysSparse(optax.sgd(0.1), **BASE, track_reservoir=True)
+    state = sparse.init(params)
+    masks = sparse.masks(state)
+    forward = [m for m in jax.tree.leaves(masks.forward) if m is not None]
+    backward = [m for m in jax.tree.leaves(masks.backward) if m is not None]
+    for e, r, a, b in zip(
+        state.history.ever_active, state.history.reservoir, forward, backward, strict=True
+    ):
+        assert isinstance(e, np.ndarray) and e.dtype == np.uint8 and e.shape == (-(-a.size // 8),)
+        np.testing.assert_array_equal(np.unpackbits(e, count=a.size).astype(bool), a.ravel())
+        np.testing.assert_array_equal(np.unpackbits(r, count=b.size).astype(bool), ~b.ravel())
+    plain = tk.AlwaysSparse(optax.sgd(0.1), **BASE).init(params)
+    assert sparse.device_bytes(state) == sparse.device_bytes(plain)
+    abstract = sparse.abstract_state(params).history
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), abstract) == jax.tree.map(
+        lambda x: (x.shape, x.dtype), state.history
+    )
+
+
+def test_fraction_changed_counts_entering_forward_weights():
+    old = host.Layout(np.array([1, 3, 5, 7], np.int32), np.array([True, True, False, True]))
+    new = host.Layout(np.array([1, 2, 5, 8], np.int32), np.array([True, True, True, False]))
+    # A_old = {1, 3, 7}, A_new = {1, 2, 5}: 2 entered of 3.
+    assert history_lib.fraction_changed(old, new) == np.float32(2) / np.float32(3)
+    empty = host.Layout(np.array([4], np.int32), np.array([False]))
+    assert history_lib.fraction_changed(empty, new) == 3.0
+
+
+def test_orbax_restores_the_history(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    sparse = tk.AlwaysSparse(optax.adam(5e-2), **BASE, track_reservoir=True)
+    state = sparse.init(mlp_params())
+    step = sparse.make_step(mlp_loss)
+    for t in range(7):
+        state, _ = step(state, batch_at(t))
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(7, args=ocp.args.StandardSave(state))
+        manager.wait_until_finished()
+        restored = manager.restore(7, args=ocp.args.StandardRestore(state))
+    assert sparse.mask_stats(restored) == sparse.mask_stats(state)
+    for a, b in zip(jax.tree.leaves(restored.history), jax.tree.leaves(state.history), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
