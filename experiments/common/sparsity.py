@@ -160,4 +160,3 @@ def refresh_cases(sparsity: Any) -> tuple[bool | None, ...]:
     every = int(sparsity.get("refresh_every", 1))
     split = sparsity.method == "topkast" and every > 1 and not sparsity.get("always_sparse", False)
     return (False, True) if split else (None,)
-
