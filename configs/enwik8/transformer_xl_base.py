@@ -39,7 +39,11 @@ def paper_config(
     arg: str | None, *, data: dict, run: dict, model: dict
 ) -> ml_collections.ConfigDict:
     """The fields every paper-scale Transformer-XL config shares, with its own ``data``, run
-    lengths (``run``: seq_len, mem_len, num_train_steps, eval_mem_len) and ``model`` fields."""
+    lengths (``run``: seq_len, mem_len, num_train_steps, eval_mem_len) and ``model`` fields.
+
+    Evaluation protocol of the original (kimiyoung/transformer-xl, the ``eval`` branch of
+    pytorch/run_enwik8_large.sh and run_wt103_large.sh, tf/sota/enwik8.sh and wt103.sh):
+    ``same_length`` and ``clamp_len=1000`` at evaluation, neither in training."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.batch_size = 64
@@ -51,18 +55,26 @@ def paper_config(
     c.eval_batch_size = 16
     c.eval_seq_len = 128
     c.final_eval_max_windows = 0
+    c.eval_same_length = True
+    c.eval_clamp_len = 1000
     c.update(run)
     c.data = ml_collections.ConfigDict(data)
-    c.model = ml_collections.ConfigDict({"d_head": None, "clamp_len": -1, **model})
+    c.model = ml_collections.ConfigDict(
+        {"d_head": None, "same_length": False, "clamp_len": -1, **model}
+    )
     c.optim = optim_config()
     c.sparsity = sparsity_config(arg)
     return c
 
 
 def enwik8_config(
-    arg: str | None, *, d_model: int, d_ff: int, num_heads: int
+    arg: str | None, *, d_model: int, d_ff: int, num_heads: int, d_embed: int
 ) -> ml_collections.ConfigDict:
-    """enwik8, 24 layers, byte vocabulary, tied embeddings (paper Tables 2 and 5)."""
+    """enwik8, 24 layers, byte vocabulary, tied embeddings (paper Tables 2 and 5).
+
+    u, v biases shared by all layers (``untie_r`` off: the original's enwik8 scripts,
+    tf/scripts/enwik8_large_tpu.sh, leave it at its default False; its PyTorch port always shares
+    them). ``d_embed``: the byte table's width (a projection to d_model when they differ)."""
     return paper_config(
         arg,
         data={"name": "enwik8", "path": "data/enwik8"},
@@ -77,5 +89,7 @@ def enwik8_config(
             "dropatt": 0.15,
             "cutoffs": (),
             "div_val": 1,
+            "d_embed": d_embed,
+            "untie_r": False,
         },
     )

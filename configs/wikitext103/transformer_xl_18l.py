@@ -16,6 +16,10 @@ App. A: d_model 1024, d_ff 4096, 16 heads, adaptive input and tied adaptive soft
 20000, 40000, 200000; div_val 4), window 512, train memory 768, eval memory 2000, Adam 2e-4 with
 warmup 1e-7 -> 2e-4 over 4000 steps then cosine, clip 0.25. Chosen here (not in the paper):
 batch 64, 200k steps, dropout 0.2 (paper range 0.05-0.2), exploration L2 1e-4, eval window 128.
+As the original Transformer-XL (kimiyoung/transformer-xl, tf/scripts/wt103_large_tpu.sh):
+d_embed 1024 (``D_EMBED``; cluster widths 1024, 256, 64, 16), u, v biases per layer
+(``--untie_r=True``), the softmax's first projection separate and the others tied to the input's
+(``--proj_share_all_but_first=True``), evaluation with same_length and clamp_len 1000.
 """
 
 import ml_collections
@@ -38,5 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "dropatt": 0.2,
             "cutoffs": (20_000, 40_000, 200_000),
             "div_val": 4,
+            "d_embed": 1024,
+            "untie_r": True,
         },
     )

@@ -74,6 +74,21 @@ RULES: tuple[config_rules.Rule | config_rules.Relation, ...] = config_rules.SHAR
     config_rules.real_in("model.dropatt", 0.0, 1.0, optional=True),
     config_rules.int_at_least("model.div_val", 1, optional=True),
     config_rules.int_at_least("model.clamp_len", -1, "-1: no clamping", optional=True),
+    config_rules.int_at_least("model.d_embed", 1, optional=True, allow_none=True),
+    config_rules.boolean("model.untie_r"),
+    config_rules.boolean("model.same_length"),
+    config_rules.boolean("eval_same_length"),
+    config_rules.int_at_least("eval_clamp_len", -1, "-1: no clamping", optional=True),
+    config_rules.Relation(
+        ("eval_same_length", "eval_mem_len"),
+        "config.eval_mem_len > 0 with config.eval_same_length (a query sees M + 1 keys)",
+        lambda same, mem: not same or mem > 0,
+    ),
+    config_rules.Relation(
+        ("model.same_length", "mem_len"),
+        "config.mem_len > 0 with config.model.same_length (a query sees M + 1 keys)",
+        lambda same, mem: not same or mem > 0,
+    ),
     config_rules.real_in("optim.lr", 0.0, low_open=True),
     config_rules.real_in("optim.warmup_init_lr", 0.0, optional=True),
     config_rules.int_at_least("optim.warmup_steps", 0),
@@ -243,6 +258,15 @@ def make_eval_step(model):
     return eval_step
 
 
+def eval_model(config: ml_collections.ConfigDict, model: models.TransformerXL):
+    """``model`` with the evaluation protocol: ``config.eval_same_length`` and
+    ``config.eval_clamp_len`` (absent: the training model's). Same parameters."""
+    return model.clone(
+        same_length=config.get("eval_same_length", model.same_length),
+        clamp_len=config.get("eval_clamp_len", model.clamp_len),
+    )
+
+
 def score(nll_per_token: float, metric: str) -> dict[str, float]:
     """``{"loss": nats, "bpc": nats/ln2}`` or ``{"loss": nats, "perplexity": exp(nats)}``."""
     if metric == "bpc":
@@ -251,9 +275,11 @@ def score(nll_per_token: float, metric: str) -> dict[str, float]:
 
 
 class Evaluator:
-    """Evaluates one split with the eval batch size, window and memory length."""
+    """Evaluates one split with the eval batch size, window, memory length and protocol
+    (:func:`eval_model`)."""
 
     def __init__(self, config, model, mesh, state_shard):
+        model = eval_model(config, model)
         self.config, self.model, self.mesh = config, model, mesh
         mem_shard = mesh_lib.batch_sharded(mesh, 4, batch_axis=1)
         batch_shard = mesh_lib.batch_sharded(mesh, 2)
