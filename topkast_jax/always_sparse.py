@@ -307,9 +307,11 @@ class AlwaysSparse:
         donate: bool = True,
         compiler_options: dict[str, Any] | None = None,
         has_aux: bool = False,
+        grad_norm: bool = False,
     ) -> Any:
         """The jitted device step ``(DeviceState, batch) -> (DeviceState, loss)`` for ``state``'s
-        layout (for memory analysis: ``.lower(state.device, batch).compile()``)."""
+        layout (for memory analysis: ``.lower(state.device, batch).compile()``); with
+        ``grad_norm`` ``(DeviceState, loss, grad_norm)``."""
         fn = functools.partial(
             dev.device_step,
             loss_fn=loss_fn,
@@ -318,6 +320,7 @@ class AlwaysSparse:
             exploration_l2=self.exploration_l2,
             lazy_alpha=self.lazy_alpha,
             has_aux=has_aux,
+            grad_norm=grad_norm,
         )
         return jax.jit(fn, donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
 
@@ -328,7 +331,8 @@ class AlwaysSparse:
         donate: bool = True,
         compiler_options: dict[str, Any] | None = None,
         has_aux: bool = False,
-    ) -> Callable[[AlwaysSparseState, Any], tuple[AlwaysSparseState, Any]]:
+        grad_norm: bool = False,
+    ) -> Callable[[AlwaysSparseState, Any], tuple[Any, ...]]:
         """``step(state, batch) -> (state, loss)``: one training step, refreshing on schedule.
 
         Args:
@@ -338,6 +342,10 @@ class AlwaysSparse:
             compiles without FMA contraction, which makes the run bitwise equal to the masked one).
           has_aux: ``loss_fn`` returns ``(loss, aux)`` and the step ``(state, (loss, aux))``
             (e.g. a Transformer-XL's next memory).
+          grad_norm: the step returns ``(state, loss, grad_norm)``: ``‖∂L/∂α‖₂`` over all leaves
+            (the dense gradient, outside ``B`` included, without the penalty) — the masked
+            trainers' ``optax.tree.norm`` of ``∂L/∂α``, measured inside each sparse leaf's
+            backward pass (:func:`~topkast_jax.always_sparse_device.densify_probed`).
         """
         cache: dict[Any, Any] = {}
 
@@ -350,15 +358,16 @@ class AlwaysSparse:
                     donate=donate,
                     compiler_options=compiler_options,
                     has_aux=has_aux,
+                    grad_norm=grad_norm,
                 )
-            device, loss = cache[specs](state.device, batch)
+            device, *outputs = cache[specs](state.device, batch)
             count = int(state.count) + 1
             state = state._replace(count=np.asarray(count, np.int64), device=device)
             refresh = count % self.refresh_every == 0
             stop_now = self.stop_exploration_step == count
             if refresh or stop_now:
                 state = self._rebuild(state, reselect=refresh)
-            return state, loss
+            return (state, *outputs)
 
         return step
 

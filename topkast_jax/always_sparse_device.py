@@ -12,6 +12,12 @@ The device holds, per sparse leaf with backward set ``B`` (``k_B`` entries):
    (:func:`topkast_jax.penalty.penalty_scale`, the one definition);
 4. the inner optimizer on the ``k_B``-vector pytree, ``θ_B ← θ_B + u_B``.
 
+Optionally (``grad_norm=True``) the step also returns ``‖∂L/∂α‖₂`` over every leaf — the dense
+gradient, outside ``B`` included, before the penalty: the masked trainers' ``grad_norm``
+(``optax.tree.norm`` of ``∂L/∂α``).  The dense ``∂L/∂α`` of a sparse leaf exists only inside the
+backward pass of its scatter, so :func:`densify_probed` reports ``‖∂L/∂α_ℓ‖²`` there, as the
+gradient of a scalar "probe" input that the forward pass ignores.
+
 This is the masked :func:`topkast_jax.topkast` restricted to ``B``: the masked gradient, updates
 and inner state are zero outside ``B``, so nothing outside ``B`` needs storing.
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -82,6 +89,46 @@ def densify(z_K: jax.Array, idx_K: jax.Array, shape: tuple[int, ...]) -> jax.Arr
     return flat.reshape(shape)
 
 
+_GATHER_DIMS = jax.lax.GatherDimensionNumbers(
+    offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,)
+)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def densify_probed(
+    z_K: jax.Array, idx_K: jax.Array, probe: jax.Array, shape: tuple[int, ...]
+) -> jax.Array:
+    """:func:`densify`, with ``∂L/∂probe = ‖∂L/∂α‖²`` (``probe``: a float32 scalar, unused).
+
+    The backward pass gathers ``∂L/∂α`` at ``idx`` for ``z`` — what autodiff of the scatter
+    does — and returns ``optax.tree.norm(∂L/∂α, squared=True)`` as the probe's cotangent.
+    """
+    del probe
+    return densify(z_K, idx_K, shape)
+
+
+def _densify_probed_fwd(z_K, idx_K, probe, shape):
+    del probe
+    return densify(z_K, idx_K, shape), idx_K
+
+
+def _densify_probed_bwd(shape, idx_K, g):
+    g_z = jax.lax.gather(
+        g.reshape(-1),
+        idx_K[:, None],
+        _GATHER_DIMS,
+        slice_sizes=(1,),
+        indices_are_sorted=True,
+        unique_indices=True,
+        mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+    )
+    squared = optax.tree.norm(g, squared=True).astype(jnp.float32)
+    return g_z, None, squared
+
+
+densify_probed.defvjp(_densify_probed_fwd, _densify_probed_bwd)
+
+
 def _is_none(x: Any) -> bool:
     return x is None
 
@@ -94,11 +141,15 @@ def forward_values(params: Any, in_a: Any) -> Any:
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["values", "indices"], meta_fields=["shape"]
+    jax.tree_util.register_dataclass,
+    data_fields=["values", "indices", "probe"],
+    meta_fields=["shape"],
 )
 @dataclasses.dataclass(frozen=True)
 class SparseLeaf:
-    """A sparse leaf's ``α`` not yet built: ``z[k_B]`` at flat ``indices[k_B]`` of ``shape``.
+    """A sparse leaf's ``α`` not yet built: ``z[k_B]`` at flat ``indices[k_B]`` of ``shape``
+    (``probe``: ``None``, or the scalar of :func:`densify_probed` when the step measures the
+    gradient norm).
 
     With ``AlwaysSparse(..., lazy_alpha=True)`` the loss receives these in place of dense sparse
     leaves; the model densifies each where it is used (:func:`densify_leaves`, or
@@ -109,10 +160,13 @@ class SparseLeaf:
     values: jax.Array
     indices: jax.Array
     shape: tuple[int, ...]
+    probe: jax.Array | None = None
 
     def dense(self) -> jax.Array:
         """The dense ``α`` of this leaf."""
-        return densify(self.values, self.indices, self.shape)
+        if self.probe is None:
+            return densify(self.values, self.indices, self.shape)
+        return densify_probed(self.values, self.indices, self.probe, self.shape)
 
 
 def is_sparse_leaf(x: Any) -> bool:
@@ -126,13 +180,21 @@ def densify_leaves(tree: Any) -> Any:
     )
 
 
-def model_alpha(z: Any, indices: Any, specs: tuple[LeafSpec | None, ...], lazy: bool) -> Any:
-    """What the loss receives: dense ``α`` leaves, or :class:`SparseLeaf` ones with ``lazy``."""
+def model_alpha(
+    z: Any,
+    indices: Any,
+    specs: tuple[LeafSpec | None, ...],
+    lazy: bool,
+    probes: tuple[jax.Array | None, ...] | None = None,
+) -> Any:
+    """What the loss receives: dense ``α`` leaves, or :class:`SparseLeaf` ones with ``lazy``
+    (``probes``: one scalar per sparse leaf for :func:`densify_probed`, ``None`` on dense ones)."""
     leaves, treedef = jax.tree.flatten(z)
     idx = jax.tree.leaves(indices, is_leaf=_is_none)
+    probes = probes if probes is not None else (None,) * len(specs)
     out = [
-        x if spec is None else SparseLeaf(x, i, spec.shape)
-        for x, i, spec in zip(leaves, idx, specs, strict=True)
+        x if spec is None else SparseLeaf(x, i, spec.shape, probe)
+        for x, i, spec, probe in zip(leaves, idx, specs, probes, strict=True)
     ]
     tree = jax.tree.unflatten(treedef, out)
     return tree if lazy else densify_leaves(tree)
@@ -164,27 +226,45 @@ def device_step(
     exploration_l2: float,
     lazy_alpha: bool = False,
     has_aux: bool = False,
-) -> tuple[DeviceState, Any]:
+    grad_norm: bool = False,
+) -> tuple[DeviceState, Any] | tuple[DeviceState, Any, jax.Array]:
     """One always-sparse training step (steps 1–4 of the module docstring).
 
     Returns:
       ``(new_state, loss)`` — ``(new_state, (loss, aux))`` with ``has_aux`` (``loss_fn`` then
       returns ``(loss, aux)``); indices and ``in_a`` are unchanged (they change at a refresh).
+      With ``grad_norm`` a third element, the float32 ``‖∂L/∂α‖₂`` over all leaves
+      (:func:`gradient_norm`).
     """
     l2 = jnp.asarray(exploration_l2, jnp.float32)
+    zero = jnp.zeros((), jnp.float32)
+    probes = tuple(None if spec is None else zero for spec in specs) if grad_norm else None
 
-    def loss_of(z):
-        return loss_fn(model_alpha(z, state.indices, specs, lazy_alpha), batch)
+    def loss_of(z, probes):
+        return loss_fn(model_alpha(z, state.indices, specs, lazy_alpha, probes), batch)
 
-    out, grads = jax.value_and_grad(loss_of, has_aux=has_aux)(
-        forward_values(state.params, state.in_a)
+    out, (grads, probe_grads) = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=has_aux)(
+        forward_values(state.params, state.in_a), probes
     )
+    norm = gradient_norm(grads, probe_grads) if grad_norm else None
     grads = add_penalty(grads, state.params, state.in_a, specs, l2)
     updates, inner_state = optax.with_extra_args_support(inner).update(
         grads, state.inner_state, state.params
     )
     params = optax.apply_updates(state.params, updates)
-    return DeviceState(params, state.indices, state.in_a, inner_state), out
+    new_state = DeviceState(params, state.indices, state.in_a, inner_state)
+    return (new_state, out) if norm is None else (new_state, out, norm)
+
+
+def gradient_norm(grads: Any, probe_grads: tuple[jax.Array | None, ...]) -> jax.Array:
+    """``‖∂L/∂α‖₂`` over all leaves, summed as ``optax.tree.norm`` sums it (leaf by leaf in tree
+    order): dense leaves from their gradient, sparse ones from their probe's gradient
+    ``‖∂L/∂α_ℓ‖²`` (:func:`densify_probed`)."""
+    squared = [
+        optax.tree.norm(g, squared=True) if p is None else p
+        for g, p in zip(jax.tree.leaves(grads), probe_grads, strict=True)
+    ]
+    return jnp.sqrt(functools.reduce(operator.add, squared, 0))
 
 
 def carry_inner_state(

@@ -42,32 +42,18 @@ def _sparse_rows(state: Any) -> list[tuple[str, Any, Any, Any]]:
     ]
 
 
-@jax.jit
-def _counts(in_a: list[jax.Array]) -> jax.Array:
-    return jnp.stack([jnp.sum(a, dtype=jnp.int32) for a in in_a])
-
-
 def mask_densities(state: Any) -> dict[str, float]:
     """``|A|/n`` and ``|B|/n`` over all sparse leaves and per leaf (``tk.mask_stats`` names);
-    empty when no leaf is sparse.
+    empty when no leaf is sparse.  The density entries of ``tk.AlwaysSparse.mask_stats``, which
+    the trainer logs whole (with the mask change and the reservoir statistic).
 
     Args:
       state: a ``tk.always_sparse.AlwaysSparseState``.
     """
-    rows = _sparse_rows(state)
-    if not rows:
-        return {}
-    sizes = np.array([h.size for _, h, _, _ in rows], np.float64)
-    backward = np.array([np.shape(i)[0] for _, _, i, _ in rows], np.float64)
-    forward = np.asarray(jax.device_get(_counts([a for *_, a in rows])), np.float64)
-    out = {
-        "forward_density": float(forward.sum() / sizes.sum()),
-        "backward_density": float(backward.sum() / sizes.sum()),
-    }
-    for (name, *_), n, f, b in zip(rows, sizes, forward, backward, strict=True):
-        out[f"forward_density/{name}"] = float(f / n)
-        out[f"backward_density/{name}"] = float(b / n)
-    return out
+    from topkast_jax import AlwaysSparse
+
+    stats = AlwaysSparse.mask_stats(state)
+    return {k: v for k, v in stats.items() if k.startswith(("forward_density", "backward_density"))}
 
 
 def penalty_fn(sparse: Any, state: Any) -> Callable[[Any], jax.Array]:

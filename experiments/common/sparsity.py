@@ -84,7 +84,7 @@ def make_always_sparse(
     inner: optax.GradientTransformation, sparsity: Any, sparsify: Any, seed: int = 0
 ) -> Any:
     """``tk.AlwaysSparse`` for ``config.sparsity.always_sparse=True`` (method ``"topkast"``):
-    only B on the device, dense θ on the host (no reservoir statistics in this mode).
+    only B on the device, dense θ on the host (the reservoir statistic kept on the host).
 
     Raises:
       ValueError: ``always_sparse`` with another method.
@@ -105,6 +105,8 @@ def make_always_sparse(
         sparsify=sparsify,
         distribution=sparsity.get("distribution", "uniform"),
         seed=seed,
+        # As in the masked trainers: the Fig. 3 reservoir statistic, 2 host bits per weight.
+        track_reservoir=bool(sparsity.get("track_reservoir", True)),
         **topkast_options(sparsity),
     )
 

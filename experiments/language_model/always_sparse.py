@@ -7,16 +7,17 @@ the masked trainer's (``train.make_train_step``) — same dropout keys, same mem
 modes give the same ``A``, ``B`` and, up to float reassociation, the same parameters.
 
 Metrics follow the shared scheme (``experiments/common/summary.py``) through the masked trainer's
-helpers: ``train/`` loss, score, ``learning_rate``, ``exploration_penalty`` and throughput;
-``masks/`` forward and backward densities (total and per leaf) counted on the ``B``-state
-(``experiments/common/always_sparse_stats.py``) and the Figure-3 window change (the previous
-window's forward mask is kept on the host, bit-packed, and checkpointed as ``mask_snapshot``);
-``eval/`` on the masked trainer's cadence and ``final/``; ``provenance.json`` and
-``summary.json``.  An evaluation builds the dense ``α = θ ⊙ A`` on the device for its duration
-(``AlwaysSparse.forward_params``).  Not logged here: ``train/grad_norm`` (the device step returns
-only the loss), ``masks/mask_change*`` (``AlwaysSparse`` keeps no change at a refresh) and
-``masks/reservoir_activated`` (it needs per-weight history, which this mode does not keep).
-Checkpoints and resume work as in the masked trainer.
+helpers: ``train/`` loss, score, ``grad_norm`` (``‖∂L/∂α‖₂`` of the logged step, the masked
+trainer's definition, from ``make_step(..., grad_norm=True)``), ``learning_rate``,
+``exploration_penalty`` and throughput; ``masks/`` the names of ``tk.mask_stats`` from
+``AlwaysSparse.mask_stats`` — forward and backward densities (total and per leaf) counted on the
+``B``-state, the mask change at the last refresh and ``reservoir_activated`` (paper Fig. 3; kept on
+the host, bit-packed, with ``config.sparsity.track_reservoir``, default on as in the masked
+trainer) — and the Figure-3 window change (the previous window's forward mask is kept on the
+host, bit-packed, and checkpointed as ``mask_snapshot``); ``eval/`` on the masked trainer's
+cadence and ``final/``; ``provenance.json`` and ``summary.json``.  An evaluation builds the dense
+``α = θ ⊙ A`` on the device for its duration (``AlwaysSparse.forward_params``).  Checkpoints and
+resume work as in the masked trainer.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def train(config: Any, run: Any, corpus: Any, stop_at_step: int | None) -> dict[
         state, meta = restored
         lm._log(f"resumed from step {int(state['step'])} (always-sparse)")
         run.resumed(int(state["step"]))
-    step_fn = sparse.make_step(make_loss(model), has_aux=True)
+    step_fn = sparse.make_step(make_loss(model), has_aux=True, grad_norm=True)
     penalty = always_sparse_stats.penalty_fn(sparse, state["sparse"])
     stream = input_pipeline.TrainStream(
         input_pipeline.StreamBatcher(
@@ -138,7 +139,7 @@ def train(config: Any, run: Any, corpus: Any, stop_at_step: int | None) -> dict[
         rng, dropout = jax.random.split(state["rng"])  # the masked trainer's key sequence
         mems = zeros() if reset else state["mems"]
         with progress.excluded("compile") if step == first + 1 else contextlib.nullcontext():
-            sparse_state, (loss, mems) = step_fn(
+            sparse_state, (loss, mems), grad_norm = step_fn(
                 state["sparse"], dict(batch, mems=mems, dropout=dropout)
             )
         state = dict(
@@ -149,11 +150,12 @@ def train(config: Any, run: Any, corpus: Any, stop_at_step: int | None) -> dict[
             mean = float(np.mean(jax.device_get(losses)))
             losses = []
             logged = {
+                "grad_norm": grad_norm,
                 "learning_rate": schedule(step - 1),
                 "exploration_penalty": penalty(sparse_state.device),
             }
             line = lm.log_training(writer, progress, step, mean, corpus.metric, logged, config)
-            writer.write(step, always_sparse_stats.mask_densities(sparse_state), prefix="masks/")
+            writer.write(step, sparse.mask_stats(sparse_state), prefix="masks/")
             lm._log(line + " (always-sparse)")
         if step % window == 0:
             change = always_sparse_stats.window_change(state["mask_snapshot"], sparse_state)

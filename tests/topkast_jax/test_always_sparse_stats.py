@@ -6,6 +6,7 @@ from the old and new ``B``-layouts.  Same seed, data and schedule: the same numb
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -111,3 +112,66 @@ def test_orbax_restores_the_history(tmp_path):
     assert sparse.mask_stats(restored) == sparse.mask_stats(state)
     for a, b in zip(jax.tree.leaves(restored.history), jax.tree.leaves(state.history), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def _masked_grad_norm_step(tx):
+    """The masked trainers' step, returning ``optax.tree.norm(∂L/∂α)`` (their ``grad_norm``)."""
+
+    def step(params, state, batch):
+        grads = jax.grad(mlp_loss)(tk.forward_params(params, state), batch)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, optax.tree.norm(grads)
+
+    return jax.jit(step, compiler_options=NO_FMA)
+
+
+@pytest.mark.parametrize("backward_sparsity", [0.5, 0.0])
+def test_grad_norm_equals_the_masked_trainers_dense_gradient_norm(backward_sparsity):
+    """``‖∂L/∂α‖`` over the dense gradient, outside ``B`` too: bitwise equal without FMA."""
+    kw = dict(BASE, backward_sparsity=backward_sparsity)
+    params = mlp_params()
+    tx = tk.topkast(optax.adam(5e-2), **kw)
+    m_step, m_state = _masked_grad_norm_step(tx), jax.jit(tx.init)(params)
+    sparse = tk.AlwaysSparse(optax.adam(5e-2), **kw)
+    s_state = sparse.init(params)
+    s_step = sparse.make_step(mlp_loss, compiler_options=NO_FMA, grad_norm=True)
+    for t in range(7):  # past two refreshes
+        params, m_state, want = m_step(params, m_state, batch_at(t))
+        s_state, _, got = s_step(s_state, batch_at(t))
+        assert float(got) == float(want), f"step {t}"
+    # The norm of the k_B-vectors alone would be smaller: the check above sees outside B.
+    masks = sparse.masks(s_state).backward
+    alpha = tk.forward_params(params, m_state)
+    grads = jax.grad(mlp_loss)(alpha, batch_at(7))
+    on_b = jax.tree.map(lambda g, b: g if b is None else g * b, grads, masks)
+    norm_on_b, norm = float(optax.tree.norm(on_b)), float(optax.tree.norm(grads))
+    assert (norm_on_b < norm) == (backward_sparsity > 0)
+
+
+def test_grad_norm_through_linen_layerwise_alpha():
+    """With ``lazy_alpha`` each layer densifies inside ``nn.remat``: the same norm."""
+    nn = pytest.importorskip("flax.linen")
+    from topkast_jax import always_sparse_linen
+
+    dense = always_sparse_linen.layerwise(nn.Dense)
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, h):
+            return dense(4)(nn.tanh(dense(16)(h)))
+
+    def loss(params, batch):
+        x, y = batch
+        return jnp.mean((MLP().apply({"params": params}, x) - y) ** 2)
+
+    params = MLP().init(jax.random.PRNGKey(0), batch_at(0)[0])["params"]
+    lazy = tk.AlwaysSparse(optax.adam(5e-2), lazy_alpha=True, **BASE)
+    eager = tk.AlwaysSparse(optax.adam(5e-2), **BASE)
+    a, b = lazy.init(params), eager.init(params)
+    step_a = lazy.make_step(loss, grad_norm=True, compiler_options=NO_FMA)
+    step_b = eager.make_step(loss, grad_norm=True, compiler_options=NO_FMA)
+    for t in range(4):
+        a, _, norm_a = step_a(a, batch_at(t))
+        b, _, norm_b = step_b(b, batch_at(t))
+        np.testing.assert_allclose(float(norm_a), float(norm_b), rtol=1e-6, err_msg=f"step {t}")
+        assert float(norm_a) > 0
