@@ -1,11 +1,25 @@
 """ResNet v1 (bottleneck) in Flax Linen, as used for sparse ImageNet training.
 
-The architecture is ResNet-50 v1 as in the sparsity literature the paper follows (Gale et al. 2019;
-the layout of the Flax ImageNet example): a 7×7/2 stem convolution, a 3×3/2 max-pool, four stages of
-bottleneck blocks ([3, 4, 6, 3] for ResNet-50) whose stride sits on the 3×3 convolution (the
-"v1.5" placement used by the Flax example and torchvision), 1×1 projection shortcuts where the shape
-changes, global average pooling and one dense classifier. Convolutions carry no bias; every
-convolution is followed by BatchNorm. With 1000 classes ResNet-50 has 25,557,032 parameters
+The architecture is the ResNet-50 v1 that the paper's ImageNet numbers are compared against: RigL's
+(Evci et al. 2020, ``rigl/imagenet_resnet/resnet_model.py`` in google-research/rigl, itself the
+TPU reference ResNet that Gale et al. 2019 also used). Each choice follows that file:
+
+- a 7×7/2 stem convolution (``initial_conv``), a 3×3/2 max-pool with TF ``SAME`` padding
+  (``initial_max_pool``), four stages of bottleneck blocks ([3, 4, 6, 3] for ResNet-50;
+  ``block_group1..4``) whose stride sits on the 3×3 convolution (``bottleneck_block_``; the "v1.5"
+  placement), 1×1 projection shortcuts in the first block of a stage, global average pooling and
+  one dense classifier;
+- every convolution is ``conv2d_fixed_padding``: the input is padded by
+  ``((k - 1) // 2, k - 1 - (k - 1) // 2)`` on each spatial side whatever the stride
+  (:func:`fixed_padding`; ``fixed_padding`` there, also torchvision's ``(k - 1) // 2``). At stride
+  1 this equals ``SAME``; at stride 2 on an even input ``SAME`` would pad (0, 1) instead of (1, 1)
+  for the 3×3 convolutions, shifting the sampling grid by one pixel;
+- no convolution bias; BatchNorm after every convolution with decay 0.9 and epsilon 1e-5
+  (``BATCH_NORM_DECAY``, ``BATCH_NORM_EPSILON``), the last one of each residual branch starting at
+  zero scale (``init_zero=True``).
+
+Not followed: RigL initialises the classifier with ``normal(0.01)``; here it is Flax's default
+(LeCun normal). With 1000 classes ResNet-50 has 25,557,032 parameters
 (23,454,912 in convolution kernels, 2,049,000 in the classifier, 53,120 BatchNorm scales/biases).
 
 Module names matter to the sparsity code: the stem convolution is ``conv_init`` and the classifier
@@ -39,15 +53,38 @@ FIRST_LAYER_NAME = "conv_init"
 LAST_LAYER_NAME = "head"
 
 
+def fixed_padding(kernel_size: int) -> tuple[int, int]:
+    """``(before, after)`` zero padding of a ``kernel_size`` convolution on one spatial axis.
+
+    ``before = (k - 1) // 2``, ``after = k - 1 - before``, independent of the stride and the input
+    size (RigL's / the TPU ResNet's ``fixed_padding``). An ``H``-pixel axis convolved with stride
+    ``s`` then gives ``floor((H - 1) / s) + 1`` outputs, output ``o`` centred on input ``s o``.
+    """
+    before = (kernel_size - 1) // 2
+    return before, kernel_size - 1 - before
+
+
+def fixed_padding_conv(conv: ModuleDef) -> Callable[..., nn.Module]:
+    """``conv`` (a partially-applied ``nn.Conv``) with :func:`fixed_padding` on both axes."""
+
+    def make(features: int, kernel_size: tuple[int, int], strides=(1, 1), **kw) -> nn.Module:
+        padding = [fixed_padding(k) for k in kernel_size]
+        return conv(features, kernel_size, strides, padding=padding, **kw)
+
+    return make
+
+
 class BottleneckBlock(nn.Module):
     """ResNet v1 bottleneck block: 1×1 → 3×3 (strided) → 1×1 (×4 channels), residual add, ReLU.
 
-    The last BatchNorm of the residual branch is initialised with zero scale, so every block starts
-    as the identity (Goyal et al. 2017), as in the Flax ImageNet example.
+    RigL's ``bottleneck_block_``: the stride on the 3×3 convolution, a 1×1 projection shortcut
+    (BatchNorm, no ReLU) where the shape changes, and the last BatchNorm of the residual branch
+    initialised with zero scale, so every block starts as the identity (Goyal et al. 2017).
 
     Attributes:
       filters: F, channels of the bottleneck; the block outputs 4F channels.
-      conv: a partially-applied ``nn.Conv`` (no bias, given dtype).
+      conv: builds an ``nn.Conv`` (no bias, given dtype, :func:`fixed_padding`) from
+        ``(features, kernel_size, strides)``.
       norm: a partially-applied ``nn.BatchNorm`` (train/eval mode already set).
       strides: spatial stride of the 3×3 convolution and of the projection shortcut.
     """
@@ -106,7 +143,7 @@ class ResNet(nn.Module):
           train: use batch statistics (and update ``batch_stats``) if True, running averages if
             False.
         """
-        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        conv = fixed_padding_conv(partial(nn.Conv, use_bias=False, dtype=self.dtype))
         norm = partial(
             nn.BatchNorm,
             use_running_average=not train,
@@ -115,9 +152,7 @@ class ResNet(nn.Module):
             dtype=self.dtype,
         )
         k = self.stem_kernel
-        x = conv(
-            self.num_filters, (k, k), (2, 2), padding=[(k // 2, k // 2)] * 2, name="conv_init"
-        )(images_BxHxWx3)
+        x = conv(self.num_filters, (k, k), (2, 2), name="conv_init")(images_BxHxWx3)
         x = nn.relu(norm(name="bn_init")(x))
         if self.stem_pool:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")

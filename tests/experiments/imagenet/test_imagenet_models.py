@@ -118,3 +118,50 @@ def test_batchnorm_statistics_are_over_the_global_sharded_batch():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "GLOBAL_BN_OK" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "k, pads", [(1, (0, 0)), (2, (0, 1)), (3, (1, 1)), (4, (1, 2)), (7, (3, 3))]
+)
+def test_fixed_padding_is_rigl_formula(k, pads):
+    """RigL's ``fixed_padding``: (k - 1) // 2 before, the rest of k - 1 after, for any stride."""
+    assert models.fixed_padding(k) == pads
+
+
+def _conv_explicit(x_BxHxWxC, kernel_KxKxCxF, stride, pad):
+    """Plain numpy cross-correlation of x zero-padded by ``pad = (before, after)`` per axis."""
+    x = np.pad(x_BxHxWxC, ((0, 0), pad, pad, (0, 0)))
+    k = kernel_KxKxCxF.shape[0]
+    out_h = (x.shape[1] - k) // stride + 1
+    out_w = (x.shape[2] - k) // stride + 1
+    out = np.zeros((x.shape[0], out_h, out_w, kernel_KxKxCxF.shape[-1]), np.float64)
+    for i in range(out_h):
+        for j in range(out_w):
+            patch = x[:, i * stride : i * stride + k, j * stride : j * stride + k, :]
+            out[:, i, j] = np.einsum("bhwc,hwcf->bf", patch, kernel_KxKxCxF)
+    return out
+
+
+def test_strided_convolutions_pad_symmetrically_like_rigl():
+    """The stride-2 stem and the stride-2 3×3 convolution of a bottleneck block equal an explicit
+    convolution of their input padded (1, 1) (RigL), not (0, 1) (Flax/TF 'SAME' on even inputs)."""
+    model = models.create_model("resnet_tiny", num_classes=3)
+    images = np.asarray(jax.random.normal(jax.random.key(2), (2, 16, 16, 3)), np.float64)
+    variables = model.init(jax.random.key(0), jnp.asarray(images), train=False)
+    _, state = model.apply(
+        variables, jnp.asarray(images), train=False, capture_intermediates=True, mutable=True
+    )
+    got = state["intermediates"]
+    params = variables["params"]
+    # stem: 3×3 / 2 on 16×16
+    stem = np.asarray(params["conv_init"]["kernel"], np.float64)
+    want = _conv_explicit(images, stem, 2, (1, 1))
+    np.testing.assert_allclose(got["conv_init"]["__call__"][0], want, rtol=1e-4, atol=1e-4)
+    # stage 2, block 1: conv2 is 3×3 / 2 on the 8×8 output of relu(bn1)
+    block = got["stage2_block1"]
+    x = np.maximum(np.asarray(block["bn1"]["__call__"][0], np.float64), 0.0)
+    assert x.shape[1:3] == (8, 8)
+    kernel = np.asarray(params["stage2_block1"]["conv2"]["kernel"], np.float64)
+    out = np.asarray(block["conv2"]["__call__"][0])
+    np.testing.assert_allclose(out, _conv_explicit(x, kernel, 2, (1, 1)), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(out, _conv_explicit(x, kernel, 2, (0, 1)), rtol=1e-2, atol=1e-2)
