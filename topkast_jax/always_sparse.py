@@ -52,6 +52,9 @@ from topkast_jax.validation import check_choice, check_distribution, check_int
 
 DeviceState = dev.DeviceState
 
+#: Where the host ``θ`` lives: numpy arrays, or ``jax`` arrays in the ``pinned_host`` memory kind.
+HOST_MEMORIES = ("numpy", "pinned_host")
+
 
 class AlwaysSparseState(NamedTuple):
     """Host and device state of an always-sparse run.
@@ -59,7 +62,8 @@ class AlwaysSparseState(NamedTuple):
     Attributes:
       count: host int64 scalar, the number of steps taken.
       rng: host uint32[2] PRNG key (advanced at every refresh, as in the masked transform).
-      host_params: params-shaped; sparse leaves the dense host ``θ`` (numpy; stale on ``B``
+      host_params: params-shaped; sparse leaves the dense host ``θ`` (numpy, or with
+        ``host_memory="pinned_host"`` a ``jax.Array`` in that memory kind; stale on ``B``
         between refreshes, where the device holds the current values), ``None`` on dense leaves.
       device: the :class:`~topkast_jax.always_sparse_device.DeviceState`.
       history: the host-side mask statistics
@@ -107,6 +111,29 @@ def _committed(tree: Any, placement: NamedSharding | None) -> Any:
     return jax.tree.map(lambda x: x if x.committed else _put(x, placement), tree)
 
 
+def _pinned_host(placement: NamedSharding | None) -> jax.sharding.SingleDeviceSharding:
+    """The ``pinned_host`` memory of the first addressable device of ``placement`` (else the
+    default device): one host copy of ``θ`` per process, however many devices the mesh has.
+
+    Raises:
+      ValueError: the device has no ``pinned_host`` memory kind (naming ``host_memory``).
+    """
+    devices = placement.addressable_devices if placement is not None else jax.devices()[:1]
+    device = min(devices, key=lambda d: d.id)
+    kinds = [m.kind for m in device.addressable_memories()]
+    if "pinned_host" not in kinds:
+        raise ValueError(
+            f"host_memory='pinned_host' needs the pinned_host memory kind, but {device} has "
+            f"{kinds}; use host_memory='numpy'."
+        )
+    return jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+
+
+def _to_host(theta: np.ndarray, sharding: jax.sharding.Sharding | None) -> Any:
+    """``theta`` as it is (numpy), or put in ``sharding``'s (host) memory."""
+    return theta if sharding is None else jax.device_put(theta, sharding)
+
+
 def _own_copy(x: Any, placement: NamedSharding | None) -> jax.Array:
     """A device copy of a dense leaf that the state owns (the step donates it), keeping the
     leaf's sharding when it is a device array."""
@@ -133,6 +160,10 @@ class AlwaysSparse:
         which weights have ever been in ``A`` and the initial reservoir, so :meth:`mask_stats`
         reports ``reservoir_activated`` (paper Fig. 3); updated at each refresh.  The device
         holds nothing per weight for it.
+      host_memory: where the dense host ``θ`` lives: ``"numpy"`` (default) or
+        ``"pinned_host"`` — ``jax`` arrays in the backend's ``pinned_host`` memory kind (page-locked
+        host memory, which accelerators copy to and from by DMA; ``ValueError`` where the
+        device has none).  The selection reads a numpy copy either way, so the run is the same.
       lazy_alpha: the loss receives each sparse leaf as a
         :class:`~topkast_jax.always_sparse_device.SparseLeaf` (``k_B`` values and indices) and
         builds its dense ``α`` where it is used — e.g. inside each Flax Linen layer with
@@ -161,6 +192,7 @@ class AlwaysSparse:
         seed: int = 0,
         track_reservoir: bool = False,
         lazy_alpha: bool = False,
+        host_memory: str = "numpy",
     ):
         self.forward_sparsity, self.backward_sparsity = check_sparsities(
             forward_sparsity, backward_sparsity
@@ -190,6 +222,7 @@ class AlwaysSparse:
                 "every tk.topkast method); leave selection_method='auto'."
             )
         self.track_reservoir = bool(track_reservoir)
+        self.host_memory = check_choice("host_memory", host_memory, HOST_MEMORIES)
         self.inner = inner
         self.global_topk = bool(global_topk)
         self.seed = int(seed)
@@ -258,7 +291,8 @@ class AlwaysSparse:
         return [host.layout(a, b) for a, b in masks]
 
     def init(self, params: Any) -> AlwaysSparseState:
-        """Host ``θ`` (a numpy copy of the sparse leaves) and the device ``B``-state.
+        """Host ``θ`` (a copy of the sparse leaves, numpy or ``pinned_host``) and the device
+        ``B``-state.
 
         Params sharded over a mesh give a device state replicated over that mesh (dense leaves
         keep their sharding).
@@ -270,6 +304,7 @@ class AlwaysSparse:
         thetas = [np.array(p) for p, leaf in zip(leaves, plan, strict=True) if leaf.sparse]
         layouts = self._layouts(self._select(thetas, plan, mask_rng), 0)
         placement = _placement(params)
+        host_sharding = _pinned_host(placement) if self.host_memory == "pinned_host" else None
         it = iter(zip(thetas, layouts, strict=True))
         dev_leaves, idx_leaves, a_leaves, host_leaves = [], [], [], []
         for p, leaf in zip(leaves, plan, strict=True):
@@ -283,7 +318,7 @@ class AlwaysSparse:
             dev_leaves.append(_put(theta.ravel()[lay.indices], placement))
             idx_leaves.append(_put(lay.indices, placement))
             a_leaves.append(_put(lay.in_a, placement))
-            host_leaves.append(theta)
+            host_leaves.append(_to_host(theta, host_sharding))
         compressed = jax.tree.unflatten(treedef, dev_leaves)
         device = DeviceState(
             compressed,
@@ -403,6 +438,11 @@ class AlwaysSparse:
             thetas.append(theta)
         return thetas
 
+    def _host_tree(self, like: Any, plan: list[LeafDensity], thetas: list[np.ndarray]) -> Any:
+        """``host_params``: the sparse leaves' ``θ`` in the host memory of ``host_memory``."""
+        sharding = _pinned_host(_placement(like)) if self.host_memory == "pinned_host" else None
+        return unflatten_sparse(like, plan, [_to_host(t, sharding) for t in thetas])
+
     def _rebuild(self, state: AlwaysSparseState, *, reselect: bool) -> AlwaysSparseState:
         """New ``B`` on the device: reselected (a refresh) or ``B ← A`` (exploration stops)."""
         plan = self.plan(self.abstract_params(state))
@@ -444,7 +484,7 @@ class AlwaysSparse:
             else state.history
         )
         return AlwaysSparseState(
-            state.count, rng, unflatten_sparse(state.device.params, plan, thetas), device, history
+            state.count, rng, self._host_tree(state.device.params, plan, thetas), device, history
         )
 
     # ----------------------------------------------------------------------------------------
@@ -572,6 +612,7 @@ class AlwaysSparse:
             sparse_tree(lambda p, leaf: jax.ShapeDtypeStruct((leaf.k_backward,), np.bool_)),
             jax.eval_shape(self.inner.init, compressed),
         )
+        host = _pinned_host(_placement(params)) if self.host_memory == "pinned_host" else None
         sizes = [leaf.size for leaf in plan if leaf.sparse]
         packed = tuple(jax.ShapeDtypeStruct((-(-n // 8),), np.uint8) for n in sizes)
         history = history_lib.History(
@@ -582,7 +623,7 @@ class AlwaysSparse:
         return AlwaysSparseState(
             jax.ShapeDtypeStruct((), np.int64),
             jax.ShapeDtypeStruct((2,), np.uint32),
-            sparse_tree(lambda p, leaf: jax.ShapeDtypeStruct(leaf.shape, p.dtype)),
+            sparse_tree(lambda p, leaf: jax.ShapeDtypeStruct(leaf.shape, p.dtype, sharding=host)),
             device,
             history,
         )
