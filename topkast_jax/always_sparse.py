@@ -12,9 +12,11 @@ and, up to float reassociation, the same parameters.
   from the ``k_B`` values, ``∂L/∂α`` gathered at ``B``, the exploration-penalty gradient, the inner
   optimizer on the ``k_B``-vectors.
 * When ``(count + 1) % refresh_every == 0`` (the masked transform's rule), on the host: ``θ_B`` is
-  written into the host ``θ`` (numpy), ``A`` and ``B`` are selected exactly
-  (:mod:`topkast_jax.always_sparse_host`), the new ``θ_B``, indices and flags go to the device and
-  the inner state is carried over — entries staying in ``B`` keep it, entering ones start at zero.
+  written into the host ``θ`` (numpy, or ``pinned_host`` jax arrays), ``A`` and ``B`` are selected
+  exactly (:mod:`topkast_jax.always_sparse_host`), the new ``θ_B``, indices and flags go to the
+  device and the inner state is carried over — entries staying in ``B`` keep it, entering ones
+  start at zero; the mask statistics are updated on the host
+  (:mod:`topkast_jax.always_sparse_history`, :meth:`AlwaysSparse.mask_stats`).
 
 Example:
   >>> import jax.numpy as jnp, optax, topkast_jax as tk

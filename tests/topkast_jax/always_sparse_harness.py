@@ -103,3 +103,13 @@ def side_by_side(
         params, m_state, _ = m_step(params, m_state, batch_at(t))
         s_state, _ = s_step(s_state, batch_at(t))
     return SideBySide(params, sparse.dense_params(s_state), mismatch, steps)
+
+
+def orbax_roundtrip(state: Any, directory: Any) -> Any:
+    """``state`` saved with orbax under ``directory`` and restored with itself as the target."""
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(directory) as manager:
+        manager.save(0, args=ocp.args.StandardSave(state))
+        manager.wait_until_finished()
+        return manager.restore(0, args=ocp.args.StandardRestore(state))

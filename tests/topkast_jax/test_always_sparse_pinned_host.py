@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from always_sparse_harness import batch_at, mlp_loss, mlp_params
+from always_sparse_harness import batch_at, mlp_loss, mlp_params, orbax_roundtrip
 
 import topkast_jax as tk
 
@@ -55,16 +55,13 @@ def test_pinned_host_run_equals_the_numpy_run():
 
 @needs_pinned
 def test_pinned_host_state_survives_orbax(tmp_path):
-    ocp = pytest.importorskip("orbax.checkpoint")
+    pytest.importorskip("orbax.checkpoint")
     sparse = tk.AlwaysSparse(optax.adam(5e-2), host_memory="pinned_host", **KW)
     state = sparse.init(mlp_params())
     step = sparse.make_step(mlp_loss, donate=False)
     for t in range(4):
         state, _ = step(state, batch_at(t))
-    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-        manager.save(4, args=ocp.args.StandardSave(state))
-        manager.wait_until_finished()
-        restored = manager.restore(4, args=ocp.args.StandardRestore(state))
+    restored = orbax_roundtrip(state, tmp_path / "ckpt")
     for x, y in zip(_host_thetas(restored), _host_thetas(state), strict=True):
         assert x.sharding.memory_kind == "pinned_host"
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

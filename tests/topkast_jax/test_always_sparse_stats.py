@@ -10,7 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from always_sparse_harness import NO_FMA, batch_at, masked_step, mlp_loss, mlp_params
+from always_sparse_harness import (
+    NO_FMA,
+    batch_at,
+    masked_step,
+    mlp_loss,
+    mlp_params,
+    orbax_roundtrip,
+)
 
 import topkast_jax as tk
 from topkast_jax import always_sparse_history as history_lib
@@ -19,8 +26,9 @@ from topkast_jax import always_sparse_host as host
 BASE = dict(forward_sparsity=0.8, backward_sparsity=0.5, exploration_l2=1e-2, refresh_every=3)
 CASES = {
     "base": BASE,
-    "global_topk": dict(BASE, global_topk=True),
-    "random_stop": dict(BASE, backward_selection="random", seed=3, stop_exploration_step=10),
+    "global_random_stop": dict(
+        BASE, global_topk=True, backward_selection="random", seed=3, stop_exploration_step=10
+    ),
 }
 STEPS = 24
 
@@ -99,16 +107,13 @@ def test_fraction_changed_counts_entering_forward_weights():
 
 
 def test_orbax_restores_the_history(tmp_path):
-    ocp = pytest.importorskip("orbax.checkpoint")
+    pytest.importorskip("orbax.checkpoint")
     sparse = tk.AlwaysSparse(optax.adam(5e-2), **BASE, track_reservoir=True)
     state = sparse.init(mlp_params())
     step = sparse.make_step(mlp_loss)
     for t in range(7):
         state, _ = step(state, batch_at(t))
-    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-        manager.save(7, args=ocp.args.StandardSave(state))
-        manager.wait_until_finished()
-        restored = manager.restore(7, args=ocp.args.StandardRestore(state))
+    restored = orbax_roundtrip(state, tmp_path / "ckpt")
     assert sparse.mask_stats(restored) == sparse.mask_stats(state)
     for a, b in zip(jax.tree.leaves(restored.history), jax.tree.leaves(state.history), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
@@ -125,10 +130,9 @@ def _masked_grad_norm_step(tx):
     return jax.jit(step, compiler_options=NO_FMA)
 
 
-@pytest.mark.parametrize("backward_sparsity", [0.5, 0.0])
-def test_grad_norm_equals_the_masked_trainers_dense_gradient_norm(backward_sparsity):
+def test_grad_norm_equals_the_masked_trainers_dense_gradient_norm():
     """``‖∂L/∂α‖`` over the dense gradient, outside ``B`` too: bitwise equal without FMA."""
-    kw = dict(BASE, backward_sparsity=backward_sparsity)
+    kw = BASE
     params = mlp_params()
     tx = tk.topkast(optax.adam(5e-2), **kw)
     m_step, m_state = _masked_grad_norm_step(tx), jax.jit(tx.init)(params)
@@ -145,7 +149,7 @@ def test_grad_norm_equals_the_masked_trainers_dense_gradient_norm(backward_spars
     grads = jax.grad(mlp_loss)(alpha, batch_at(7))
     on_b = jax.tree.map(lambda g, b: g if b is None else g * b, grads, masks)
     norm_on_b, norm = float(optax.tree.norm(on_b)), float(optax.tree.norm(grads))
-    assert (norm_on_b < norm) == (backward_sparsity > 0)
+    assert norm_on_b < norm
 
 
 def test_grad_norm_through_linen_layerwise_alpha():
