@@ -10,10 +10,11 @@ params, both compiled without FMA contraction (``NO_FMA``):
   (tests/topkast_jax/test_always_sparse.py);
 * clip at 0.25 (``clip``): ``clip_by_global_norm`` sums the squared gradient over the dense masked
   leaves in one mode and over the ``k_B``-vectors in the other, so its norm, hence the update,
-  differs in the last bit from step 1 on (measured); Adam amplifies such 1-ulp differences on
-  weights whose second moment is tiny, and at step 126 one flips an exact near-tie at the top-k
-  boundary (measured: the first step whose A/B differ).  This case runs 100 steps: identical A
-  and B at each, the loss to 1e-6, ``grad_norm``, params and memory to 1e-5.
+  differs in the last bit (measured: the params differ after the first step); Adam amplifies
+  such 1-ulp differences on weights whose second moment is tiny, and at step 126 one flips an
+  exact near-tie at the top-k boundary (measured: the first step whose A/B differ).  This case
+  runs 100 steps: identical A and B at each, the loss to 1e-6, ``grad_norm``, params and memory
+  to 1e-5.
 """
 
 import json
