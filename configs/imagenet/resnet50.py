@@ -18,8 +18,9 @@ for that step only, TensorFlow)::
 
 Setup (Appendix B): batch 4096, 32,000 steps (≈102 epochs of 1,281,167 images), SGD with momentum
 0.9, learning rate 1.6 · batch/4096 with a linear warmup over 5 epochs and ×0.1 at epochs 30, 70
-and 90, label smoothing 0.1, weight decay 1e-4 — the exploration penalty's λ on sparse kernels and
-plain L2 on the dense kernels (first convolution, classifier). First and last layers stay dense
+and 90, label smoothing 0.1, weight decay 1e-4 — the exploration penalty's λ on Top-KAST's sparse
+kernels and plain L2 on the other kernels (first convolution, classifier; every kernel of the
+baselines, as RigL's recipe). First and last layers stay dense
 unless ``--config.sparsity.sparse_first_last=True``; BatchNorm parameters are always dense.
 
 Accelerator: written for 8×A100/H100 80 GB (or a TPU v3-32 slice) with bfloat16
@@ -84,7 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.warmup_epochs = 5.0
     c.optimizer.decay_epochs = (30.0, 70.0, 90.0)
     c.optimizer.decay_factor = 0.1
-    c.optimizer.weight_decay = 1e-4  # plain L2 on dense kernels
+    c.optimizer.weight_decay = 1e-4  # plain L2 on kernels (not Top-KAST's sparse ones)
     c.label_smoothing = 0.1
 
     c.sparsity = ml_collections.ConfigDict()

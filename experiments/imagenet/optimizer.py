@@ -1,15 +1,18 @@
-"""The ImageNet optimizer (Appendix B): SGD + momentum, warmup + step decay, L2 on dense kernels.
+"""The ImageNet optimizer (Appendix B): SGD + momentum, warmup + step decay, L2 on kernels.
 
 The learning rate for a global batch ``b`` is :math:`\\eta = 1.6 \\cdot b / 4096`, ramped linearly
 from 0 over the first 5 epochs and multiplied by 0.1 at epochs 30, 70 and 90. For runs longer or
 shorter than the reference 32,000 steps (Figure 2's 2× and 5× runs) every epoch boundary is
 stretched by ``num_train_steps / reference_steps``, so the schedule keeps its shape.
 
-Weight decay 1e-4 is, on sparse kernels, the λ of Top-KAST's exploration penalty (applied inside
-``tk.topkast``) and, on the kernels that stay dense (first convolution and classifier by default),
-plain L2 (``optax.add_decayed_weights`` before momentum, i.e. coupled L2 like the paper's). Biases
-and BatchNorm parameters are not decayed. With ``sparsity.method = "dense"`` every kernel gets
-plain L2.
+Weight decay 1e-4 is plain L2 (``optax.add_decayed_weights`` before momentum, i.e. coupled L2 like
+the paper's) on every kernel, except Top-KAST's sparse kernels, where it is the λ of the
+exploration penalty (applied inside ``tk.topkast``). The baselines (static, pruning, SET, RigL)
+decay their sparse kernels as RigL's ImageNet recipe does (google-research/rigl
+``imagenet_train_eval.py``: ``--weight_decay 1e-4``, an ``l2_regularizer`` on every convolution and
+the classifier kernel, added to the loss): the L2 gradient ``λθ`` enters the masked inner
+optimizer, so the active weights decay and the inactive ones stay exactly 0. Biases and BatchNorm
+parameters are not decayed.
 """
 
 from __future__ import annotations
@@ -55,9 +58,10 @@ def learning_rate_schedule(config: Any) -> optax.Schedule:
 
 
 def l2_mask(params: Any, sparse_flags: Any, method: str) -> Any:
-    """Bool pytree: which leaves get plain L2 — kernels (ndim ≥ 2) not trained sparsely."""
+    """Bool pytree: which leaves get plain L2 — every kernel (ndim ≥ 2) but Top-KAST's sparse
+    ones (their L2 is the exploration penalty); the baselines' sparse kernels included."""
     return jax.tree.map(
-        lambda p, sparse: bool(np.ndim(p) >= 2 and (method == "dense" or not sparse)),
+        lambda p, sparse: bool(np.ndim(p) >= 2 and (method != "topkast" or not sparse)),
         params,
         sparse_flags,
     )
