@@ -2,19 +2,29 @@
 
 For a sparse leaf with mask ``M`` (``|M| = k`` active weights) the model sees ``α = θ ⊙ M``
 (:func:`topkast_jax.forward_params`) and the gradient ``g = ∂L/∂α``, which is the dense gradient:
-for ``i ∉ M``, ``∂L/∂α_i`` is exactly what RigL needs to regrow.  ``update(g, state, θ)``:
+for ``i ∉ M``, ``∂L/∂α_i`` is exactly what RigL needs to regrow.  ``update(g, state, θ)``, the
+``c``-th call (``c = state.count`` updates before it):
 
 1. the inner optimizer runs on ``g ⊙ M``; its updates ``u`` and its param-shaped state are zeroed
    outside ``M`` (:func:`topkast_jax.transform.sparse_inner_update`), so a weight outside ``M``
    never moves, not even through momentum;
-2. if the step just completed is in the rule's :class:`~topkast_jax.baselines.schedules.EventTable`,
-   the rule computes the new mask ``M'`` per leaf from ``θ + u``, ``g`` and the table's count;
+2. if the rule's :class:`~topkast_jax.baselines.schedules.EventTable` has an event for this call,
+   the rule computes the new mask ``M'`` per leaf from the weights it ranks, ``g`` and the table's
+   count.  Two timings (:attr:`MaskRule.skip_gradient`):
+
+   * *after the step* (pruning, SET): the event is keyed ``c + 1`` (the updates done once this one
+     is applied) and the rule ranks ``θ + u``;
+   * *instead of the step* (RigL, as google-research/rigl's ``SparseRigLOptimizer`` and jaxpruner
+     do): the event is keyed ``c`` and the rule ranks ``θ``; this call applies no gradient step —
+     ``u = 0`` on every leaf, dense ones included, and the inner state is not advanced (so an
+     optax schedule inside it counts gradient steps, like RigL's ``global_step``);
 3. the returned update is ``u`` on ``M ∩ M'`` and ``−θ`` elsewhere, so after
    ``optax.apply_updates`` every weight outside ``M ∩ M'`` is exactly 0: dropped weights are
    zeroed, grown weights (``M' ∖ M``) start at 0, and from the first update on ``θ ⊙ M = θ``;
    the inner state is zeroed outside ``M ∩ M'`` too, so grown weights start with zero moments.
 
-Dense leaves (not selected by ``sparsify``) get the inner optimizer's update untouched.
+Dense leaves (not selected by ``sparsify``) get the inner optimizer's update untouched (zero on a
+call that skips the gradient step).
 """
 
 from __future__ import annotations
@@ -49,7 +59,8 @@ class LeafUpdate(NamedTuple):
 
     Attributes:
       mask_N: bool, the current mask ``M``.
-      params_N: ``θ + u``, the weights after this step's update (zero outside ``M``).
+      params_N: the weights the rule ranks (zero outside ``M`` from the first update on):
+        ``θ + u`` after this call's update, or ``θ`` for a rule that skips the gradient step.
       grads_N: the dense gradient ``∂L/∂α`` of this step.
       count: int32 scalar, the schedule's count for this leaf at this step.
       rng: PRNG key for this leaf.
@@ -70,12 +81,16 @@ class MaskRule(NamedTuple):
       initial_mask: ``(θ₀_N, k, rng) -> M₀_N`` with exactly ``k`` True entries.
       schedule: sparse plan -> the steps and per-leaf counts of the mask updates.
       update_mask: ``LeafUpdate -> M'_N``, the new mask of one leaf at a scheduled step.
+      skip_gradient: ``False``: the mask changes after the call's gradient step, at the table's
+        steps ``c + 1`` (``c = state.count`` before the call), from ``θ + u``.  ``True`` (RigL):
+        the mask changes instead of the gradient step, at the table's steps ``c``, from ``θ``.
     """
 
     initial_counts: Callable[[list[LeafDensity]], list[int]]
     initial_mask: Callable[[jax.Array, int, jax.Array], jax.Array]
     schedule: Callable[[list[LeafDensity]], EventTable]
     update_mask: Callable[[LeafUpdate], jax.Array]
+    skip_gradient: bool = False
 
 
 def sparse_values(tree: Any, plan: list[LeafDensity]) -> list[Any]:
@@ -225,25 +240,39 @@ def masked_baseline(
             mask_tree,
             **extra_args,
         )
-        step = state.count + 1
         table = rule.schedule(slice_plan(_sparse(plan)))
+        if rule.skip_gradient:  # the mask update replaces this call's gradient step
+            step = state.count
+            due = table.due(step)
+            updates = jax.tree.map(lambda u: jnp.where(due, jnp.zeros((), u.dtype), u), updates)
+            state_before = state.inner_state
+
+            def ranked():
+                return params
+
+        else:  # the mask update follows this call's gradient step
+            step = state.count + 1
+            due = table.due(step)
+            state_before = inner_state
+
+            def ranked():
+                return optax.apply_updates(params, updates)
 
         def refresh():
             rng, mask_rng = jax.random.split(state.rng)
-            new_params = optax.apply_updates(params, updates)
-            new_tree = new_mask_tree(step, table, mask_tree, new_params, grads, plan, mask_rng)
+            new_tree = new_mask_tree(step, table, mask_tree, ranked(), grads, plan, mask_rng)
             new_masks = Masks(forward=new_tree, backward=new_tree)
             stats = stats_lib.refresh_stats(state.stats, state.masks, new_masks)
             kept = jax.tree.map(jnp.logical_and, mask_tree, new_tree)
-            return new_masks, stats, rng, zero_inner_state_outside(inner, inner_state, kept)
+            return new_masks, stats, rng, zero_inner_state_outside(inner, state_before, kept)
 
         def keep():
             return state.masks, state.stats, state.rng, inner_state
 
-        new_masks, stats, rng, inner_state = jax.lax.cond(table.due(step), refresh, keep)
+        new_masks, stats, rng, inner_state = jax.lax.cond(due, refresh, keep)
         kept = jax.tree.map(jnp.logical_and, mask_tree, new_masks.forward)
         new_state = BaselineState(
-            count=step,
+            count=state.count + 1,
             masks=new_masks,
             densities=mask_densities(params, new_masks.forward, plan),
             exploration_l2=state.exploration_l2,

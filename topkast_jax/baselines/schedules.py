@@ -13,11 +13,16 @@ exactly the one these functions give (no float32 rounding at run time).
   ``t₀ + nΔt = end_step`` and ``Δt = frequency``; when ``end_step − begin_step`` is not a multiple
   of ``frequency`` the grid ``t₀ + jΔt < end_step`` is kept and ``end_step`` is added as the last
   pruning step, so ``s_f`` is always reached at ``end_step``.
-* Drop fraction of SET / RigL (Evci et al. 2020, Eq. 1): at the mask-update steps
-  ``t = ΔT, 2ΔT, ... < T_end`` the fraction ``f_t`` of each leaf's active weights is dropped and
-  as many are regrown; ``"constant"``: ``f_t = α``;
-  ``"cosine"``: ``f_t = α/2 · (1 + cos(πt/T_end))``.
-  The count is ``⌊f_t · k + ½⌋`` for a leaf with ``k`` active weights.
+* Drop fraction of SET / RigL (Evci et al. 2020, Eq. 1), as google-research/rigl's
+  ``sparse_optimizers_base.py`` computes it: at the mask-update steps
+  ``t = 0, ΔT, 2ΔT, ... ≤ T_end`` (RigL's ``is_mask_update_iter`` with ``begin_step = 0``, its
+  ImageNet default) the fraction
+  ``f_t`` of each leaf's active weights is dropped and as many are regrown; ``"constant"``:
+  ``f_t = α``; ``"cosine"``: ``f_t = α/2 · (1 + cos(πt/T_end))`` (TF ``cosine_decay`` over
+  ``T_end`` steps, so ``f_{T_end} = 0``).  The count is RigL's ``n_prune = int(n_ones · f_t)``:
+  ``⌊f_t · k⌋`` (truncation) for a leaf with ``k`` active weights.  RigL evaluates it in float32,
+  here in float64: the two can differ by one only when ``f_t · k`` lies within float32 rounding of
+  an integer.
 """
 
 from __future__ import annotations
@@ -69,22 +74,26 @@ def leaf_keep_counts(
 
 
 def drop_fraction_at(step: int, drop_fraction: float, end_step: int, schedule: str) -> float:
-    """``f_t``: ``α`` (constant) or ``α/2 · (1 + cos(πt/T_end))`` (cosine); 0 from ``end_step``."""
-    if step >= end_step:
+    """``f_t`` for ``0 <= t <= T_end``: ``α`` (constant) or ``α/2 · (1 + cos(πt/T_end))`` (cosine,
+    0 at ``t = T_end``, also when ``T_end = 0``); 0 after ``end_step``."""
+    if step > end_step:
         return 0.0
     if schedule == "constant":
         return drop_fraction
-    return 0.5 * drop_fraction * (1.0 + math.cos(math.pi * step / end_step))
+    progress = step / end_step if end_step > 0 else 1.0
+    return 0.5 * drop_fraction * (1.0 + math.cos(math.pi * progress))
 
 
 def drop_count(fraction: float, active: int) -> int:
-    """Weights dropped (and regrown) in a leaf with ``active`` weights: ``⌊f · k + ½⌋``."""
-    return min(active, math.floor(fraction * active + 0.5))
+    """Weights dropped (and regrown) in a leaf with ``active`` weights: ``⌊f · k⌋``, RigL's
+    ``int(n_ones · drop_fraction)``."""
+    return min(active, math.floor(fraction * active))
 
 
 def update_steps(update_every: int, end_step: int) -> list[int]:
-    """The mask-update steps of SET / RigL: ``ΔT, 2ΔT, ... < end_step``."""
-    return list(range(update_every, end_step, update_every))
+    """The mask-update steps of SET / RigL: ``0, ΔT, 2ΔT, ... ≤ end_step`` (RigL's, step 0
+    included)."""
+    return list(range(0, end_step + 1, update_every))
 
 
 @dataclasses.dataclass(frozen=True)

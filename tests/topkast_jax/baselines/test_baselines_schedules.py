@@ -41,15 +41,21 @@ def test_pruning_steps_end_on_end_step_when_not_a_multiple():
 
 def test_cosine_drop_fraction_of_rigl():
     alpha, end = 0.3, 1000
-    for t in (0, 100, 250, 500, 999):
+    for t in (0, 100, 250, 500, 999, 1000):
         want = alpha / 2 * (1 + math.cos(t * math.pi / end))
         assert schedules.drop_fraction_at(t, alpha, end, "cosine") == pytest.approx(want)
         assert schedules.drop_fraction_at(t, alpha, end, "constant") == alpha
-    assert schedules.drop_fraction_at(end, alpha, end, "cosine") == 0.0
-    assert schedules.drop_fraction_at(end + 5, alpha, end, "constant") == 0.0
-    assert schedules.update_steps(100, 350) == [100, 200, 300]
+    assert schedules.drop_fraction_at(end, alpha, end, "cosine") == pytest.approx(0.0, abs=1e-17)
+    assert schedules.drop_fraction_at(end + 1, alpha, end, "constant") == 0.0
+    assert schedules.drop_fraction_at(0, alpha, 0, "cosine") == 0.0  # t = T_end = 0
+    # RigL's is_mask_update_iter (begin_step 0): 0, ΔT, 2ΔT, ... <= end_step, step 0 included.
+    assert schedules.update_steps(100, 350) == [0, 100, 200, 300]
+    assert schedules.update_steps(100, 300) == [0, 100, 200, 300]
+    assert schedules.update_steps(100, 0) == [0]
+    # RigL's n_prune = int(n_ones · drop_fraction): truncation.
     assert schedules.drop_count(0.3, 10) == 3
-    assert schedules.drop_count(0.25, 10) == 3  # round half up: floor(2.5 + 0.5)
+    assert schedules.drop_count(0.25, 10) == 2  # int(2.5)
+    assert schedules.drop_count(0.299, 10) == 2  # int(2.99)
     assert schedules.drop_count(0.0, 10) == 0
 
 

@@ -6,6 +6,9 @@ below re-implements each rule in float32 numpy with SGD + momentum β and learni
 
     g = θ⊙M − target;  m ← (g⊙M) + β m, zeroed outside M;  θ' = θ − η m (only on M);
     at a scheduled step: M' = rule(M, θ', g);  θ ← θ' on M∩M', 0 elsewhere; m zeroed off M∩M'.
+
+RigL (``skip_gradient``) replaces the step instead: at a scheduled call ``M' = rule(M, θ, g)``,
+``θ ← θ`` on M∩M' and 0 elsewhere, ``m`` zeroed off M∩M' and not advanced, dense leaves unchanged.
 """
 
 import math
@@ -62,8 +65,11 @@ def top_k_among(score, k, valid):
     return mask.reshape(score.shape)
 
 
-def reference_run(masks0, num_steps, rule, seed=0):
-    """The float32 numpy run; ``rule(t, name, M, θ', g)`` returns M' or None (no update)."""
+def reference_run(masks0, num_steps, rule, seed=0, skip_gradient=False):
+    """The float32 numpy run; ``rule(t, name, M, θ', g)`` returns M' or None (no update).
+
+    ``skip_gradient`` (RigL): ``rule(c, name, M, θ, g)`` is asked before the ``c``-th update
+    (``c`` from 0); when it returns masks, they replace that update's gradient step."""
     params, target = jax.device_get(make_params(seed))
     theta = {n: np.asarray(p, np.float32) for n, p in params.items()}
     target = {n: np.asarray(p, np.float32) for n, p in target.items()}
@@ -71,6 +77,11 @@ def reference_run(masks0, num_steps, rule, seed=0):
     momentum = {n: np.zeros_like(p) for n, p in theta.items()}
     history = [({n: m.copy() for n, m in masks.items()}, {n: p.copy() for n, p in theta.items()})]
     for t in range(1, num_steps + 1):
+        if skip_gradient and mask_update_replaces_step(t - 1, rule, theta, target, masks, momentum):
+            history.append(
+                ({n: m.copy() for n, m in masks.items()}, {n: p.copy() for n, p in theta.items()})
+            )
+            continue
         for n in theta:
             mask = masks.get(n, np.ones(theta[n].shape, bool))
             grad = np.where(mask, theta[n], 0).astype(np.float32) - target[n]
@@ -78,7 +89,8 @@ def reference_run(masks0, num_steps, rule, seed=0):
                 mask, np.where(mask, grad, 0) + np.float32(BETA) * momentum[n], 0
             )
             new_theta = theta[n] + np.where(mask, -np.float32(LR) * momentum[n], 0)
-            new_mask = rule(t, n, mask, new_theta, grad) if n in masks else None
+            after_step = n in masks and not skip_gradient
+            new_mask = rule(t, n, mask, new_theta, grad) if after_step else None
             if new_mask is not None:
                 kept = mask & new_mask
                 new_theta = np.where(kept, new_theta, 0).astype(np.float32)
@@ -91,6 +103,23 @@ def reference_run(masks0, num_steps, rule, seed=0):
             ({n: m.copy() for n, m in masks.items()}, {n: p.copy() for n, p in theta.items()})
         )
     return history
+
+
+def mask_update_replaces_step(c, rule, theta, target, masks, momentum):
+    """RigL's mask-update call ``c`` (in place): new masks from ``θ`` and ``g`` at ``θ``, kept
+    weights unchanged, the others 0, momentum zeroed off M∩M'; False when not scheduled."""
+    new = {}
+    for n in masks:
+        grad = np.where(masks[n], theta[n], 0).astype(np.float32) - target[n]
+        new[n] = rule(c, n, masks[n], theta[n], grad)
+    if all(m is None for m in new.values()):
+        return False
+    for n, new_mask in new.items():
+        kept = masks[n] & new_mask
+        theta[n] = np.where(kept, theta[n], 0).astype(np.float32)
+        momentum[n] = np.where(kept, momentum[n], 0)
+        masks[n] = new_mask
+    return True
 
 
 def assert_matches_reference(history, ref_history):
@@ -195,8 +224,9 @@ def test_magnitude_pruning_follows_cubic_schedule_and_reference(begin, end, freq
 
 
 def rigl_drop(t, k, alpha, end):
-    fraction = alpha / 2 * (1 + math.cos(t * math.pi / end)) if t < end else 0.0
-    return reference.round_half_up(fraction * k)
+    """RigL's ``int(n_ones · f_t)``, ``f_t`` its cosine decay over ``end`` steps."""
+    fraction = alpha / 2 * (1 + math.cos(t * math.pi / end)) if t <= end else 0.0
+    return int(fraction * k)
 
 
 def run_drop_and_grow(make, sparsity, num_steps, **kwargs):
@@ -220,17 +250,23 @@ def test_rigl_matches_reference_with_cosine_drop_fraction():
     )
     masks0 = history[0][0]
 
-    def rule(t, name, mask, theta, grad):
-        if t % update_every or t >= end:
+    def rule(c, name, mask, theta, grad):  # calls 0, 2, 4, 6, 8 replace their gradient step
+        if c % update_every or c > end:
             return None
-        drop = rigl_drop(t, k[name], alpha, end)
+        drop = rigl_drop(c, k[name], alpha, end)
         kept = top_k_among(theta, k[name] - drop, mask)
         return kept | top_k_among(grad, drop, ~kept)
 
-    assert_matches_reference(history, reference_run(masks0, 11, rule))
+    assert_matches_reference(history, reference_run(masks0, 11, rule, skip_gradient=True))
     assert_zero_outside_masks(history)
     changes = [float(tk.mask_stats(s)["mask_change"]) for _, _, s in history]
-    assert changes[2] > 0 and changes[-1] == changes[8]  # refreshed at 2; nothing after end
+    assert changes[1] > 0 and changes[3] > 0  # refreshed at calls 0 and 2
+    assert changes[-1] == changes[9]  # nothing after the last update (call 8)
+    traces = [s.inner_state[0].trace for _, _, s in history]
+    for before, after in ((0, 1), (2, 3)):  # a mask-update call moves no dense weight, no trace
+        np.testing.assert_array_equal(history[after][1]["b"], history[before][1]["b"])
+        np.testing.assert_array_equal(traces[after]["b"], traces[before]["b"])
+    assert not np.any(history[1][1]["b"] == history[2][1]["b"])  # call 1 is a gradient step
 
 
 def test_set_drops_smallest_and_regrows_at_random():
@@ -248,11 +284,11 @@ def test_set_drops_smallest_and_regrows_at_random():
     jax_masks = [m for m, _, _ in history]
     grew_outside_old = []
 
-    def rule(t, name, mask, theta, grad):
-        if t % update_every or t >= end:
+    def rule(t, name, mask, theta, grad):  # after the steps of calls 0, 3, 6, 9: t = 1, 4, 7, 10
+        if (t - 1) % update_every or t - 1 > end:
             return None
         new = jax_masks[t][name]
-        drop = reference.round_half_up(alpha * k[name])
+        drop = int(alpha * k[name])
         kept = top_k_among(theta, k[name] - drop, mask)
         assert np.all(new[kept]), "SET must keep the k - d largest active weights"
         assert int((new & ~kept).sum()) == drop
@@ -265,9 +301,14 @@ def test_set_drops_smallest_and_regrows_at_random():
 
 
 def test_grown_weights_start_with_zero_adam_state():
-    tx = baselines.rigl(optax.adam(0.05), sparsity=0.7, end_step=20, update_every=2, seed=5)
+    tx = baselines.rigl(
+        optax.adam(0.05), sparsity=0.7, end_step=20, update_every=2, drop_fraction=0.5, seed=5
+    )
     history = run(tx, 4)
-    (m1, _, _), (m2, p2, s2) = history[1], history[2]
+    (m1, _, _), (m2, p2, s2) = history[2], history[3]  # the mask update of call 2
+    # Calls 0 and 2 replace their gradient step: Adam's count (its bias correction, any optax
+    # schedule inside it) counts gradient steps only, as RigL's global_step.
+    assert [int(s.inner_state[0].count) for _, _, s in history] == [0, 0, 1, 1, 2]
     mu, nu = s2.inner_state[0].mu, s2.inner_state[0].nu
     for n in SPARSE:
         grown = m2[n] & ~m1[n]
@@ -327,7 +368,7 @@ def test_orbax_restore_continues_identically(tmp_path):
         restored = ckpt.restore(tmp_path / "ckpt", abstract)
     assert isinstance(tk.find_sparse_state(restored["opt_state"]), baselines.BaselineState)
     a, b = (params, state), (restored["params"], restored["opt_state"])
-    for _ in range(3):  # crosses the mask updates at steps 2 and 4 (random regrowth included)
+    for _ in range(3):  # crosses the mask update after call 2 (random regrowth included)
         a, b = step(*a), step(*b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
