@@ -7,6 +7,8 @@ reshaped back with the leaf's own sharding.  With auto axes (or no mesh) these a
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
@@ -52,6 +54,28 @@ def unflatten_like(flat_N: jax.Array, like: jax.Array) -> jax.Array:
     if sharding is None:
         return flat_N.reshape(like.shape)
     return jnp.reshape(flat_N, like.shape, out_sharding=sharding)
+
+
+def shards(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh, name: object) -> int:
+    """How many pieces a spec entry cuts an axis into: ``None`` → 1, a mesh axis name → its size,
+    a tuple of names → the product of their sizes."""
+    if name is None:
+        return 1
+    names = name if isinstance(name, tuple) else (name,)
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def split_axis(x: jax.Array, axis: int, outer: int) -> jax.Array:
+    """``x`` with ``axis`` (size ``d``) split row-major into ``(outer, d // outer)``; an explicit
+    sharding of ``axis`` stays on ``outer`` (no communication when ``outer`` is a multiple of
+    its shards)."""
+    shape = x.shape[:axis] + (outer, x.shape[axis] // outer) + x.shape[axis + 1 :]
+    explicit = explicit_sharding(x)
+    if explicit is None:
+        return x.reshape(shape)
+    spec = tuple(explicit.spec) + (None,) * (x.ndim - len(explicit.spec))
+    split = PartitionSpec(*spec[:axis], spec[axis], None, *spec[axis + 1 :])
+    return jnp.reshape(x, shape, out_sharding=NamedSharding(explicit.mesh, split))
 
 
 def unsharded_axis(x: jax.Array) -> int:

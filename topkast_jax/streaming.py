@@ -9,7 +9,9 @@ the leaf once:
 1. histogram of the high 16 bits of the keys of ``|θ|`` (one for all of ``A`` and ``B``);
 2. the two low-16-bit histograms inside the buckets of the ``k_A``-th and ``k_B``-th largest key;
 3. only when ties straddle a boundary (rare for trained weights): the flat index just past the
-   last tie that is kept.
+   last tie that is kept — the ``needed``-th smallest index among the tied weights, selected by
+   the same two 16-bit histograms over the index (two passes), so no pass depends on the order
+   in which chunks are visited.
 
 A leaf with a layer axis (scan-stacked layers, :mod:`topkast_jax.layers`) is ``L`` slices, each
 selected as a leaf of its own: the walk reads the leaf as a *stack* ``(L, *slice)`` (the layer axis
@@ -20,6 +22,14 @@ number of distinct slice shapes, and no slice is copied out of its leaf (a layer
 0 is moved first, which XLA may copy).  The temporaries are per slice: three int32 histograms of
 65,536 bins (768 KiB) and one chunk of ``CHUNK`` keys — e.g. 10 MiB for a ``(8, 512, 256)`` stack
 selected per layer, 1.75 MiB for it as one leaf (``jit(...).compile().memory_analysis()``, CPU).
+
+Sharded leaves are selected per shard: a chunk never cuts across a device (:func:`_walk`) — runs
+of leading rows of the slice when its first axis is whole on every device, else strided rows
+``j, j + c, j + 2c, …`` whose split ``(rows, c)`` of the first axis keeps its sharding on
+``rows`` — so each device histograms its own weights and the only collectives the selection adds
+are all-reduces of the histograms (int32 ``[rows, 65536]``) and of per-slice counts.  The sets are
+written elementwise in the leaf's layout.  On an auto-axis mesh the layout is not known while
+tracing, so the walk assumes the first axis may be sharded over any divisor of the device count.
 
 The result per row is two thresholds ``(t, cut)``: weight ``i`` (row-major index inside its slice)
 is in the set iff ``key_i > t`` or (``key_i == t`` and ``i < cut``) — the stable-argsort order
@@ -60,29 +70,70 @@ class SetThresholds(NamedTuple):
     cut: jax.Array
 
 
-Body = Callable[[jax.Array, jax.Array, object], object]
+Body = Callable[[Sequence[jax.Array], jax.Array, object], object]
 
 
-def _walks_flat(x: jax.Array, axis: int | None) -> bool:
-    """Whether the slices of ``x`` are walked flat (and replicated): scalar slices, or a slice
-    whose first axis is explicitly sharded (chunks of leading rows would cut across devices)."""
-    if x.ndim - (axis is not None) == 0:
-        return True
-    explicit = sharding.explicit_sharding(x)
+class _Walk(NamedTuple):
+    """How a stack is walked: chunks of ``rows`` rows of the slice's first axis, ``chunks`` of
+    them (the last, shorter run holds the remainder); ``strided`` chunks hold the rows
+    ``j, j + chunks, j + 2·chunks, …`` (``rows · chunks`` is then the whole axis)."""
+
+    rows: int
+    chunks: int
+    strided: bool
+
+
+def _devices() -> int:
+    """How many devices a leaf without explicit sharding may be spread over (auto mesh axes)."""
+    return jax.device_count()
+
+
+def _axis_shards(stack: jax.Array) -> tuple[int | None, int]:
+    """``(n₀, n)``: the explicit shards of the slice's first axis and of the whole slice;
+    ``(None, devices)`` when the stack carries no explicit sharding (unknown, e.g. auto axes)."""
+    explicit = sharding.explicit_sharding(stack)
     if explicit is None:
-        return False
-    spec = tuple(explicit.spec) + (None,) * (x.ndim - len(explicit.spec))
-    spec = spec if axis is None else spec[:axis] + spec[axis + 1 :]
-    return next((i for i, name in enumerate(spec) if name is None), 0) != 0
+        return None, _devices()
+    spec = tuple(explicit.spec) + (None,) * (stack.ndim - len(explicit.spec))
+    sizes = [sharding.shards(explicit.mesh, name) for name in spec[1:]]
+    return sizes[0], math.prod(sizes)
+
+
+def _layout_unknown(stack: jax.Array) -> bool:
+    """Whether the stack may be sharded in a way not known while tracing (auto mesh axes)."""
+    return _axis_shards(stack)[0] is None and _devices() > 1
+
+
+def _walk(stack: jax.Array) -> _Walk:
+    """Chunks of about ``CHUNK`` weights per slice *and device*, never cut across devices.
+
+    Runs of leading rows when the slice's first axis is not sharded — on one device, or when
+    the explicit sharding leaves that axis whole.  When that axis may be sharded (explicitly, or
+    on an auto-axis mesh where the layout is unknown while tracing) the chunks are strided:
+    ``rows`` is a divisor of the axis and a multiple of its shards (``gcd(axis, devices)`` when
+    unknown), so ``(axis) → (rows, chunks)`` keeps the sharding on ``rows`` and a chunk (one
+    index along ``chunks``) holds ``rows / n₀`` rows on every device, no communication.
+    """
+    shape = stack.shape[1:]
+    d0, row_size = shape[0], max(1, math.prod(shape[1:]))
+    first, total = _axis_shards(stack)
+    budget = CHUNK * total
+    if first == 1 or (first is None and total == 1):
+        rows = max(1, min(d0, budget // row_size))
+        return _Walk(rows, -(-d0 // rows), False)
+    step = first if first is not None else math.gcd(d0, total)
+    fits = [q for q in range(step, d0 + 1, step) if d0 % q == 0]
+    small = [q for q in fits if q * row_size <= budget]
+    rows = max(small) if small else min(fits, default=d0)
+    return _Walk(rows, d0 // rows, rows < d0)
 
 
 def stack_view(x: jax.Array, axis: int | None) -> jax.Array:
     """The leaf as it is walked, ``(L, *slice)``: ``x[None]`` without a layer axis, else the layer
-    axis moved first (free for axis 0); ``(L, n)`` when its slices are walked flat
-    (:func:`_walks_flat`).  Chunks are runs of leading slice rows, so other axes keep their
-    sharding."""
+    axis moved first (free for axis 0); ``(L, 1)`` for scalar slices.  Chunks never cross a
+    device boundary (:func:`_walk`), so every chunk keeps the leaf's sharding."""
     stack = jnp.expand_dims(x, 0) if axis is None else jnp.moveaxis(x, axis, 0)
-    return sharding.flatten_rows(stack) if _walks_flat(x, axis) else stack
+    return sharding.flatten_rows(stack) if stack.ndim == 1 else stack
 
 
 def _rows(stacks: Sequence[jax.Array]) -> int:
@@ -90,51 +141,68 @@ def _rows(stacks: Sequence[jax.Array]) -> int:
     return sum(s.shape[0] for s in stacks)
 
 
-def _fold_chunks(stacks: Sequence[jax.Array], body: Body, init: object) -> object:
-    """``carry ← body(keys_RxC…, index_C…, carry)`` over the ``R`` slices of stacks of one slice
-    shape (:func:`stack_view`), by chunks of about ``CHUNK`` weights per slice: runs of whole
-    leading rows of the slice, so a chunk is contiguous in row-major order and keeps the leaf's
-    sharding on the other axes.
+def _row_ranges(stacks: Sequence[jax.Array]) -> list[slice]:
+    """The rows of each stack among the group's ``R`` slices (the group's row order)."""
+    out, start = [], 0
+    for s in stacks:
+        out.append(slice(start, start + s.shape[0]))
+        start += s.shape[0]
+    return out
 
-    Full chunks run in one ``fori_loop`` for the whole group (dynamic slices, no copy); the
-    remaining rows form one last, shorter chunk.  ``index`` is the row-major flat index inside
-    the slice of each position of the chunk.
+
+def _fold_chunks(stacks: Sequence[jax.Array], body: Body, init: object) -> object:
+    """``carry ← body(parts, index_C…, carry)`` over the ``R`` slices of stacks walked alike
+    (:func:`_by_walk`), by the chunks of :func:`_walk`: runs of whole leading rows of the slice,
+    or strided sets of them, so a chunk keeps the leaf's sharding on every axis.
+
+    ``parts[i]`` are the keys of stack ``i``'s chunk (its slices first, the rows of
+    :func:`_row_ranges`); stacks are not concatenated, as their layouts may differ.  Chunks run
+    in one ``fori_loop`` for the whole group (dynamic slices, no copy); a run's remaining rows
+    form one last, shorter chunk.  ``index`` is the row-major flat index inside the slice of each
+    position of the chunk (broadcasts against every part).
     """
     shape = stacks[0].shape[1:]
     row_size = max(1, math.prod(shape[1:]))
-    rows = max(1, min(shape[0], CHUNK // row_size))
-    full = shape[0] // rows
+    walk = _walk(stacks[0])
+
+    def keys_of(parts):
+        return [selection.elementwise_magnitude_keys(p) for p in parts]
+
+    if walk.strided:  # chunk j: rows j, j + c, j + 2c, … of the slice
+        views = [sharding.split_axis(s, 1, walk.rows) for s in stacks]
+        shape_C = (walk.rows, 1, *shape[1:])
+        row_C = lax.broadcasted_iota(jnp.int32, shape_C, 0) * walk.chunks
+
+        def strided(j, carry):
+            keys = keys_of([lax.dynamic_slice_in_dim(v, j, 1, axis=2) for v in views])
+            return body(keys, (row_C + j) * row_size + flat_index(shape_C, skip=0), carry)
+
+        return lax.fori_loop(0, walk.chunks, strided, init)
 
     def chunk(start, length):
-        keys = jnp.concatenate(
-            [
-                selection.elementwise_magnitude_keys(
-                    lax.dynamic_slice_in_dim(s, start, length, axis=1)
-                )
-                for s in stacks
-            ]
-        )
+        keys = keys_of([lax.dynamic_slice_in_dim(s, start, length, axis=1) for s in stacks])
         return keys, start * row_size + flat_index((length, *shape[1:]))
 
     def step(r, carry):
-        return body(*chunk(r * rows, rows), carry)
+        return body(*chunk(r * walk.rows, walk.rows), carry)
 
+    full = shape[0] // walk.rows
     carry = lax.fori_loop(0, full, step, init) if full > 1 else step(0, init)
-    if shape[0] > full * rows:
-        carry = body(*chunk(full * rows, shape[0] - full * rows), carry)
+    if shape[0] > full * walk.rows:
+        carry = body(*chunk(full * walk.rows, shape[0] - full * walk.rows), carry)
     return carry
 
 
-def _add_counts(hist_GxB: jax.Array, bins_Gx: jax.Array) -> jax.Array:
-    """``hist[g, b] += #(bins[g] == b)`` (``bins`` of any shape after ``G``); bins outside
-    ``[0, B)`` are dropped."""
+def _add_counts(hist_GxB: jax.Array, bins_Lx: jax.Array, first: int = 0) -> jax.Array:
+    """``hist[first + l, b] += #(bins[l] == b)`` (``bins`` of any shape after ``L``); bins
+    outside ``[0, B)`` are dropped."""
     rows, num_bins = hist_GxB.shape
-    valid = (bins_Gx >= 0) & (bins_Gx < num_bins)
-    row_start = (jnp.arange(rows, dtype=jnp.int32) * num_bins).reshape(
-        (rows,) + (1,) * (bins_Gx.ndim - 1)
+    valid = (bins_Lx >= 0) & (bins_Lx < num_bins)
+    row_start = ((first + jnp.arange(bins_Lx.shape[0], dtype=jnp.int32)) * num_bins).reshape(
+        (bins_Lx.shape[0],) + (1,) * (bins_Lx.ndim - 1)
     )
     # Invalid entries go past the end (a negative index would wrap around).
-    flat = jnp.where(valid, row_start + bins_Gx, rows * num_bins)
+    flat = jnp.where(valid, row_start + bins_Lx, rows * num_bins)
     counts = (
         hist_GxB.reshape(-1)
         .at[flat]
@@ -143,39 +211,73 @@ def _add_counts(hist_GxB: jax.Array, bins_Gx: jax.Array) -> jax.Array:
     return counts.reshape(rows, num_bins)
 
 
+#: ``digits(keys_Lx, index_x, rows)``: per set, the 16-bit digit of every key of the slices
+#: ``rows`` of the group (``-1``: not counted).
+Digits = Callable[[jax.Array, jax.Array, slice], Sequence[jax.Array]]
+
+
+def _histograms(stacks: Sequence[jax.Array], digits: Digits, sets: int) -> jax.Array:
+    """int32 ``[G, S, 65536]``: per slice ``g`` and ``s < sets``, how many positions have each
+    digit of ``digits`` (one pass).  The counts of every device add up in a histogram-sized
+    all-reduce."""
+    ranges = _row_ranges(stacks)
+
+    def body(keys, index_x, hist_SxGxB):
+        hists = list(hist_SxGxB)
+        for keys_Lx, rows in zip(keys, ranges, strict=True):
+            for s, digit_Lx in enumerate(digits(keys_Lx, index_x, rows)):
+                hists[s] = _add_counts(hists[s], digit_Lx, rows.start)
+        return jnp.stack(hists)
+
+    hist_SxGxB = _fold_chunks(stacks, body, jnp.zeros((sets, _rows(stacks), _BINS), jnp.int32))
+    return jnp.swapaxes(hist_SxGxB, 0, 1)
+
+
 def high_histograms(stacks: Sequence[jax.Array]) -> jax.Array:
     """int32 ``[R, 65536]``: per slice, how many keys have each high 16-bit digit (pass 1)."""
-
-    def body(keys_Rx, _, hist_RxB):
-        return _add_counts(hist_RxB, keys_Rx >> _BITS)
-
-    return _fold_chunks(stacks, body, jnp.zeros((_rows(stacks), _BINS), jnp.int32))
+    return _histograms(stacks, lambda keys_Lx, _, __: [keys_Lx >> _BITS], 1)[:, 0]
 
 
-def _per_leaf(value_G: jax.Array, like_Gx: jax.Array) -> jax.Array:
-    """``value_G`` shaped to broadcast against ``like_Gx``."""
-    return value_G.reshape((value_G.shape[0],) + (1,) * (like_Gx.ndim - 1))
+def _per_leaf(value_L: jax.Array, like_Lx: jax.Array) -> jax.Array:
+    """``value_L`` shaped to broadcast against ``like_Lx``."""
+    return value_L.reshape((value_L.shape[0],) + (1,) * (like_Lx.ndim - 1))
 
 
 def low_histograms(stacks: Sequence[jax.Array], high_GxS: jax.Array) -> jax.Array:
     """int32 ``[G, S, 65536]``: per slice ``g`` (of ``G = R``) and set ``s``, the low-digit
     histogram of the keys whose high digit is ``high_GxS[g, s]`` (pass 2)."""
-    rows = high_GxS.shape[1]
 
-    def body(keys_Gx, _, hist_SxGxB):
-        high_Gx, low_Gx = keys_Gx >> _BITS, keys_Gx & (_BINS - 1)
+    def digits(keys_Lx, _, rows):
+        high_Lx, low_Lx = keys_Lx >> _BITS, keys_Lx & (_BINS - 1)
+        high_LxS = high_GxS[rows]
+        return [
+            jnp.where(high_Lx == _per_leaf(high_LxS[:, s], high_Lx), low_Lx, -1)
+            for s in range(high_LxS.shape[1])
+        ]
+
+    return _histograms(stacks, digits, high_GxS.shape[1])
+
+
+def tie_counts(stacks: Sequence[jax.Array], key_GxS: jax.Array) -> jax.Array:
+    """int32 ``[G, S]``: per slice and set, how many entries have the key ``key_GxS[g, s]``."""
+    ranges = _row_ranges(stacks)
+
+    def count(keys_Lx, rows):
+        axes = tuple(range(1, keys_Lx.ndim))
         return jnp.stack(
             [
-                _add_counts(
-                    hist_SxGxB[s],
-                    jnp.where(high_Gx == _per_leaf(high_GxS[:, s], high_Gx), low_Gx, -1),
-                )
-                for s in range(rows)
-            ]
+                jnp.sum(keys_Lx == _per_leaf(key_GxS[rows, s], keys_Lx), axis=axes, dtype=jnp.int32)
+                for s in range(key_GxS.shape[1])
+            ],
+            axis=1,
         )
 
-    hist_SxGxB = _fold_chunks(stacks, body, jnp.zeros((rows, _rows(stacks), _BINS), jnp.int32))
-    return jnp.swapaxes(hist_SxGxB, 0, 1)
+    def body(keys, _, count_GxS):
+        return count_GxS + jnp.concatenate(
+            [count(k, rows) for k, rows in zip(keys, ranges, strict=True)]
+        )
+
+    return _fold_chunks(stacks, body, jnp.zeros(key_GxS.shape, jnp.int32))
 
 
 def tie_cuts(
@@ -183,22 +285,50 @@ def tie_cuts(
 ) -> tuple[jax.Array, jax.Array]:
     """Per slice and set: the flat index just past the ``needed``-th entry whose key is ``key``
     (0 when ``needed <= 0``; the slice size when there are fewer), and how many such entries the
-    slice has (pass 3; only run when ties straddle a boundary)."""
+    slice has (pass 3; only run when ties straddle a boundary).
 
-    def body(keys_Gx, index_x, carry):
-        seen_GxS, cut_GxS = carry
-        keys_GxC = sharding.flatten_rows(keys_Gx)
-        index_C = sharding.flatten(index_x)
-        tied_GxSxC = keys_GxC[:, None, :] == key_GxS[:, :, None]
-        running = seen_GxS[:, :, None] + jnp.cumsum(tied_GxSxC, axis=-1, dtype=jnp.int32)
-        hit = tied_GxSxC & (running == needed_GxS[:, :, None])
-        found = jnp.max(jnp.where(hit, index_C + 1, 0), axis=-1)
-        return running[:, :, -1], jnp.where(jnp.any(hit, axis=-1), found, cut_GxS)
-
+    Independent of the walk's order: the ``needed``-th smallest row-major index ``i`` of the tied
+    entries is the ``needed``-th largest ``n - 1 - i``, selected digit by digit like a key (two
+    histogram passes, :func:`_kth`), so chunks may be visited in any order on any device.
+    """
+    if len(stacks) > 1 and _layout_unknown(stacks[0]):
+        # XLA would lay out the one index of the group like one of its stacks, and move it for
+        # the others (auto axes may shard stacks of one shape differently): one stack at a time.
+        cuts = [
+            tie_cuts([stack], key_GxS[rows], needed_GxS[rows])
+            for stack, rows in zip(stacks, _row_ranges(stacks), strict=True)
+        ]
+        return tuple(jnp.concatenate(parts) for parts in zip(*cuts, strict=True))
     n = math.prod(stacks[0].shape[1:])
-    init = (jnp.zeros(key_GxS.shape, jnp.int32), jnp.full(key_GxS.shape, n, jnp.int32))
-    seen_GxS, cut_GxS = _fold_chunks(stacks, body, init)
-    return jnp.where(needed_GxS <= 0, 0, cut_GxS), seen_GxS
+    rows, sets = key_GxS.shape
+
+    def digits_of(high_GxS: jax.Array | None) -> Digits:
+        def digits(keys_Lx, index_x, rows):
+            rank_x = (n - 1) - index_x  # larger for lower indices
+            out = []
+            for s in range(sets):
+                tied = keys_Lx == _per_leaf(key_GxS[rows, s], keys_Lx)
+                if high_GxS is None:
+                    out.append(jnp.where(tied, rank_x >> _BITS, -1))
+                else:
+                    tied = tied & ((rank_x >> _BITS) == _per_leaf(high_GxS[rows, s], keys_Lx))
+                    out.append(jnp.where(tied, rank_x & (_BINS - 1), -1))
+            return out
+
+        return digits
+
+    high_GxSxB = _histograms(stacks, digits_of(None), sets)
+    count_GxS = jnp.sum(high_GxSxB, axis=-1)
+    kth = _kth(
+        high_GxSxB.reshape(rows * sets, _BINS),
+        lambda high_R: _histograms(stacks, digits_of(high_R.reshape(rows, sets)), sets).reshape(
+            rows * sets, _BINS
+        ),
+        jnp.maximum(needed_GxS, 1).reshape(-1),
+    )
+    cut_GxS = n - kth.key.reshape(rows, sets)  # (n - 1 - rank) + 1
+    cut_GxS = jnp.where(needed_GxS > count_GxS, n, cut_GxS)
+    return jnp.where(needed_GxS <= 0, 0, cut_GxS), count_GxS
 
 
 class _Kth(NamedTuple):
@@ -241,11 +371,12 @@ def group_thresholds(
     return SetThresholds(key_GxS, cut_GxS)
 
 
-def _by_slice_shape(stacks: Sequence[jax.Array]) -> dict[tuple, list[int]]:
-    """Indices of the stacks walked together: same slice shape (:func:`stack_view`)."""
+def _by_walk(stacks: Sequence[jax.Array]) -> dict[tuple, list[int]]:
+    """Indices of the stacks walked together (one loop per pass): same slice shape and same
+    :func:`_walk`."""
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(stacks):
-        groups.setdefault(tuple(s.shape[1:]), []).append(i)
+        groups.setdefault((tuple(s.shape[1:]), _walk(s)), []).append(i)
     return groups
 
 
@@ -272,7 +403,7 @@ def leaf_thresholds(
     axes = list(axes) if axes is not None else [None] * len(xs)
     stacks = [stack_view(x, a) for x, a in zip(xs, axes, strict=True)]
     out: list[SetThresholds | None] = [None] * len(xs)
-    for members in _by_slice_shape(stacks).values():
+    for members in _by_walk(stacks).values():
         slices = [stacks[i].shape[0] for i in members]
         th = group_thresholds(
             [stacks[i] for i in members],
@@ -300,9 +431,7 @@ def global_thresholds(
     axes = list(axes) if axes is not None else [None] * len(xs)
     stacks = [stack_view(x, a) for x, a in zip(xs, axes, strict=True)]
     k_S = jnp.array([k_forward, k_backward], jnp.int32)
-    groups = [
-        ([stacks[i] for i in members], members) for members in _by_slice_shape(stacks).values()
-    ]
+    groups = [([stacks[i] for i in members], members) for members in _by_walk(stacks).values()]
     high_B = sum(high_histograms(group).sum(axis=0) for group, _ in groups)
 
     def low(high_S):
@@ -318,10 +447,8 @@ def global_thresholds(
         key_S = jnp.broadcast_to(kth.key, (1, 2))
         tied: dict[int, jax.Array] = {}
         for group, members in groups:  # pass 3a: every slice's tie count
-            none_GxS = jnp.full((_rows(group), 2), -1, jnp.int32)
             key_GxS = jnp.broadcast_to(kth.key, (_rows(group), 2))
-            _, seen_GxS = tie_cuts(group, key_GxS, none_GxS)
-            tied.update(_split_rows(seen_GxS, members, stacks))
+            tied.update(_split_rows(tie_counts(group, key_GxS), members, stacks))
         before_S, take = jnp.zeros(2, jnp.int32), {}
         for i in range(len(xs)):  # the tie budget, in leaf order, then slice order
             cum_LxS = before_S + jnp.cumsum(tied[i], axis=0)

@@ -25,14 +25,17 @@ DTYPE_BYTES = {"f32": 4, "s32": 4, "u32": 4, "u8": 1, "pred": 1, "bf16": 2, "f16
 
 
 def collective_sizes(hlo: str) -> dict[str, list[int]]:
-    """Bytes of every collective's result, by kind."""
+    """Bytes of every collective's result, by kind (each array of a combined collective's tuple
+    counts as one)."""
     out: dict[str, list[int]] = {}
     for kind in COLLECTIVES:
-        for dtype, dims in re.findall(r"= (\w+)\[([\d,]*)\][^ ]* " + kind + r"(?:-start)?\(", hlo):
-            size = 1
-            for d in filter(None, dims.split(",")):
-                size *= int(d)
-            out.setdefault(kind, []).append(size * DTYPE_BYTES.get(dtype, 4))
+        pattern = r"= (\([^)]*\)|\w+\[[\d,]*\]\S*) " + kind + r"(?:-start)?\("
+        for result in re.findall(pattern, hlo):
+            for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", result):
+                size = 1
+                for d in filter(None, dims.split(",")):
+                    size *= int(d)
+                out.setdefault(kind, []).append(size * DTYPE_BYTES.get(dtype, 4))
     return out
 
 
