@@ -9,8 +9,10 @@ Notation (one sparse leaf of ``n`` weights ``theta``):
 * ``k_A = max(1, floor(D n + 0.5))``, ``k_B = max(k_A, floor((D + M) n + 0.5))``.
 * ``A`` = the ``k_A`` entries of largest ``|theta|``, ``B`` = the ``k_B`` entries of largest
   ``|theta|``; ties go to the lower row-major index, i.e. the selected set is
-  ``np.argsort(-np.abs(theta).ravel(), kind="stable")[:k]``.
+  ``np.argsort(-np.abs(theta).ravel(), kind="stable")[:k]``, with the library's NaN rule: a NaN
+  ranks as magnitude 0 (after every nonzero value, tied with the zeros by index).
 * Exploration penalty ``lam * (0.5 * ||theta_A||^2 + 0.5 * ||theta_{B\\A}||^2 / D)``.
+* Inner optimizer: ``optax.sgd`` (plain, heavy-ball or Nesterov momentum) or ``optax.adam``.
 """
 
 from __future__ import annotations
@@ -37,10 +39,16 @@ def mask_counts(n: int, forward_density: float, backward_density: float) -> tupl
     return min(k_a, n), min(k_b, n)
 
 
-def top_k_indices(values: np.ndarray, k: int) -> np.ndarray:
-    """Row-major indices of the ``k`` largest ``|values|``, ties to the lower index."""
+def magnitudes(values: np.ndarray) -> np.ndarray:
+    """``|values|`` flattened, in float64 (exact for every float dtype up to float64), NaN as 0:
+    the library's rule (a NaN weight ranks as magnitude 0)."""
     magnitude = np.abs(np.asarray(values, dtype=np.float64)).ravel()
-    return np.argsort(-magnitude, kind="stable")[:k]
+    return np.where(np.isnan(magnitude), 0.0, magnitude)
+
+
+def top_k_indices(values: np.ndarray, k: int) -> np.ndarray:
+    """Row-major indices of the ``k`` largest ``|values|``, ties to the lower index (NaN as 0)."""
+    return np.argsort(-magnitudes(values), kind="stable")[:k]
 
 
 def top_k_mask(values: np.ndarray, k: int) -> np.ndarray:
@@ -172,7 +180,8 @@ def penalty_grad(
 
 
 # --------------------------------------------------------------------------------------------
-# The update step, with SGD (optionally heavy-ball momentum, optax.sgd's convention) inside.
+# The update step, with SGD (optionally heavy-ball or Nesterov momentum, optax.sgd's convention)
+# or Adam (optax.adam's) inside.
 
 
 @dataclasses.dataclass
@@ -184,9 +193,19 @@ class LeafConfig:
     backward_density: float = 1.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Adam:
+    """``optax.adam(learning_rate, b1, b2, eps)``'s hyperparameters (``eps_root = 0``)."""
+
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+
 @dataclasses.dataclass
 class RefState:
-    """Reference optimizer state: masks, momentum traces, step count, statistics."""
+    """Reference optimizer state: masks, momentum traces (Adam: first moments ``mu``), second
+    moments ``nu`` (Adam), step count, statistics."""
 
     a: list[np.ndarray | None]
     b: list[np.ndarray | None]
@@ -195,6 +214,7 @@ class RefState:
     a_at_last_refresh_before: list[np.ndarray | None]  # A before the latest refresh
     reservoir: list[np.ndarray | None]  # C_0: in neither A nor B at init
     ever_in_a: list[np.ndarray | None]
+    nu: list[np.ndarray] | None = None
 
 
 def _leaf_masks(theta, cfg: LeafConfig):
@@ -234,7 +254,38 @@ def init(
         a_at_last_refresh_before=[None if ai is None else ai.copy() for ai in a],
         reservoir=reservoir,
         ever_in_a=[None if ai is None else ai.copy() for ai in a],
+        nu=[np.zeros(np.shape(t)) for t in thetas],
     )
+
+
+def inner_update(
+    g: np.ndarray,
+    trace: np.ndarray,
+    nu: np.ndarray,
+    count: int,
+    *,
+    learning_rate: float,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    adam: Adam | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(update, trace, nu)`` of one leaf, the ``count``-th update (from 1), as optax computes it.
+
+    SGD: ``trace <- g + momentum * trace``; ``update = -lr * trace`` (Nesterov:
+    ``-lr * (g + momentum * trace)``).  Adam: ``mu <- b1 mu + (1 - b1) g``,
+    ``nu <- b2 nu + (1 - b2) g^2``, ``update = -lr * mu_hat / (sqrt(nu_hat) + eps)`` with
+    ``mu_hat = mu / (1 - b1^count)``, ``nu_hat = nu / (1 - b2^count)`` (``trace`` holds ``mu``).
+    """
+    if adam is not None:
+        mu = adam.b1 * trace + (1.0 - adam.b1) * g
+        nu = adam.b2 * nu + (1.0 - adam.b2) * g * g
+        mu_hat, nu_hat = mu / (1.0 - adam.b1**count), nu / (1.0 - adam.b2**count)
+        return -learning_rate * mu_hat / (np.sqrt(nu_hat) + adam.eps), mu, nu
+    if not momentum:
+        return -learning_rate * g, np.zeros_like(g), nu
+    trace = g + momentum * trace
+    direction = g + momentum * trace if nesterov else trace
+    return -learning_rate * direction, trace, nu
 
 
 def step(
@@ -245,6 +296,8 @@ def step(
     *,
     learning_rate: float,
     momentum: float = 0.0,
+    nesterov: bool = False,
+    adam: Adam | None = None,
     exploration_l2: float = 0.0,
     refresh_every: int = 1,
     global_topk: bool = False,
@@ -253,28 +306,37 @@ def step(
     """One Top-KAST step (a)-(e) of the issue; returns new params and state.
 
     ``grads`` are gradients with respect to ``alpha = theta * A`` (dense leaves: w.r.t. theta).
-    The inner optimizer is ``optax.sgd(learning_rate, momentum)``:
-    ``trace <- g + momentum * trace``; ``update = -learning_rate * trace``.
+    The inner optimizer is ``optax.sgd(learning_rate, momentum, nesterov)`` or, with ``adam``,
+    ``optax.adam(learning_rate, ...)`` (:func:`inner_update`); its state is zero outside ``B``.
     With ``stop_exploration_step = t``, steps ``count >= t`` use ``B = A``.
     """
-    new_thetas, new_trace = [], []
+    new_thetas, new_trace, new_nu = [], [], []
     backward = effective_backward(state, stop_exploration_step)
-    for theta, g, a, b, tr, cfg in zip(
-        thetas, grads, state.a, backward, state.trace, cfgs, strict=True
+    nus = state.nu if state.nu is not None else [np.zeros_like(t) for t in state.trace]
+    count = state.count + 1
+    for theta, g, a, b, tr, nu, cfg in zip(
+        thetas, grads, state.a, backward, state.trace, nus, cfgs, strict=True
     ):
         theta = np.asarray(theta, np.float64)
         g = np.asarray(g, np.float64)
         if cfg.sparse:
             g = np.where(b, g, 0.0)  # (a)
             g = g + penalty_grad(theta, a, b, exploration_l2, cfg.forward_density)  # (b)
-        tr = g + momentum * tr if momentum else g  # (c)
-        upd = -learning_rate * tr
+        upd, tr, nu = inner_update(  # (c)
+            g,
+            tr,
+            nu,
+            count,
+            learning_rate=learning_rate,
+            momentum=momentum,
+            nesterov=nesterov,
+            adam=adam,
+        )
         if cfg.sparse:  # (d)
-            upd = np.where(b, upd, 0.0)
-            tr = np.where(b, tr, 0.0)
+            upd, tr, nu = (np.where(b, x, 0.0) for x in (upd, tr, nu))
         new_thetas.append(theta + upd)
-        new_trace.append(tr if momentum else np.zeros_like(tr))
-    count = state.count + 1
+        new_trace.append(tr)
+        new_nu.append(nu)
     a, b = state.a, state.b
     before = state.a_at_last_refresh_before
     ever = state.ever_in_a
@@ -290,6 +352,7 @@ def step(
         a_at_last_refresh_before=before,
         reservoir=state.reservoir,
         ever_in_a=ever,
+        nu=new_nu,
     )
 
 
