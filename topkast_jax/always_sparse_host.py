@@ -4,9 +4,11 @@ The selection is the one of :func:`topkast_jax.masks.topkast_masks`, computed on
 ``θ`` with numpy: for each sparse leaf (or, with ``global_topk``, for all sparse leaves
 concatenated in leaf order) the ``k`` largest magnitude keys, ties to the lower row-major index,
 i.e. exactly ``np.argsort(-key, kind="stable")[:k]``.  The key is the IEEE-754 bit pattern of
-``|θ|`` (as float32) read as int32 (:func:`topkast_jax.selection.magnitude_keys`), so ``-0.0`` and
-``+0.0`` tie and NaN ranks as magnitude 0.  One ``np.partition`` finds the k-th largest key
-``t``; every key ``> t`` is kept and the first ``k − #(key > t)`` entries equal to ``t`` by index.
+``|θ|`` (as float32, read as int32; as float64, read as int64, for float64 leaves and, in a global
+selection, for every leaf when one is float64: :func:`topkast_jax.selection.magnitude_keys`), so
+``-0.0`` and ``+0.0`` tie and NaN ranks as magnitude 0.  One ``np.partition`` finds the k-th
+largest key ``t``; every key ``> t`` is kept and the first ``k − #(key > t)`` entries equal to
+``t`` by index.
 
 A sparse leaf's backward set ``B`` is held as its flat indices in ascending order (``idx[k_B]``,
 int32) and the flags ``in_a[k_B]`` of those in ``A``.
@@ -20,11 +22,9 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from topkast_jax import distributions
+from topkast_jax import distributions, selection
 from topkast_jax import masks as masks_lib
 from topkast_jax.plan import LeafDensity
-
-_INF_KEY = 0x7F800000  # float32 bit pattern of +inf; NaN patterns of |x| lie above it
 
 
 class Layout(NamedTuple):
@@ -34,11 +34,15 @@ class Layout(NamedTuple):
     in_a: np.ndarray
 
 
-def magnitude_keys(x: np.ndarray) -> np.ndarray:
-    """int32 ``[x.size]`` keys ordered like ``|x|``, row-major: numpy's evaluation of
-    :func:`topkast_jax.selection.elementwise_magnitude_keys` (NaN ranks as magnitude 0)."""
-    key = np.ascontiguousarray(np.abs(np.asarray(x, np.float32)).ravel()).view(np.int32)
-    return np.where(key > _INF_KEY, np.int32(0), key)
+def magnitude_keys(x: np.ndarray, dtype=None) -> np.ndarray:
+    """``[x.size]`` keys ordered like ``|x|``, row-major: numpy's evaluation of
+    :func:`topkast_jax.selection.elementwise_magnitude_keys` (int32, or int64 for float64 values
+    or ``dtype=int64``; NaN ranks as magnitude 0)."""
+    x = np.asarray(x)
+    dtype = selection.key_dtype([x.dtype]) if dtype is None else np.dtype(dtype)
+    float_type, inf_key = selection.key_float(dtype)
+    key = np.ascontiguousarray(np.abs(x.astype(float_type)).ravel()).view(dtype)
+    return np.where(key > inf_key, dtype.type(0), key)
 
 
 def top_k_flat(keys_N: np.ndarray, k: int, valid_N: np.ndarray | None = None) -> np.ndarray:
@@ -104,7 +108,8 @@ def select_masks(
       backward_selection: ``"magnitude"`` or ``"random"`` ``B∖A``.
       rng: legacy uint32[2] PRNG key, for ``"random"``.
     """
-    keys = [magnitude_keys(x) for x in thetas]
+    common = selection.key_dtype(x.dtype for x in thetas) if global_topk else None
+    keys = [magnitude_keys(x, common) for x in thetas]
     if not (global_topk and keys):
         return _select(
             keys,

@@ -75,8 +75,10 @@ def topkast_masks(
     sparse_plan = [leaf for leaf in plan if leaf.sparse]
     if backward_selection == "random" and rng is None:
         raise ValueError('backward_selection="random" needs a PRNG key: pass rng.')
+    # Global top-k compares keys across leaves: one key dtype for all (float64 bits if any).
+    common = selection.key_dtype(p.dtype for p in leaves) if global_topk else None
     rows = [
-        list(layers.to_rows(selection.elementwise_magnitude_keys(p), leaf.layer_axis))
+        list(layers.to_rows(selection.elementwise_magnitude_keys(p, common), leaf.layer_axis))
         for p, leaf in zip(leaves, sparse_plan, strict=True)
     ]
     keys = [row for leaf_rows in rows for row in leaf_rows]  # leaf order, then slice order

@@ -1,28 +1,34 @@
 """Exact top-k masks without sorting.
 
-Every selection in the library reduces to one question: given integer keys ``key_N`` (int32, all
-``>= 0``) and an optional validity mask ``valid_N``, which ``k`` valid entries have the largest
-keys, ties going to the lower (row-major) index?  The answer equals
+Every selection in the library reduces to one question: given integer keys ``key_N`` (int32, or
+int64 for float64 values, all ``>= 0``) and an optional validity mask ``valid_N``, which ``k``
+valid entries have the largest keys, ties going to the lower (row-major) index?  The answer equals
 
     ``np.argsort(-key, kind="stable")[:k]``    (restricted to valid entries)
 
 exactly.  Magnitude selection uses the IEEE-754 bit pattern of ``|θ|`` as the key: for
 non-negative floats the bit pattern, read as an integer, is monotone in the value, so ordering keys
-orders magnitudes (``-0.0`` and ``+0.0`` both become key 0).  **NaN rule:** a NaN weight gets key 0,
-i.e. ranks as magnitude 0 — it is never preferred over a finite or infinite weight and, like a zero,
-is selected only after every nonzero weight (then by index).
+orders magnitudes (``-0.0`` and ``+0.0`` both become key 0).  float16 and bfloat16 widen to float32
+exactly and get int32 keys; **float64** (``jax_enable_x64``) gets int64 keys of its own bits, so
+values that differ below float32 precision, below float32's smallest subnormal (1.4e-45) or above
+its largest finite value (3.4e38) keep their order (a float32 key would tie, flush them to 0 or
+make them ``inf``).  Leaves selected together (global top-k) share the widest key: float32 values
+widen to float64 exactly when any of them is float64 (:func:`key_dtype`).  **NaN rule:** a NaN
+weight gets key 0, i.e. ranks as magnitude 0 — it is never preferred over a finite or infinite
+weight and, like a zero, is selected only after every nonzero weight (then by index).
 
 Methods (all exact, all give identical masks):
 
-* ``"histogram"`` — radix select with two 16-bit digits.  Pass 1 histograms the high 16 bits
-  (one scatter-add over ``N``), a reverse cumulative sum over the 65,536 bins finds the bucket
-  holding the k-th largest key; pass 2 histograms the low 16 bits inside that bucket.  The k-th key
-  ``t`` and the counts ``#(key > t)``, ``#(key == t)`` then come from the histograms, and the mask
-  is ``key >= t`` — unless ties straddle the boundary, when the first ``k - #(key > t)`` tied
-  entries are found by the same select over ``~index``.  About 3 passes over memory; the fastest
-  here on CPU (see BENCHMARKS.md).
-* ``"bisect"`` — the same threshold found bit by bit: 31 passes of ``count(key >= candidate)``.
-  Only reductions, no scatter: the choice for TPUs, where scatter is slow.
+* ``"histogram"`` — radix select with 16-bit digits (two for int32 keys, four for int64).  Pass 1
+  histograms the high 16 bits (one scatter-add over ``N``), a reverse cumulative sum over the
+  65,536 bins finds the bucket holding the k-th largest key; each further pass histograms the next
+  16 bits inside that bucket.  The k-th key ``t`` and the counts ``#(key > t)``, ``#(key == t)``
+  then come from the histograms, and the mask is ``key >= t`` — unless ties straddle the boundary,
+  when the first ``k - #(key > t)`` tied entries are found by the same select over ``~index``.
+  About 3 passes over memory for int32 keys; the fastest here on CPU (see BENCHMARKS.md).
+* ``"bisect"`` — the same threshold found bit by bit: 31 passes (63 for int64 keys) of
+  ``count(key >= candidate)``.  Only reductions, no scatter: the choice for TPUs, where scatter is
+  slow.
 * ``"top_k"`` — ``jax.lax.top_k`` (documented to prefer the lower index on ties) and a scatter.
 * ``"sort"`` — a full stable ``argsort`` (what jaxpruner does); the reference point.
 * ``"auto"`` — ``"bisect"`` on TPU, ``"histogram"`` elsewhere.
@@ -33,42 +39,101 @@ of one matrix (``G`` rows of ``N``), which keeps the compiled program small for 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from topkast_jax import sharding
 
 METHODS = ("auto", "histogram", "bisect", "top_k", "sort")
 
-_INF_KEY = 0x7F800000  # the float32 bit pattern of +inf; NaN patterns of |x| lie above it
+#: Per key dtype: the float whose bits it holds, and the bit pattern of +inf in it (the bit
+#: patterns of NaN magnitudes lie above).
+_KEY_FLOATS = {
+    np.dtype(np.int32): (np.dtype(np.float32), 0x7F800000),
+    np.dtype(np.int64): (np.dtype(np.float64), 0x7FF0000000000000),
+}
 _DIGIT_BITS = 16
 _NUM_BINS = 1 << _DIGIT_BITS
 
 
-def elementwise_magnitude_keys(x: jax.Array) -> jax.Array:
+def key_dtype(dtypes: Iterable) -> np.dtype:
+    """The key dtype of values of these float dtypes selected together: int64 when any is
+    float64 (every value then ranks by its float64 bits), int32 otherwise."""
+    wide = any(np.dtype(d) == np.float64 for d in dtypes)
+    return np.dtype(np.int64 if wide else np.int32)
+
+
+def key_float(dtype) -> tuple[np.dtype, int]:
+    """``(float dtype, key of +inf)`` of a key dtype: the float whose bit pattern the key is.
+
+    Raises:
+      ValueError: ``dtype`` is neither int32 nor int64.
+    """
+    if np.dtype(dtype) not in _KEY_FLOATS:
+        raise ValueError(f"magnitude keys are int32 or int64, not {dtype}.")
+    return _KEY_FLOATS[np.dtype(dtype)]
+
+
+def elementwise_magnitude_keys(x: jax.Array, dtype=None) -> jax.Array:
     """Integer keys ordered like ``|x|``, in the shape of ``x`` (the one definition of the key).
 
     Args:
-      x: float array of any shape (bfloat16/float16 are widened to float32 exactly).
+      x: float array of any shape.
+      dtype: the key dtype, ``None`` for ``key_dtype([x.dtype])``: int32 keys are the bits of
+        ``|x|`` as float32 (bfloat16/float16 widen exactly), int64 keys those of ``|x|`` as
+        float64 (float64 values, or float32 ones selected together with float64 ones).
 
     Returns:
-      int32 array shaped like ``x``, keys ``>= 0``, with ``key_i < key_j`` iff ``|x_i| < |x_j|``
-      for non-NaN entries; NaN gets key 0 (ranks as magnitude 0; every NaN bit pattern of
-      ``|x|`` is above ``inf``'s ``0x7F800000``).
+      Keys shaped like ``x``, ``>= 0``, with ``key_i < key_j`` iff ``|x_i| < |x_j|`` for non-NaN
+      entries; NaN gets key 0 (ranks as magnitude 0; every NaN bit pattern of ``|x|`` is above
+      ``inf``'s).
+
+    Raises:
+      ValueError: ``x`` not floating, or int32 keys asked for float64 values (they would round).
     """
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"magnitude_keys needs a floating array, got dtype {x.dtype}.")
-    key = lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.int32)
-    return jnp.where(key > _INF_KEY, 0, key)
+    dtype = key_dtype([x.dtype]) if dtype is None else np.dtype(dtype)
+    float_type, inf_key = key_float(dtype)
+    if dtype.itemsize < key_dtype([x.dtype]).itemsize:
+        raise ValueError(f"magnitude keys of {x.dtype} values cannot be {dtype}: they would round.")
+    key = lax.bitcast_convert_type(jnp.abs(x.astype(float_type)), dtype)
+    return jnp.where(key > inf_key, jnp.zeros((), dtype), key)
 
 
-def magnitude_keys(x: jax.Array) -> jax.Array:
-    """:func:`elementwise_magnitude_keys` flattened: int32 ``[x.size]`` (row-major)."""
-    return sharding.flatten(elementwise_magnitude_keys(x))
+def magnitude_keys(x: jax.Array, dtype=None) -> jax.Array:
+    """:func:`elementwise_magnitude_keys` flattened: ``[x.size]`` keys (row-major)."""
+    return sharding.flatten(elementwise_magnitude_keys(x, dtype))
+
+
+def key_digits(dtype) -> int:
+    """How many 16-bit digits a key of this integer dtype has: 2 (int32) or 4 (int64)."""
+    return np.dtype(dtype).itemsize * 8 // _DIGIT_BITS
+
+
+def _unsigned(keys: jax.Array) -> jax.Array:
+    """The keys' bits as the unsigned integer of their width."""
+    return lax.bitcast_convert_type(keys, jnp.dtype(f"uint{keys.dtype.itemsize * 8}"))
+
+
+def key_digit(keys: jax.Array, level: int) -> jax.Array:
+    """int32 ``[0, 65536)``: digit ``level`` of each key, 0 the most significant."""
+    shift = _DIGIT_BITS * (key_digits(keys.dtype) - 1 - level)
+    return ((_unsigned(keys) >> shift) & (_NUM_BINS - 1)).astype(jnp.int32)
+
+
+def same_leading_digits(keys: jax.Array, prefix: jax.Array, level: int) -> jax.Array:
+    """bool: whether each key's digits above ``level`` equal those of ``prefix`` (broadcast;
+    same dtype as ``keys``); all True at level 0."""
+    if level == 0:
+        return jnp.ones(keys.shape, bool)
+    shift = _DIGIT_BITS * (key_digits(keys.dtype) - level)
+    return (_unsigned(keys) >> shift) == (_unsigned(prefix) >> shift)
 
 
 def resolve_method(method: str) -> str:
@@ -141,47 +206,77 @@ def _and_valid(mask_GxN: jax.Array, valid_GxN: jax.Array | None) -> jax.Array:
     return mask_GxN if valid_GxN is None else mask_GxN & valid_GxN
 
 
+#: ``histogram(level, prefix_R)``: int32 ``[R, 65536]``, per row how many valid keys whose digits
+#: above ``level`` equal those of ``prefix_R[r]`` have each digit ``level``.
+DigitHistogram = Callable[[int, jax.Array], jax.Array]
+
+
+def radix_kth(histogram: DigitHistogram, k_R: jax.Array, dtype) -> Threshold:
+    """Per row, the ``k_R``-th largest key (1-based) of integer ``dtype``, digit by digit.
+
+    Level 0 histograms the most significant 16 bits and finds the bucket holding the k-th largest
+    key; each further level histograms the next digit of the keys in the buckets found so far and
+    finds the ``k − #(keys above the bucket)``-th largest there.  The counts of the result come
+    from the histograms: ``key_digits(dtype)`` passes, no further pass over the keys.
+    """
+    unsigned = jnp.dtype(f"uint{np.dtype(dtype).itemsize * 8}")
+    digits = key_digits(dtype)
+    prefix_R = jnp.zeros(k_R.shape, unsigned)
+    above_R = jnp.zeros(k_R.shape, jnp.int32)
+    tied_R = above_R
+    for level in range(digits):
+        bucket_R, above_level_R, tied_R = _select_bucket(
+            histogram(level, lax.bitcast_convert_type(prefix_R, dtype)), k_R - above_R
+        )
+        above_R = above_R + above_level_R
+        shift = _DIGIT_BITS * (digits - 1 - level)
+        prefix_R = prefix_R | (bucket_R.astype(unsigned) << shift)
+    return Threshold(lax.bitcast_convert_type(prefix_R, dtype), above_R, tied_R)
+
+
 def kth_largest_histogram(
     keys_GxN: jax.Array, k_G: jax.Array, valid_GxN: jax.Array | None
 ) -> Threshold:
-    """Per row, the k-th largest valid key (1-based), by a two-digit radix select.
+    """Per row, the k-th largest valid key (1-based), by a radix select (:func:`radix_kth`).
 
     Pass 1 histograms the high 16 bits of every valid key (one scatter-add for all rows) and finds,
-    per row, the bucket ``h`` holding the k-th largest; pass 2 histograms the low 16 bits of the
-    keys in bucket ``h`` and finds the k'-th largest there (``k' = k − #(high > h)``).  The counts
-    of the result come from the histograms: no further pass over the keys.
+    per row, the bucket ``h`` holding the k-th largest; the next pass histograms the next 16 bits
+    of the keys in bucket ``h`` and finds the k'-th largest there (``k' = k − #(high > h)``), and
+    so on: two passes for int32 keys, four for int64.
 
     Args:
-      keys_GxN: int32 keys ``>= 0``, ``G`` independent rows of ``N``.
+      keys_GxN: int32 or int64 keys ``>= 0``, ``G`` independent rows of ``N``.
       k_G: int32, ``1 <= k[g] <= #valid in row g``.
       valid_GxN: bool, or ``None`` for all valid; invalid entries are ignored.
     """
-    ukeys_GxN = lax.bitcast_convert_type(keys_GxN, jnp.uint32)
-    high_GxN = (ukeys_GxN >> _DIGIT_BITS).astype(jnp.int32)
-    high_G, above_high_G, _ = _select_bucket(_row_histogram(high_GxN, valid_GxN), k_G)
-    low_GxN = (ukeys_GxN & (_NUM_BINS - 1)).astype(jnp.int32)
-    in_bucket_GxN = _and_valid(high_GxN == high_G[:, None], valid_GxN)
-    low_hist = _row_histogram(low_GxN, in_bucket_GxN)
-    low_G, above_low_G, tied_G = _select_bucket(low_hist, k_G - above_high_G)
-    key_G = (high_G.astype(jnp.uint32) << _DIGIT_BITS) | low_G.astype(jnp.uint32)
-    return Threshold(lax.bitcast_convert_type(key_G, jnp.int32), above_high_G + above_low_G, tied_G)
+
+    def histogram(level: int, prefix_G: jax.Array) -> jax.Array:
+        digit_GxN = key_digit(keys_GxN, level)
+        if level == 0:
+            return _row_histogram(digit_GxN, valid_GxN)
+        in_bucket_GxN = same_leading_digits(keys_GxN, prefix_G[:, None], level)
+        return _row_histogram(digit_GxN, _and_valid(in_bucket_GxN, valid_GxN))
+
+    return radix_kth(histogram, k_G, keys_GxN.dtype)
 
 
 def kth_largest_bisect(
     keys_GxN: jax.Array, k_G: jax.Array, valid_GxN: jax.Array | None
 ) -> Threshold:
-    """Same contract as :func:`kth_largest_histogram`, found bit by bit: 31 passes of
-    ``count(key >= candidate)`` — reductions only, no scatter."""
+    """Same contract as :func:`kth_largest_histogram`, found bit by bit: 31 (int32) or 63 (int64)
+    passes of ``count(key >= candidate)`` — reductions only, no scatter."""
+    dtype = keys_GxN.dtype
     masked_GxN = keys_GxN if valid_GxN is None else jnp.where(valid_GxN, keys_GxN, -1)
+    bits = dtype.itemsize * 8 - 1  # the sign bit of a key is 0
 
     def count(op, t_G):
         return jnp.sum(op(masked_GxN, t_G[:, None]), axis=1, dtype=jnp.int32)
 
     def set_bit(i, prefix_G):
-        candidate_G = prefix_G | (jnp.int32(1) << (30 - i))
+        candidate_G = prefix_G | (jnp.ones((), dtype) << (bits - 1 - i).astype(dtype))
         return jnp.where(count(jnp.greater_equal, candidate_G) >= k_G, candidate_G, prefix_G)
 
-    t_G = lax.fori_loop(0, 31, set_bit, jnp.zeros(keys_GxN.shape[0], jnp.int32))
+    t_G = lax.fori_loop(0, bits, set_bit, jnp.zeros(keys_GxN.shape[0], dtype))
     return Threshold(t_G, count(jnp.greater, t_G), count(jnp.equal, t_G))
 
 
@@ -253,7 +348,8 @@ def top_k_masks(
     program grows with the number of distinct lengths, not of leaves.
 
     Args:
-      keys: int32 key vectors ``>= 0`` (e.g. :func:`magnitude_keys`).
+      keys: int32 or int64 key vectors ``>= 0`` (e.g. :func:`magnitude_keys`); keys of one
+        length but different dtypes are compared within their own vector only.
       ks: static counts, ``0 <= ks[i] <= #valid in keys[i]``.
       valids: optional candidate masks (``None`` entries: all valid).
       method: see the module docstring.

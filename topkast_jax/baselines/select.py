@@ -21,8 +21,8 @@ def top_k_mask_traced(keys_N: jax.Array, k: jax.Array, valid_N: jax.Array) -> ja
     """bool ``[N]``: the ``k`` valid entries of largest key, ties to the lower index.
 
     Args:
-      keys_N: int32 keys ``>= 0``, shape ``[N]`` (e.g.
-        :func:`topkast_jax.selection.magnitude_keys`).
+      keys_N: int32 or int64 keys ``>= 0``, shape ``[N]`` (e.g.
+        :func:`topkast_jax.selection.magnitude_keys`, int64 for float64 values).
       k: int32 scalar, may be traced, ``0 <= k <= sum(valid_N)``.
       valid_N: bool ``[N]``, the candidates.
 
