@@ -1,8 +1,11 @@
-"""Flattening leaves that carry explicit shardings (``jax.make_mesh``'s default axis type).
+"""Reshaping leaves that carry explicit shardings (``jax.make_mesh``'s default axis type).
 
-Selection works on flat vectors.  With *explicit* mesh axes, JAX cannot infer how a reshape of a
-sharded array should be laid out, so the flat keys are gathered (replicated) and the masks are
-reshaped back with the leaf's own sharding.  With auto axes (or no mesh) these are plain reshapes.
+The selection methods of :mod:`topkast_jax.selection` work on flat vectors.  With *explicit* mesh
+axes, JAX cannot infer how a reshape of a sharded array should be laid out, so the flat keys are
+gathered (replicated) and the masks are reshaped back with the leaf's own sharding.  The
+streaming selection (:mod:`topkast_jax.streaming`) never flattens a sharded leaf: it splits one
+axis so that the sharding stays on the outer part (:func:`split_axis`).  With auto axes (or no
+mesh) these are plain reshapes.
 """
 
 from __future__ import annotations

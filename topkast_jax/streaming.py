@@ -280,6 +280,28 @@ def tie_counts(stacks: Sequence[jax.Array], key_GxS: jax.Array) -> jax.Array:
     return _fold_chunks(stacks, body, jnp.zeros(key_GxS.shape, jnp.int32))
 
 
+def _tie_cuts_in_order(
+    stacks: Sequence[jax.Array], key_GxS: jax.Array, needed_GxS: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`tie_cuts` of stacks walked in runs of rows (row-major order) on one device: a
+    running count of the tied entries, chunk after chunk (one pass)."""
+
+    def body(keys, index_x, carry):
+        seen_GxS, cut_GxS = carry
+        keys_GxC = jnp.concatenate([k.reshape(k.shape[0], -1) for k in keys])
+        index_C = jnp.broadcast_to(index_x, keys[0].shape[1:]).reshape(-1)
+        tied_GxSxC = keys_GxC[:, None, :] == key_GxS[:, :, None]
+        running = seen_GxS[:, :, None] + jnp.cumsum(tied_GxSxC, axis=-1, dtype=jnp.int32)
+        hit = tied_GxSxC & (running == needed_GxS[:, :, None])
+        found = jnp.max(jnp.where(hit, index_C + 1, 0), axis=-1)
+        return running[:, :, -1], jnp.where(jnp.any(hit, axis=-1), found, cut_GxS)
+
+    n = math.prod(stacks[0].shape[1:])
+    init = (jnp.zeros(key_GxS.shape, jnp.int32), jnp.full(key_GxS.shape, n, jnp.int32))
+    seen_GxS, cut_GxS = _fold_chunks(stacks, body, init)
+    return jnp.where(needed_GxS <= 0, 0, cut_GxS), seen_GxS
+
+
 def tie_cuts(
     stacks: Sequence[jax.Array], key_GxS: jax.Array, needed_GxS: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -287,10 +309,14 @@ def tie_cuts(
     (0 when ``needed <= 0``; the slice size when there are fewer), and how many such entries the
     slice has (pass 3; only run when ties straddle a boundary).
 
-    Independent of the walk's order: the ``needed``-th smallest row-major index ``i`` of the tied
-    entries is the ``needed``-th largest ``n - 1 - i``, selected digit by digit like a key (two
-    histogram passes, :func:`_kth`), so chunks may be visited in any order on any device.
+    Unsharded stacks on one device are walked in row-major order, and a running count finds the
+    entry in one pass (:func:`_tie_cuts_in_order`).  Otherwise (chunks strided, or split across
+    devices) the ``needed``-th smallest row-major index ``i`` of the tied entries is the
+    ``needed``-th largest ``n - 1 - i``, selected digit by digit like a key (two histogram
+    passes, :func:`_kth`), whatever the order of the chunks and wherever they are.
     """
+    if sharding.explicit_sharding(stacks[0]) is None and _devices() == 1:
+        return _tie_cuts_in_order(stacks, key_GxS, needed_GxS)
     if len(stacks) > 1 and _layout_unknown(stacks[0]):
         # XLA would lay out the one index of the group like one of its stacks, and move it for
         # the others (auto axes may shard stacks of one shape differently): one stack at a time.
@@ -382,11 +408,8 @@ def _by_walk(stacks: Sequence[jax.Array]) -> dict[tuple, list[int]]:
 
 def _split_rows(rows: jax.Array, members: Sequence[int], stacks: Sequence[jax.Array]) -> dict:
     """``{leaf index: its slices' rows of rows}`` for a group's leaves (the group's row order)."""
-    out, start = {}, 0
-    for i in members:
-        out[i] = rows[start : start + stacks[i].shape[0]]
-        start += stacks[i].shape[0]
-    return out
+    ranges = _row_ranges([stacks[i] for i in members])
+    return {i: rows[r] for i, r in zip(members, ranges, strict=True)}
 
 
 def leaf_thresholds(
