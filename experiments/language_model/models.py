@@ -102,7 +102,8 @@ def relative_biases(module: nn.Module, num_heads: int, d_head: int) -> tuple[jax
 
 class RelMultiHeadAttention(nn.Module):
     """Relative multi-head attention with biases u (``r_w_bias``), v (``r_r_bias``): the given
-    ``biases`` (shared by the layers) or, when ``None``, this layer's own params."""
+    ``biases`` (shared by the layers) or, when ``None``, this layer's own params. Keys where
+    ``mask_TxK`` (:func:`causal_mask`) is False get no weight."""
 
     num_heads: int
     d_head: int

@@ -60,6 +60,11 @@ BAD_LM = {
     "model.dropatt": -0.5,
     "model.div_val": 0,
     "model.clamp_len": -2,
+    "model.d_embed": 0,
+    "model.untie_r": "no",
+    "model.same_length": 1,
+    "eval_same_length": "yes",
+    "eval_clamp_len": -2,
     "optim.lr": -1.0,
     "optim.warmup_init_lr": math.inf,
     "optim.warmup_steps": -1,
@@ -152,6 +157,8 @@ def test_missing_required_field_is_named(experiment, field):
         ({"sparsity.forward": 0.5, "sparsity.backward": 0.8}, "backward <= config.sparsity"),
         ({"model.num_heads": 3}, "divisible by config.model.num_heads"),
         ({"model.d_model": 127, "model.d_head": 16}, "d_model even"),
+        ({"eval_same_length": True, "eval_mem_len": 0}, "eval_mem_len > 0 with config.eval_same"),
+        ({"model.same_length": True, "mem_len": 0}, "mem_len > 0 with config.model.same_length"),
     ],
 )
 def test_lm_relations(fields, message):
