@@ -156,7 +156,7 @@ def _at_least(h_SxB: jax.Array) -> jax.Array:
 def _pick(h_SxB: jax.Array, b_S: jax.Array, op) -> jax.Array:
     """``sum over bins j with op(j, b[s]) of h[s, j]`` (a masked sum instead of a gather)."""
     bins_B = jnp.arange(h_SxB.shape[-1], dtype=jnp.int32)
-    return jnp.sum(jnp.where(op(bins_B[None, :], b_S[:, None]), h_SxB, 0), axis=-1)
+    return jnp.sum(jnp.where(op(bins_B[None, :], b_S[:, None]), h_SxB, 0), axis=-1, dtype=jnp.int32)
 
 
 def _select_bucket(hist_SxD: jax.Array, k_S: jax.Array) -> tuple[jax.Array, ...]:
@@ -167,12 +167,12 @@ def _select_bucket(hist_SxD: jax.Array, k_S: jax.Array) -> tuple[jax.Array, ...]
     2 × 256 instead of 65,536 sequential additions.
     """
     hist_SxRxC = hist_SxD.reshape(-1, 256, 256)
-    row_total_SxR = hist_SxRxC.sum(axis=-1)
+    row_total_SxR = hist_SxRxC.sum(axis=-1, dtype=jnp.int32)  # int32 also under jax_enable_x64
     row_S = jnp.sum(_at_least(row_total_SxR) >= k_S[:, None], axis=-1, dtype=jnp.int32) - 1
     above_row_S = _pick(row_total_SxR, row_S, jnp.greater)
     rows_R = jnp.arange(256, dtype=jnp.int32)
     in_row = rows_R[None, :, None] == row_S[:, None, None]
-    row_hist_SxC = jnp.sum(jnp.where(in_row, hist_SxRxC, 0), axis=1)
+    row_hist_SxC = jnp.sum(jnp.where(in_row, hist_SxRxC, 0), axis=1, dtype=jnp.int32)
     col_at_least = _at_least(row_hist_SxC) + above_row_S[:, None]
     col_S = jnp.sum(col_at_least >= k_S[:, None], axis=-1, dtype=jnp.int32) - 1
     above_S = above_row_S + _pick(row_hist_SxC, col_S, jnp.greater)

@@ -7,7 +7,9 @@ its producers.  Here every pass walks a leaf in chunks of ``CHUNK`` weights insi
 the leaf once:
 
 1. histogram of the high 16 bits of the keys of ``|θ|`` (one for all of ``A`` and ``B``);
-2. the two low-16-bit histograms inside the buckets of the ``k_A``-th and ``k_B``-th largest key;
+2. the two histograms of the next 16 bits inside the buckets of the ``k_A``-th and ``k_B``-th
+   largest key (int32 keys; float64 leaves have int64 keys of their own bits,
+   :func:`topkast_jax.selection.elementwise_magnitude_keys`, and take two more such passes);
 3. only when ties straddle a boundary (rare for trained weights): the flat index just past the
    last tie that is kept — the ``needed``-th smallest index among the tied weights, selected by
    the same two 16-bit histograms over the index (two passes), so no pass depends on the order
@@ -48,6 +50,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from topkast_jax import codes as codes_lib
@@ -59,8 +62,9 @@ _BINS = 1 << _BITS
 
 
 class SetThresholds(NamedTuple):
-    """Per leaf, for the sets ``(A, B)``: int32 ``key[2]`` and ``cut[2]``; for a leaf with a layer
-    axis, ``[L, 2]`` (one pair per slice; a global selection shares ``key[2]``).
+    """Per leaf, for the sets ``(A, B)``: ``key[2]`` (int32, int64 for float64 keys) and int32
+    ``cut[2]``; for a leaf with a layer axis, ``[L, 2]`` (one pair per slice; a global selection
+    shares ``key[2]``).
 
     Weight ``i`` (row-major flat index inside its slice) is in set ``j`` iff ``key_i > key[j]`` or
     ``key_i == key[j] and i < cut[j]``.
@@ -150,13 +154,16 @@ def _row_ranges(stacks: Sequence[jax.Array]) -> list[slice]:
     return out
 
 
-def _fold_chunks(stacks: Sequence[jax.Array], body: Body, init: object) -> object:
+def _fold_chunks(
+    stacks: Sequence[jax.Array], body: Body, init: object, key_dtype: np.dtype | None = None
+) -> object:
     """``carry ← body(parts, index_C…, carry)`` over the ``R`` slices of stacks walked alike
     (:func:`_by_walk`), by the chunks of :func:`_walk`: runs of whole leading rows of the slice,
     or strided sets of them, so a chunk keeps the leaf's sharding on every axis.
 
-    ``parts[i]`` are the keys of stack ``i``'s chunk (its slices first, the rows of
-    :func:`_row_ranges`); stacks are not concatenated, as their layouts may differ.  Chunks run
+    ``parts[i]`` are the magnitude keys of stack ``i``'s chunk (its slices first, the rows of
+    :func:`_row_ranges`), of ``key_dtype`` (default: :func:`_key_dtype` of the stacks: int64 when
+    one is float64); stacks are not concatenated, as their layouts may differ.  Chunks run
     in one ``fori_loop`` for the whole group (dynamic slices, no copy); a run's remaining rows
     form one last, shorter chunk.  ``index`` is the row-major flat index inside the slice of each
     position of the chunk (broadcasts against every part).
@@ -165,8 +172,10 @@ def _fold_chunks(stacks: Sequence[jax.Array], body: Body, init: object) -> objec
     row_size = max(1, math.prod(shape[1:]))
     walk = _walk(stacks[0])
 
+    key_dtype = _key_dtype(stacks) if key_dtype is None else key_dtype
+
     def keys_of(parts):
-        return [selection.elementwise_magnitude_keys(p) for p in parts]
+        return [selection.elementwise_magnitude_keys(p, key_dtype) for p in parts]
 
     if walk.strided:  # chunk j: rows j, j + c, j + 2c, … of the slice
         views = [sharding.split_axis(s, 1, walk.rows) for s in stacks]
@@ -216,10 +225,17 @@ def _add_counts(hist_GxB: jax.Array, bins_Lx: jax.Array, first: int = 0) -> jax.
 Digits = Callable[[jax.Array, jax.Array, slice], Sequence[jax.Array]]
 
 
-def _histograms(stacks: Sequence[jax.Array], digits: Digits, sets: int) -> jax.Array:
+def _key_dtype(stacks: Sequence[jax.Array]) -> np.dtype:
+    """The key dtype of stacks selected together (:func:`topkast_jax.selection.key_dtype`)."""
+    return selection.key_dtype(s.dtype for s in stacks)
+
+
+def _histograms(
+    stacks: Sequence[jax.Array], digits: Digits, sets: int, key_dtype: np.dtype
+) -> jax.Array:
     """int32 ``[G, S, 65536]``: per slice ``g`` and ``s < sets``, how many positions have each
-    digit of ``digits`` (one pass).  The counts of every device add up in a histogram-sized
-    all-reduce."""
+    digit of ``digits`` of the ``key_dtype`` keys (one pass).  The counts of every device add up
+    in a histogram-sized all-reduce."""
     ranges = _row_ranges(stacks)
 
     def body(keys, index_x, hist_SxGxB):
@@ -229,13 +245,14 @@ def _histograms(stacks: Sequence[jax.Array], digits: Digits, sets: int) -> jax.A
                 hists[s] = _add_counts(hists[s], digit_Lx, rows.start)
         return jnp.stack(hists)
 
-    hist_SxGxB = _fold_chunks(stacks, body, jnp.zeros((sets, _rows(stacks), _BINS), jnp.int32))
+    init = jnp.zeros((sets, _rows(stacks), _BINS), jnp.int32)
+    hist_SxGxB = _fold_chunks(stacks, body, init, key_dtype)
     return jnp.swapaxes(hist_SxGxB, 0, 1)
 
 
-def high_histograms(stacks: Sequence[jax.Array]) -> jax.Array:
+def high_histograms(stacks: Sequence[jax.Array], key_dtype: np.dtype) -> jax.Array:
     """int32 ``[R, 65536]``: per slice, how many keys have each high 16-bit digit (pass 1)."""
-    return _histograms(stacks, lambda keys_Lx, _, __: [keys_Lx >> _BITS], 1)[:, 0]
+    return digit_histograms(stacks, 0, None, key_dtype)[:, 0]
 
 
 def _per_leaf(value_L: jax.Array, like_Lx: jax.Array) -> jax.Array:
@@ -243,19 +260,29 @@ def _per_leaf(value_L: jax.Array, like_Lx: jax.Array) -> jax.Array:
     return value_L.reshape((value_L.shape[0],) + (1,) * (like_Lx.ndim - 1))
 
 
-def low_histograms(stacks: Sequence[jax.Array], high_GxS: jax.Array) -> jax.Array:
-    """int32 ``[G, S, 65536]``: per slice ``g`` (of ``G = R``) and set ``s``, the low-digit
-    histogram of the keys whose high digit is ``high_GxS[g, s]`` (pass 2)."""
+def digit_histograms(
+    stacks: Sequence[jax.Array], level: int, prefix_GxS: jax.Array | None, key_dtype: np.dtype
+) -> jax.Array:
+    """int32 ``[G, S, 65536]``: per slice ``g`` (of ``G = R``) and set ``s``, the histogram of
+    digit ``level`` (:func:`topkast_jax.selection.key_digit`) of the keys whose digits above it
+    equal those of ``prefix_GxS[g, s]`` (pass ``level + 1``; ``None``: every key, one set)."""
 
     def digits(keys_Lx, _, rows):
-        high_Lx, low_Lx = keys_Lx >> _BITS, keys_Lx & (_BINS - 1)
-        high_LxS = high_GxS[rows]
+        digit_Lx = selection.key_digit(keys_Lx, level)
+        if prefix_GxS is None:
+            return [digit_Lx]
+        prefix_LxS = prefix_GxS[rows]
         return [
-            jnp.where(high_Lx == _per_leaf(high_LxS[:, s], high_Lx), low_Lx, -1)
-            for s in range(high_LxS.shape[1])
+            jnp.where(
+                selection.same_leading_digits(keys_Lx, _per_leaf(prefix_LxS[:, s], keys_Lx), level),
+                digit_Lx,
+                -1,
+            )
+            for s in range(prefix_LxS.shape[1])
         ]
 
-    return _histograms(stacks, digits, high_GxS.shape[1])
+    sets = 1 if prefix_GxS is None else prefix_GxS.shape[1]
+    return _histograms(stacks, digits, sets, key_dtype)
 
 
 def tie_counts(stacks: Sequence[jax.Array], key_GxS: jax.Array) -> jax.Array:
@@ -277,7 +304,7 @@ def tie_counts(stacks: Sequence[jax.Array], key_GxS: jax.Array) -> jax.Array:
             [count(k, rows) for k, rows in zip(keys, ranges, strict=True)]
         )
 
-    return _fold_chunks(stacks, body, jnp.zeros(key_GxS.shape, jnp.int32))
+    return _fold_chunks(stacks, body, jnp.zeros(key_GxS.shape, jnp.int32), key_GxS.dtype)
 
 
 def _tie_cuts_in_order(
@@ -298,7 +325,7 @@ def _tie_cuts_in_order(
 
     n = math.prod(stacks[0].shape[1:])
     init = (jnp.zeros(key_GxS.shape, jnp.int32), jnp.full(key_GxS.shape, n, jnp.int32))
-    seen_GxS, cut_GxS = _fold_chunks(stacks, body, init)
+    seen_GxS, cut_GxS = _fold_chunks(stacks, body, init, key_GxS.dtype)
     return jnp.where(needed_GxS <= 0, 0, cut_GxS), seen_GxS
 
 
@@ -313,7 +340,8 @@ def tie_cuts(
     entry in one pass (:func:`_tie_cuts_in_order`).  Otherwise (chunks strided, or split across
     devices) the ``needed``-th smallest row-major index ``i`` of the tied entries is the
     ``needed``-th largest ``n - 1 - i``, selected digit by digit like a key (two histogram
-    passes, :func:`_kth`), whatever the order of the chunks and wherever they are.
+    passes, :func:`topkast_jax.selection.radix_kth`), whatever the order of the chunks and
+    wherever they are.
     """
     if sharding.explicit_sharding(stacks[0]) is None and _devices() == 1:
         return _tie_cuts_in_order(stacks, key_GxS, needed_GxS)
@@ -328,47 +356,34 @@ def tie_cuts(
     n = math.prod(stacks[0].shape[1:])
     rows, sets = key_GxS.shape
 
-    def digits_of(high_GxS: jax.Array | None) -> Digits:
+    def digits_of(level: int, prefix_GxS: jax.Array) -> Digits:
         def digits(keys_Lx, index_x, rows):
             rank_x = (n - 1) - index_x  # larger for lower indices
+            digit_x = selection.key_digit(rank_x, level)
             out = []
             for s in range(sets):
                 tied = keys_Lx == _per_leaf(key_GxS[rows, s], keys_Lx)
-                if high_GxS is None:
-                    out.append(jnp.where(tied, rank_x >> _BITS, -1))
-                else:
-                    tied = tied & ((rank_x >> _BITS) == _per_leaf(high_GxS[rows, s], keys_Lx))
-                    out.append(jnp.where(tied, rank_x & (_BINS - 1), -1))
+                prefix = _per_leaf(prefix_GxS[rows, s], keys_Lx)
+                tied = tied & selection.same_leading_digits(rank_x, prefix, level)
+                out.append(jnp.where(tied, digit_x, -1))
             return out
 
         return digits
 
-    high_GxSxB = _histograms(stacks, digits_of(None), sets)
-    count_GxS = jnp.sum(high_GxSxB, axis=-1)
-    kth = _kth(
-        high_GxSxB.reshape(rows * sets, _BINS),
-        lambda high_R: _histograms(stacks, digits_of(high_R.reshape(rows, sets)), sets).reshape(
-            rows * sets, _BINS
-        ),
+    def histogram(level: int, prefix_R: jax.Array) -> jax.Array:
+        digits = digits_of(level, prefix_R.reshape(rows, sets))
+        return _histograms(stacks, digits, sets, key_GxS.dtype).reshape(rows * sets, _BINS)
+
+    high_RxB = histogram(0, jnp.zeros(rows * sets, jnp.int32))
+    count_GxS = jnp.sum(high_RxB, axis=-1, dtype=jnp.int32).reshape(rows, sets)
+    kth = selection.radix_kth(
+        lambda level, prefix_R: high_RxB if level == 0 else histogram(level, prefix_R),
         jnp.maximum(needed_GxS, 1).reshape(-1),
+        jnp.int32,
     )
     cut_GxS = n - kth.key.reshape(rows, sets)  # (n - 1 - rank) + 1
     cut_GxS = jnp.where(needed_GxS > count_GxS, n, cut_GxS)
     return jnp.where(needed_GxS <= 0, 0, cut_GxS), count_GxS
-
-
-class _Kth(NamedTuple):
-    key: jax.Array  # int32 [R]: the k-th largest key of each row
-    above: jax.Array  # int32 [R]: #(key > t)
-    tied: jax.Array  # int32 [R]: #(key == t)
-
-
-def _kth(high_RxB: jax.Array, low_hists: Callable[[jax.Array], jax.Array], k_R: jax.Array) -> _Kth:
-    """The ``k_R``-th largest keys from high histograms and a function giving the low
-    histograms of chosen high buckets (:func:`selection._select_bucket` does both levels)."""
-    high_R, above_high_R, _ = selection._select_bucket(high_RxB, k_R)
-    low_R, above_low_R, tied_R = selection._select_bucket(low_hists(high_R), k_R - above_high_R)
-    return _Kth((high_R << _BITS) | low_R, above_high_R + above_low_R, tied_R)
 
 
 def group_thresholds(
@@ -379,12 +394,16 @@ def group_thresholds(
     together (one loop per pass for the group)."""
     rows = _rows(stacks)
     k_GxS = jnp.array(list(zip(k_forward, k_backward, strict=True)), jnp.int32)
-    high_GxB = high_histograms(stacks)
-    kth = _kth(
-        jnp.repeat(high_GxB, 2, axis=0),
-        lambda high_R: low_histograms(stacks, high_R.reshape(rows, 2)).reshape(2 * rows, _BINS),
-        k_GxS.reshape(-1),
-    )
+    key_dtype = _key_dtype(stacks)
+    high_RxB = jnp.repeat(high_histograms(stacks, key_dtype), 2, axis=0)  # one pass for A and B
+
+    def histogram(level: int, prefix_R: jax.Array) -> jax.Array:
+        if level == 0:
+            return high_RxB
+        prefix_GxS = prefix_R.reshape(rows, 2)
+        return digit_histograms(stacks, level, prefix_GxS, key_dtype).reshape(2 * rows, _BINS)
+
+    kth = selection.radix_kth(histogram, k_GxS.reshape(-1), key_dtype)
     key_GxS = kth.key.reshape(rows, 2)
     needed_GxS = k_GxS - kth.above.reshape(rows, 2)
     straddles = jnp.any(kth.tied.reshape(rows, 2) != needed_GxS)
@@ -454,16 +473,22 @@ def global_thresholds(
     axes = list(axes) if axes is not None else [None] * len(xs)
     stacks = [stack_view(x, a) for x, a in zip(xs, axes, strict=True)]
     k_S = jnp.array([k_forward, k_backward], jnp.int32)
+    key_dtype = _key_dtype(stacks)  # one key for all leaves: float64 bits when one is float64
     groups = [([stacks[i] for i in members], members) for members in _by_walk(stacks).values()]
-    high_B = sum(high_histograms(group).sum(axis=0) for group, _ in groups)
 
-    def low(high_S):
-        return sum(
-            low_histograms(group, jnp.broadcast_to(high_S, (_rows(group), 2))).sum(axis=0)
-            for group, _ in groups
-        )
+    def histogram(level: int, prefix_S: jax.Array) -> jax.Array:
+        if level == 0:
+            hists = [high_histograms(group, key_dtype)[:, None] for group, _ in groups]
+        else:
+            hists = [
+                digit_histograms(
+                    group, level, jnp.broadcast_to(prefix_S, (_rows(group), 2)), key_dtype
+                )
+                for group, _ in groups
+            ]
+        return jnp.broadcast_to(sum(h.sum(axis=0, dtype=jnp.int32) for h in hists), (2, _BINS))
 
-    kth = _kth(jnp.broadcast_to(high_B, (2, _BINS)), low, k_S)
+    kth = selection.radix_kth(histogram, k_S, key_dtype)
     needed_S = k_S - kth.above
 
     def cuts_per_slice():
@@ -474,7 +499,7 @@ def global_thresholds(
             tied.update(_split_rows(tie_counts(group, key_GxS), members, stacks))
         before_S, take = jnp.zeros(2, jnp.int32), {}
         for i in range(len(xs)):  # the tie budget, in leaf order, then slice order
-            cum_LxS = before_S + jnp.cumsum(tied[i], axis=0)
+            cum_LxS = before_S + jnp.cumsum(tied[i], axis=0, dtype=jnp.int32)
             take[i] = jnp.clip(needed_S - (cum_LxS - tied[i]), 0, tied[i])
             before_S = cum_LxS[-1]
         cuts: dict[int, jax.Array] = {}
@@ -529,8 +554,8 @@ def in_set(keys: jax.Array, key: jax.Array, cut: jax.Array, axis: int | None = N
 
 def codes_from_thresholds(x: jax.Array, th: SetThresholds, axis: int | None = None) -> jax.Array:
     """uint8 codes ``2·A + B`` of ``θ + u`` (leaf shape) from its thresholds (per slice along
-    the layer ``axis``, if it has one)."""
-    keys = selection.elementwise_magnitude_keys(x)
+    the layer ``axis``, if it has one), the keys of ``x`` of the thresholds' key dtype."""
+    keys = selection.elementwise_magnitude_keys(x, th.key.dtype)
     forward = in_set(keys, th.key[..., 0], th.cut[..., 0], axis)
     backward = in_set(keys, th.key[..., 1], th.cut[..., 1], axis)
     return codes_lib.encode(forward, backward)
