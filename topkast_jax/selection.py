@@ -102,8 +102,19 @@ def elementwise_magnitude_keys(x: jax.Array, dtype=None) -> jax.Array:
     float_type, inf_key = key_float(dtype)
     if dtype.itemsize < key_dtype([x.dtype]).itemsize:
         raise ValueError(f"magnitude keys of {x.dtype} values cannot be {dtype}: they would round.")
-    key = lax.bitcast_convert_type(jnp.abs(x.astype(float_type)), dtype)
+    key = lax.bitcast_convert_type(jnp.abs(_as_stored(x).astype(float_type)), dtype)
     return jnp.where(key > inf_key, jnp.zeros((), dtype), key)
+
+
+def _as_stored(x: jax.Array) -> jax.Array:
+    """``x`` rounded to its own dtype.  A no-op in value, except where XLA keeps a narrow float's
+    producer in float32 (``xla_allow_excess_precision``, on by default: on CPU a bfloat16
+    ``θ + u`` fused into its keys was ranked unrounded, so two weights that the stored params
+    tie were ordered by bits they do not have); ``reduce_precision`` is never elided."""
+    if x.dtype.itemsize >= 4:
+        return x
+    info = jnp.finfo(x.dtype)
+    return lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
 def magnitude_keys(x: jax.Array, dtype=None) -> jax.Array:

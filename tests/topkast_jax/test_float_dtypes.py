@@ -92,21 +92,39 @@ def test_selection_equals_reference(dtype, method):
 @pytest.mark.parametrize("method", ["auto", "sort"])  # streaming radix select; stable argsort
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_topkast_masks_equal_reference(dtype, method):
+    """At init and after one jitted update: the update selects from ``θ + u`` as stored in the
+    leaf's dtype (XLA may compute a bfloat16 ``θ + u`` in float32 inside the step)."""
     values = special_values(dtype)
     other = np.roll(values, 3, axis=1).T.copy()  # a second leaf, another shape
     fs, bs = 0.7, 0.4
     if dtype == "float64":
         assert float32_rounded_masks_differ(values, [round((1 - fs) * values.size)])
+    finite = np.where(np.isfinite(values.astype(np.float64)), values, 0).astype(values.dtype)
     with precision(dtype):
         params = {"v": jnp.asarray(other), "w": jnp.asarray(values)}
         tx = tk.topkast(
             optax.sgd(0.1), forward_sparsity=fs, backward_sparsity=bs, selection_method=method
         )
-        masks = tk.get_masks(jax.jit(tx.init)(params))
-        for name, leaf in (("v", other), ("w", values)):
-            a, b = reference.magnitude_masks(leaf, 1 - fs, 1 - bs)
-            np.testing.assert_array_equal(masks.forward[name], a, err_msg=name)
-            np.testing.assert_array_equal(masks.backward[name], b, err_msg=name)
+        state = jax.jit(tx.init)(params)
+        want = {"v": other, "w": values}
+        assert_masks_equal(tk.get_masks(state), want, fs, bs)
+        params = {"v": jnp.asarray(finite.T.copy()), "w": jnp.asarray(finite)}
+        grads = {
+            "v": jnp.asarray(np.roll(finite, 7).T.copy()),
+            "w": jnp.asarray(np.roll(finite, 5)),
+        }
+        state = jax.jit(tx.init)(params)
+        updates, state = jax.jit(tx.update)(grads, state, params)
+        new = optax.apply_updates(params, updates)
+        assert new["w"].dtype == np_dtype(dtype)
+        assert_masks_equal(tk.get_masks(state), jax.device_get(new), fs, bs)
+
+
+def assert_masks_equal(masks, leaves, fs, bs):
+    for name, leaf in leaves.items():
+        a, b = reference.magnitude_masks(np.asarray(leaf), 1 - fs, 1 - bs)
+        np.testing.assert_array_equal(masks.forward[name], a, err_msg=name)
+        np.testing.assert_array_equal(masks.backward[name], b, err_msg=name)
 
 
 @pytest.mark.parametrize("method", ["auto", "sort"])
