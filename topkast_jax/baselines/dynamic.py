@@ -22,10 +22,10 @@ updates.
 
 **Ties.** RigL adds noise ``N(0, 10⁻⁵)`` to the drop scores ``|θ ⊙ M|``; here the drop score is
 ``|θ|`` exactly and ties go to the lower index (jaxpruner's rule).  The noise perturbs the order of
-weights within about 10⁻⁵ of the threshold, not only ties: measured on a 3×3×256×256 leaf at
-density 0.2 and ``f = 0.3`` (``d = 35,389``), RigL's kept set differs from this one in 12 weights
-(3e-4 of ``d``) at He-init scale (σ = 0.0295), 37 at σ = 0.01 and 117 (3e-3) at σ = 0.003 (means
-of 5 seeds; float32).
+weights within about 10⁻⁵ of the threshold, not only ties: measured on a 3×3×256×256 leaf of
+normal weights at density 0.2 and ``f = 0.3`` (``d = 35,389``; ``scripts/rigl_drop_noise.py``),
+RigL's kept set differs from this one in 12 weights (3e-4 of ``d``) at He-init scale
+(σ = 0.0295), 37 at σ = 0.01 and 117 (3e-3) at σ = 0.003 (means of 5 seeds; float32).
 
 The count of active weights stays exactly ``k``.  Grown weights start at 0 with zeroed optimizer
 state; dropped weights are set to 0.  ``f_t`` is ``drop_fraction`` (``"constant"``, SET's default)
