@@ -97,6 +97,8 @@ RULES: tuple[config_rules.Rule | config_rules.Relation, ...] = config_rules.SHAR
     config_rules.real_in("optim.b1", 0.0, 1.0, optional=True),
     config_rules.real_in("optim.b2", 0.0, 1.0, optional=True),
     config_rules.real_in("optim.eps", 0.0, low_open=True, optional=True),
+    config_rules.one_of("optim.name", ("adam", "sgd"), optional=True),
+    config_rules.real_in("optim.momentum", 0.0, 1.0, high_open=True, optional=True),
 )
 
 
@@ -125,16 +127,22 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     )
 
 
+def base_optimizer(o: ml_collections.ConfigDict, schedule: Any) -> optax.GradientTransformation:
+    """``config.optim.name``: ``"adam"`` (the paper's, the default) or ``"sgd"`` (heavy-ball
+    momentum ``config.optim.momentum``, default 0.9; issue 15's Adam-vs-SGD diagnostic)."""
+    if o.get("name", "adam") == "sgd":
+        return optax.sgd(schedule, momentum=o.get("momentum", 0.9))
+    return optax.adam(schedule, b1=o.get("b1", 0.9), b2=o.get("b2", 0.999), eps=o.get("eps", 1e-8))
+
+
 def make_optimizer(config: ml_collections.ConfigDict, sparsify: Any):
-    """``(tx, schedule)``: Top-KAST (or dense) around global-norm clipping + Adam.
+    """``(tx, schedule)``: Top-KAST (or dense) around global-norm clipping + Adam (or SGD).
 
     No dense weight decay: the only regulariser is Top-KAST's exploration penalty.
     """
     schedule = learning_rate_schedule(config)
-    o = config.optim
     inner = optax.chain(
-        optax.clip_by_global_norm(o.grad_clip),
-        optax.adam(schedule, b1=o.get("b1", 0.9), b2=o.get("b2", 0.999), eps=o.get("eps", 1e-8)),
+        optax.clip_by_global_norm(config.optim.grad_clip), base_optimizer(config.optim, schedule)
     )
     tx = make_sparse_optimizer(
         inner, config.sparsity, sparsify, seed=config.seed, num_train_steps=config.num_train_steps

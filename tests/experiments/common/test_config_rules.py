@@ -73,6 +73,8 @@ BAD_LM = {
     "optim.b1": 1.0,
     "optim.b2": -0.1,
     "optim.eps": 0.0,
+    "optim.name": "lamb",
+    "optim.momentum": 1.0,
 }
 BAD_IMAGENET = {
     **BAD_SHARED,
