@@ -76,6 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_clamp_len = 127  # = seq_len + mem_len - 1, the longest distance seen in training
 
     c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adam"  # or "sgd" (momentum 0.9; issue 15's diagnostic)
     c.optim.lr = 2e-3
     c.optim.warmup_init_lr = 1e-7
     c.optim.warmup_steps = 100

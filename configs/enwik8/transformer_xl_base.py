@@ -27,6 +27,7 @@ def sparsity_config(arg: str | None) -> ml_collections.ConfigDict:
 def optim_config(warmup_steps: int = 4000) -> ml_collections.ConfigDict:
     """Paper App. A: Adam, warmup 1e-7 -> 2e-4 over 4000 steps, cosine, clip 0.25."""
     o = ml_collections.ConfigDict()
+    o.name = "adam"  # or "sgd" (momentum 0.9)
     o.lr = 2e-4
     o.warmup_init_lr = 1e-7
     o.warmup_steps = warmup_steps

@@ -1,0 +1,82 @@
+"""Write a second local text for issue 15's checks: the English prose (``*.md``, ``*.rst``,
+``*.txt``) that ships inside the installed Python packages, de-duplicated, as one file.
+
+  python scripts/local_prose_corpus.py OUT_FILE [--max_mb=8] [ROOT ...]
+
+ROOTs default to this interpreter's site-packages (``sysconfig`` purelib and platlib), package
+metadata folders (``*.dist-info``, ``*.egg-info``) left out. Files are read in sorted path
+order; a file under 2 KiB or over 1 MiB, one that is not UTF-8, or one whose bytes were
+already taken (licence texts repeat in many packages) is skipped; files are joined with a blank
+line until ``--max_mb`` MiB. Different machines have different packages, so the text (like
+``pystdlib``) differs between machines: compare ratios within one machine's runs, not BPC across
+machines. Train with ``--config.data.name=text --config.data.path=OUT_FILE``.
+"""
+
+import argparse
+import hashlib
+import os
+import sys
+import sysconfig
+
+SUFFIXES = (".md", ".rst", ".txt")
+MAX_FILE = 1 << 20
+MIN_FILE = 2048
+METADATA = (".dist-info", ".egg-info")
+
+
+def default_roots() -> list[str]:
+    """This interpreter's site-packages folders (purelib, platlib), without repeats."""
+    paths = sysconfig.get_paths()
+    return sorted({paths["purelib"], paths["platlib"]})
+
+
+def prose_files(roots: list[str]) -> list[str]:
+    """Every ``*.md`` / ``*.rst`` / ``*.txt`` under ``roots``, sorted by path."""
+    found = []
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.endswith(METADATA))
+            found.extend(os.path.join(dirpath, f) for f in filenames if f.endswith(SUFFIXES))
+    return sorted(set(found))
+
+
+def corpus_bytes(files: list[str], max_bytes: int) -> bytes:
+    """The UTF-8 files of 2 KiB to 1 MiB, first copy of each content only, up to ``max_bytes``."""
+    seen, chunks, total = set(), [], 0
+    for path in files:
+        if not MIN_FILE <= os.path.getsize(path) <= MAX_FILE:
+            continue
+        with open(path, "rb") as fh:
+            raw = fh.read().strip()
+        digest = hashlib.sha256(raw).digest()
+        if not raw or digest in seen:
+            continue
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        seen.add(digest)
+        chunks.append(raw)
+        total += len(raw) + 2
+        if total >= max_bytes:
+            break
+    return b"\n\n".join(chunks)[:max_bytes]
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out")
+    parser.add_argument("roots", nargs="*")
+    parser.add_argument("--max_mb", type=float, default=8.0)
+    args = parser.parse_args(argv)
+    files = prose_files(args.roots or default_roots())
+    data = corpus_bytes(files, int(args.max_mb * (1 << 20)))
+    if len(data) < 1 << 20:
+        sys.exit(f"only {len(data)} bytes of prose found under {args.roots or default_roots()}")
+    with open(args.out, "wb") as fh:
+        fh.write(data)
+    print(f"{args.out}: {len(data):,} bytes from {len(files)} candidate files")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
