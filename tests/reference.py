@@ -85,6 +85,30 @@ def global_masks(
 
 
 # --------------------------------------------------------------------------------------------
+# N:M structured sets (an extension of the paper, issue 12): groups of m consecutive weights
+# along one axis, every other index fixed.
+
+
+def nm_masks(
+    theta: np.ndarray, n: int, n_backward: int, m: int, axis: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(A, B)``: in every group of ``m`` consecutive entries along ``axis``, the ``n`` (``A``)
+    and ``n_backward`` (``B``) of largest ``|theta|``, ties to the lower index in the group (NaN
+    as 0), each group by a full stable argsort."""
+    theta = np.asarray(theta)
+    moved = np.moveaxis(theta, axis, -1)
+    groups = moved.reshape(-1, m)
+    a = np.zeros(groups.shape, dtype=bool)
+    b = np.zeros(groups.shape, dtype=bool)
+    for g, values in enumerate(groups):
+        order = top_k_indices(values, m)
+        a[g, order[:n]] = True
+        b[g, order[:n_backward]] = True
+    back = [np.moveaxis(x.reshape(moved.shape), -1, axis) for x in (a, b)]
+    return back[0], back[1]
+
+
+# --------------------------------------------------------------------------------------------
 # Scan-stacked leaves: every slice along the layer axis is a leaf of its own.
 
 
@@ -191,6 +215,7 @@ class LeafConfig:
     sparse: bool
     forward_density: float = 1.0
     backward_density: float = 1.0
+    nm: tuple[int, int, int, int] | None = None  # (n, n_backward, m, axis): N:M sets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +245,8 @@ class RefState:
 def _leaf_masks(theta, cfg: LeafConfig):
     if not cfg.sparse:
         return None, None
+    if cfg.nm is not None:
+        return nm_masks(theta, *cfg.nm)
     return magnitude_masks(theta, cfg.forward_density, cfg.backward_density)
 
 

@@ -7,12 +7,14 @@ Public API::
     masks = get_masks(opt_state)                       # Masks(forward=A, backward=B)
     penalty = exploration_penalty(params, opt_state)   # λ(½‖θ_A‖² + ½‖θ_{B∖A}‖²/D)
     stats = mask_stats(opt_state)                      # densities, mask change, reservoir
+    tx = topkast(inner, structure=NM(2, 4), ...)       # N:M sets (extension of the paper)
 """
 
-from topkast_jax import baselines, flops, nnx, selection, sparsify
+from topkast_jax import baselines, flops, nm, nnx, selection, sparsify
 from topkast_jax.always_sparse import AlwaysSparse, AlwaysSparseState
 from topkast_jax.distributions import erk_densities, keep_count, leaf_densities, mask_counts
 from topkast_jax.flops import LayerCost, train_flops_vs_dense
+from topkast_jax.nm import NM
 from topkast_jax.penalty import exploration_penalty
 from topkast_jax.plan import LeafDensity, layer_densities
 from topkast_jax.state import (
@@ -38,6 +40,7 @@ __all__ = [
     "LeafDensity",
     "MaskStats",
     "Masks",
+    "NM",
     "TopKastState",
     "erk_densities",
     "exploration_penalty",
@@ -49,6 +52,7 @@ __all__ = [
     "leaf_densities",
     "mask_counts",
     "mask_stats",
+    "nm",
     "nnx",
     "selection",
     "sparsify",

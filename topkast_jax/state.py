@@ -51,23 +51,29 @@ class MaskStats(NamedTuple):
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["bits"], meta_fields=["shape", "axis"]
+    jax.tree_util.register_dataclass,
+    data_fields=["bits"],
+    meta_fields=["shape", "axis", "structure"],
 )
 @dataclasses.dataclass(frozen=True)
 class PackedSets:
     """Two bits per weight of one leaf (see :mod:`topkast_jax.codes`): ``bits`` is uint8 of shape
-    ``codes.packed_shape(shape, axis)``; ``shape`` and ``axis`` (the packing axis) are static."""
+    ``codes.packed_shape(shape, axis)``; ``shape``, ``axis`` (the packing axis) and
+    ``structure`` are static.  ``structure`` is the leaf's :class:`topkast_jax.nm.LeafNM` when
+    ``A`` and ``B`` are N:M structured (``tk.topkast(..., structure=tk.NM(...))``), else
+    ``None``."""
 
     bits: jax.Array
     shape: tuple[int, ...]
     axis: int = 0
+    structure: Any = None
 
     @classmethod
-    def from_codes(cls, code: jax.Array) -> PackedSets:
+    def from_codes(cls, code: jax.Array, structure: Any = None) -> PackedSets:
         """Packs uint8 codes (values 0–3) of a leaf along its first axis that is not explicitly
         sharded (so the packed array keeps the leaf's sharding)."""
         axis = sharding.unsharded_axis(code)
-        return cls(codes_lib.pack(code, axis), tuple(code.shape), axis)
+        return cls(codes_lib.pack(code, axis), tuple(code.shape), axis, structure)
 
     def codes(self) -> jax.Array:
         """uint8 codes of the leaf's shape."""

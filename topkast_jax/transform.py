@@ -40,6 +40,7 @@ from optax import tree_utils as otu
 from topkast_jax import boxes, distributions, selection, streaming
 from topkast_jax import codes as codes_lib
 from topkast_jax import masks as masks_lib
+from topkast_jax import nm as nm_lib
 from topkast_jax import sparsify as sparsify_lib
 from topkast_jax import stats as stats_lib
 from topkast_jax.penalty import add_penalty_gradient
@@ -119,7 +120,7 @@ def _stop_exploration_sets(count: jax.Array, sets: Any, stop_step: int) -> Any:
         code = p.codes()
         in_a = jnp.uint8(codes_lib.IN_A | codes_lib.IN_B)
         forward_only = jnp.where(codes_lib.forward_of(code), in_a, jnp.uint8(0))
-        return PackedSets.from_codes(jnp.where(stopped, forward_only, code))
+        return PackedSets.from_codes(jnp.where(stopped, forward_only, code), p.structure)
 
     return jax.tree.map(lambda p: None if p is None else stop(p), sets, is_leaf=is_set_leaf)
 
@@ -195,8 +196,8 @@ def _is_zero(value: Any) -> bool:
 def topkast(
     inner: optax.GradientTransformation,
     *,
-    forward_sparsity: float,
-    backward_sparsity: float = 0.0,
+    forward_sparsity: float | None = None,
+    backward_sparsity: float | None = None,
     exploration_l2: float = 0.0,
     refresh_every: int = 1,
     sparsify: Any = None,
@@ -208,14 +209,17 @@ def topkast(
     seed: int = 0,
     track_reservoir: bool = False,
     layer_axis: Any = "auto",
+    structure: nm_lib.NM | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Top-KAST: always-sparse training around any optax optimizer.
 
     Args:
       inner: the optimizer that turns (masked, penalised) gradients into updates.
       forward_sparsity: fraction of zeros in the forward pass; ``D = 1 − forward_sparsity``.
+        Required unless ``structure`` is given (then ``None`` or ``1 − n/m``).
       backward_sparsity: fraction of weights that receive no update; ``D + M = 1 −
-        backward_sparsity``. Must be ``<= forward_sparsity``; 0 updates every weight.
+        backward_sparsity``. Must be ``<= forward_sparsity``; ``None`` (default) is 0 — every
+        weight is updated — or, with ``structure``, ``1 − n_B/m``.
       exploration_l2: ``λ`` of the exploration penalty ``λ(½‖θ_A‖² + ½‖θ_{B∖A}‖²/D)``.
       refresh_every: recompute ``A`` and ``B`` every this many updates (paper App. C: 1 or 100).
       sparsify: which leaves are sparse — a bool pytree like params or a callable
@@ -240,6 +244,13 @@ def topkast(
         of those per leaf; default ``"auto"``: the axis named ``"layers"`` in the leaf's Flax
         partitioning metadata (Linen ``nn.Partitioned`` names, NNX ``out_sharding``), where it
         has one.  See :mod:`topkast_jax.layers`.
+      structure: ``tk.NM(n, m, axis=None, n_backward=None)`` — N:M structured sets, an
+        extension of the paper's method (:mod:`topkast_jax.nm`): ``A`` keeps the top-``n`` and
+        ``B`` the top-``n_B`` of every group of ``m`` consecutive weights along ``axis``; the
+        penalty uses ``D = n/m``.  Not with ``global_topk``, ``distribution="erk"``,
+        ``backward_selection="random"`` or another ``selection_method`` than ``"auto"``; every
+        sparse leaf's length along ``axis`` must be a multiple of ``m``.  ``None`` (default):
+        unstructured, as in the paper.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params,
@@ -261,6 +272,19 @@ def topkast(
       Jayakumar et al., 2020. https://arxiv.org/abs/2106.03517
     """
     check_inner(inner)
+    if structure is not None:
+        forward_sparsity, backward_sparsity = nm_lib.check_options(
+            structure,
+            forward_sparsity,
+            backward_sparsity,
+            global_topk=global_topk,
+            distribution=distribution,
+            backward_selection=backward_selection,
+            selection_method=selection_method,
+        )
+    elif forward_sparsity is None:
+        raise ValueError("forward_sparsity is required (or pass structure=tk.NM(n, m)).")
+    backward_sparsity = 0.0 if backward_sparsity is None else backward_sparsity
     forward_sparsity, backward_sparsity = check_sparsities(forward_sparsity, backward_sparsity)
     _check_hyperparameters(
         refresh_every, exploration_l2, backward_selection, stop_exploration_step, selection_method
@@ -284,6 +308,8 @@ def topkast(
         )
 
     def compute_sets(params: Any, plan: list[LeafDensity], rng: jax.Array) -> Any:
+        if structure is not None:
+            return nm_lib.select_sets(params, plan, nm_lib.resolve(structure, params, plan))
         return select_sets(
             params,
             plan,
