@@ -1,0 +1,428 @@
+r"""Compact export of a sparse model: only ``α = θ ⊙ A`` of each sparse leaf, saved and loaded.
+
+:func:`sparse_params` turns ``(params, opt_state)`` of any sparse method (or an
+:class:`~topkast_jax.AlwaysSparseState`) into a pytree shaped like the params where each sparse
+leaf is a compact leaf and each dense leaf is unchanged.  Two compact layouts, both holding the
+``k = |A|`` kept values in ascending flat (row-major) index order:
+
+* :class:`BitmapLeaf` (default) — ``values[k]`` (the leaf's dtype) and ``bitmap[⌈n/8⌉]`` uint8,
+  where weight ``i`` of the flattened leaf (``n`` weights) is in ``A`` iff bit ``i mod 8`` of
+  byte ``⌊i/8⌋`` is set (little-endian bit order, ``np.packbits(..., bitorder="little")``).
+  ``k·s + n/8`` bytes for an ``s``-byte dtype.
+* :class:`IndexLeaf` — ``values[k]`` and ``indices[k]`` int32 flat indices, ascending.
+  ``k·(s + 4)`` bytes: smaller than the bitmap only below a density of ``1/32`` (float32), but
+  it is the coordinate list that :class:`jax.experimental.sparse.BCOO` runs on.
+
+For float32 at forward sparsity 80/90/95% the bitmap layout holds 23/13/8% of the dense bytes,
+the index layout 40/20/10% (``BENCHMARKS.md``, "Compact export", measures them on disk).
+
+:func:`densify` gives back the dense ``θ ⊙ A`` exactly (bitwise: ``+0`` outside ``A``, the stored
+values on ``A``); :func:`to_bcoo` gives ``BCOO`` leaves to run a model through
+:func:`jax.experimental.sparse.sparsify`.  :func:`save` / :func:`load` write and read a
+directory: ``arrays/`` (an orbax checkpoint of the arrays, nested by leaf path) and
+``export.json`` (each leaf's layout, shape and dtype).  Saving and loading need
+``orbax-checkpoint`` (installed with the ``experiments`` extra); nothing else here does.
+
+Example:
+  >>> import jax.numpy as jnp, optax, topkast_jax as tk
+  >>> params = {"w": jnp.arange(1.0, 11.0).reshape(2, 5), "b": jnp.zeros(2)}
+  >>> tx = tk.topkast(optax.sgd(0.1), forward_sparsity=0.8, backward_sparsity=0.5)
+  >>> exported = tk.export.sparse_params(params, tx.init(params))
+  >>> exported["w"].values, exported["w"].shape
+  (array([ 9., 10.], dtype=float32), (2, 5))
+  >>> tk.export.densify(exported)["w"]
+  Array([[ 0.,  0.,  0.,  0.,  0.],
+         [ 0.,  0.,  0.,  9., 10.]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from topkast_jax.always_sparse import AlwaysSparseState
+from topkast_jax.state import find_sparse_state
+from topkast_jax.tree import path_name
+from topkast_jax.validation import check_choice
+
+#: The compact layouts of :func:`sparse_params`.
+LAYOUTS = ("bitmap", "indices")
+#: ``export.json``'s format name and version.
+FORMAT = "topkast-jax sparse export"
+VERSION = 1
+_ARRAYS = "arrays"
+_META = "export.json"
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["values", "bitmap"], meta_fields=["shape"]
+)
+@dataclasses.dataclass(frozen=True)
+class BitmapLeaf:
+    """``θ ⊙ A`` of one leaf as its kept values and a packed bitmap of ``A``.
+
+    Attributes:
+      values: ``[k]`` the leaf's dtype, ``θ`` at ``A`` in ascending flat index order.
+      bitmap: ``[⌈n/8⌉]`` uint8; flat weight ``i`` is in ``A`` iff bit ``i mod 8`` of byte
+        ``⌊i/8⌋`` is set (padding bits 0).
+      shape: the dense leaf's shape (static).
+    """
+
+    values: Any
+    bitmap: Any
+    shape: tuple[int, ...]
+
+    layout = "bitmap"
+
+    def flat_indices(self) -> np.ndarray:
+        """int32 ``[k]`` ascending flat indices of ``A``."""
+        bits = np.unpackbits(
+            np.asarray(self.bitmap), count=math.prod(self.shape), bitorder="little"
+        )
+        return np.flatnonzero(bits).astype(np.int32)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["values", "indices"], meta_fields=["shape"]
+)
+@dataclasses.dataclass(frozen=True)
+class IndexLeaf:
+    """``θ ⊙ A`` of one leaf as its kept values and their flat indices.
+
+    Attributes:
+      values: ``[k]`` the leaf's dtype, ``θ`` at ``A`` in ascending flat index order.
+      indices: ``[k]`` int32 ascending flat (row-major) indices of ``A``.
+      shape: the dense leaf's shape (static).
+    """
+
+    values: Any
+    indices: Any
+    shape: tuple[int, ...]
+
+    layout = "indices"
+
+    def flat_indices(self) -> np.ndarray:
+        """int32 ``[k]`` ascending flat indices of ``A``."""
+        return np.asarray(self.indices)
+
+
+CompactLeaf = BitmapLeaf | IndexLeaf
+_SUPPORT_FIELD = {"bitmap": "bitmap", "indices": "indices"}
+
+
+def is_compact(x: Any) -> bool:
+    """Whether ``x`` is a compact leaf (:class:`BitmapLeaf` or :class:`IndexLeaf`)."""
+    return isinstance(x, BitmapLeaf | IndexLeaf)
+
+
+def _compact(values: np.ndarray, flat: np.ndarray, shape: tuple[int, ...], layout: str):
+    """The compact leaf of ``layout`` for ``values`` at ascending flat indices ``flat``."""
+    if layout == "indices":
+        return IndexLeaf(values, flat.astype(np.int32), tuple(shape))
+    bits = np.zeros(math.prod(shape), np.uint8)
+    bits[flat] = 1
+    return BitmapLeaf(values, np.packbits(bits, bitorder="little"), tuple(shape))
+
+
+def _leaf_from_mask(theta: Any, mask: Any, name: str, layout: str) -> CompactLeaf:
+    """The compact leaf of ``θ ⊙ A`` for one leaf (host numpy arrays)."""
+    theta, mask = np.asarray(theta), np.asarray(mask)
+    if theta.shape != mask.shape:
+        raise ValueError(
+            f"leaf {name!r}: params shape {theta.shape} does not match its mask's "
+            f"{mask.shape}; pass the opt_state of these params."
+        )
+    flat = np.flatnonzero(mask.reshape(-1))
+    return _compact(theta.reshape(-1)[flat], flat, theta.shape, layout)
+
+
+def sparse_params(params: Any, opt_state: Any = None, *, layout: str = "bitmap") -> Any:
+    """``θ ⊙ A`` with each sparse leaf compact, each dense leaf unchanged.
+
+    Args:
+      params: the params pytree ``θ`` — or an :class:`~topkast_jax.AlwaysSparseState`, whose
+        device state already holds ``θ_B``, its indices and ``A``-flags (then ``opt_state`` is
+        ``None``; no dense leaf is built).
+      opt_state: an optimizer state holding one sparse-training state (Top-KAST, a baseline),
+        wrapped in any optax chain or wrapper.
+      layout: ``"bitmap"`` (:class:`BitmapLeaf`, the smaller one) or ``"indices"``
+        (:class:`IndexLeaf`).
+
+    Returns:
+      A pytree of the params' structure: compact leaves (host numpy arrays) on sparse leaves,
+      dense leaves as they are.  Stacked leaves (a layer axis) are one compact leaf over all
+      their slices.
+
+    Raises:
+      ValueError: an unknown ``layout``; ``opt_state`` holds no sparse state (or is given with an
+        ``AlwaysSparseState``); a params leaf whose shape is not its mask's (naming the leaf).
+    """
+    check_choice("layout", layout, LAYOUTS)
+    if isinstance(params, AlwaysSparseState):
+        if opt_state is not None:
+            raise ValueError(
+                "sparse_params: opt_state must be None with an AlwaysSparseState (it holds the "
+                "sets itself)."
+            )
+        return _from_always_sparse(params, layout)
+    if opt_state is None:
+        raise ValueError(
+            "sparse_params needs opt_state, the optimizer state holding the sparse method's "
+            "masks (or pass an AlwaysSparseState as params)."
+        )
+    try:
+        forward = find_sparse_state(opt_state).masks.forward
+    except ValueError as e:
+        raise ValueError(f"sparse_params: {e}") from None
+    if jax.tree.structure(params) != jax.tree.structure(forward, is_leaf=lambda x: x is None):
+        raise ValueError(
+            "sparse_params: params and the masks of opt_state differ in structure; pass the "
+            "opt_state of these params."
+        )
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p, m: p if m is None else _leaf_from_mask(p, m, path_name(path), layout),
+        params,
+        forward,
+    )
+
+
+def _from_always_sparse(state: AlwaysSparseState, layout: str) -> Any:
+    """Compact leaves from the ``B``-state: the values and indices of the entries flagged in
+    ``A`` (``θ_B`` on the device is current; the host ``θ`` is stale on ``B``)."""
+    device = state.device
+
+    def leaf(p, idx, in_a, host_theta):
+        if idx is None:
+            return p
+        keep = np.asarray(in_a)
+        return _compact(np.asarray(p)[keep], np.asarray(idx)[keep], np.shape(host_theta), layout)
+
+    return jax.tree.map(
+        leaf,
+        device.params,
+        device.indices,
+        device.in_a,
+        state.host_params,
+        is_leaf=lambda x: x is None,
+    )
+
+
+def _dense_leaf(leaf: CompactLeaf) -> np.ndarray:
+    """``θ ⊙ A`` of one compact leaf (numpy, the values' dtype, ``+0`` outside ``A``)."""
+    values = np.asarray(leaf.values)
+    out = np.zeros(math.prod(leaf.shape), values.dtype)
+    out[leaf.flat_indices()] = values
+    return out.reshape(leaf.shape)
+
+
+def densify(exported: Any) -> Any:
+    """The dense ``θ ⊙ A`` pytree (``jax.Array`` leaves) of an export: exactly
+    :func:`topkast_jax.forward_params` of the exported ``(params, opt_state)``, bit for bit."""
+    return jax.tree.map(
+        lambda x: jnp.asarray(_dense_leaf(x) if is_compact(x) else x), exported, is_leaf=is_compact
+    )
+
+
+def to_bcoo(exported: Any) -> Any:
+    """The export with each compact leaf as a :class:`jax.experimental.sparse.BCOO` (``nse = k``,
+    indices ``[k, ndim]`` int32 sorted and unique); dense leaves unchanged.  Run a function of
+    the params with :func:`jax.experimental.sparse.sparsify`."""
+    from jax.experimental import sparse
+
+    def bcoo(leaf):
+        if not is_compact(leaf):
+            return leaf
+        coords = np.stack(np.unravel_index(leaf.flat_indices(), leaf.shape), axis=-1)
+        data = (jnp.asarray(leaf.values), jnp.asarray(coords.astype(np.int32)))
+        return sparse.BCOO(data, shape=leaf.shape, indices_sorted=True, unique_indices=True)
+
+    return jax.tree.map(bcoo, exported, is_leaf=is_compact)
+
+
+def nbytes(tree: Any) -> int:
+    """Bytes of the arrays of a pytree (an export or a dense one), in memory."""
+    return sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(tree))
+
+
+def disk_bytes(path: str) -> int:
+    """Bytes of the files under ``path`` (a saved export or a checkpoint directory)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(
+        os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
+    )
+
+
+# ------------------------------------------------------------------------------- save / load
+def _flat(tree: Any) -> list[tuple[str, Any]]:
+    """``(path name, leaf)`` of every leaf, compact leaves whole."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_compact)
+    return [(path_name(path), leaf) for path, leaf in flat]
+
+
+def _leaf_meta(leaf: Any) -> dict[str, Any]:
+    if is_compact(leaf):
+        values = np.asarray(leaf.values)
+        return {"layout": leaf.layout, "shape": list(leaf.shape), "dtype": values.dtype.name}
+    leaf = np.asarray(leaf)
+    return {"layout": "dense", "shape": list(leaf.shape), "dtype": leaf.dtype.name}
+
+
+def _leaf_arrays(leaf: Any) -> Any:
+    if is_compact(leaf):
+        field = _SUPPORT_FIELD[leaf.layout]
+        return {"values": np.asarray(leaf.values), field: np.asarray(getattr(leaf, field))}
+    return np.asarray(leaf)
+
+
+def _nest(flat: dict[str, Any]) -> Any:
+    """``{"a/b": x}`` → ``{"a": {"b": x}}`` (the root leaf, name ``""``, under ``"_"``)."""
+    out: dict[str, Any] = {}
+    for name, value in flat.items():
+        *parents, last = name.split("/") if name else ["_"]
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return out
+
+
+def _get(nested: dict[str, Any], name: str) -> Any:
+    node = nested
+    for part in name.split("/") if name else ["_"]:
+        node = node[part]
+    return node
+
+
+def save(path: str, exported: Any) -> None:
+    """Write an export to the directory ``path`` (created; it must not exist yet).
+
+    ``path/arrays`` is an orbax checkpoint of the arrays nested by leaf path (a compact leaf as
+    ``{"values", "bitmap"}`` or ``{"values", "indices"}``); ``path/export.json`` names each
+    leaf's layout, shape and dtype.
+
+    Raises:
+      FileExistsError: ``path`` exists.
+      ValueError: two leaves with one path name.
+    """
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        raise FileExistsError(f"save: path {path} exists; choose a new directory.")
+    flat = _flat(exported)
+    names = [name for name, _ in flat]
+    if len(set(names)) != len(names):
+        raise ValueError(f"save: leaves share path names: {sorted(names)}")
+    meta = {"format": FORMAT, "version": VERSION, "leaves": {n: _leaf_meta(x) for n, x in flat}}
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        checkpointer.save(os.path.join(path, _ARRAYS), _nest({n: _leaf_arrays(x) for n, x in flat}))
+        checkpointer.wait_until_finished()
+    finally:
+        checkpointer.close()
+    with open(os.path.join(path, _META), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def _read_meta(path: str) -> dict[str, Any]:
+    meta_path = os.path.join(path, _META)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"load: no export at path {path} (not a directory).")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(
+            f"load: path {path} is not a topkast-jax export (no {_META}); write one with "
+            "topkast_jax.export.save."
+        )
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(
+            f"load: {meta_path} has format {meta.get('format')!r} version "
+            f"{meta.get('version')!r}; this version reads {FORMAT!r} version {VERSION}."
+        )
+    return meta
+
+
+def _restore(path: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """Arrays of every leaf as host numpy, keyed by path name."""
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        nested = checkpointer.restore(os.path.join(path, _ARRAYS))
+    finally:
+        checkpointer.close()
+    return {name: jax.tree.map(np.asarray, _get(nested, name)) for name in meta["leaves"]}
+
+
+def _rebuild(name: str, leaf_meta: dict[str, Any], arrays: Any) -> Any:
+    """The leaf of ``name`` from its arrays, checked against its ``export.json`` entry."""
+    shape, dtype, layout = (
+        tuple(leaf_meta["shape"]),
+        np.dtype(leaf_meta["dtype"]),
+        leaf_meta["layout"],
+    )
+    if layout == "dense":
+        leaf = arrays
+    elif layout == "bitmap":
+        leaf = BitmapLeaf(arrays["values"], arrays["bitmap"].astype(np.uint8), shape)
+    else:
+        leaf = IndexLeaf(arrays["values"], arrays["indices"].astype(np.int32), shape)
+    values = leaf.values if is_compact(leaf) else leaf
+    if values.dtype != dtype or (layout == "dense" and values.shape != shape):
+        raise ValueError(
+            f"load: leaf {name!r} holds {values.dtype}{list(values.shape)}, "
+            f"export.json says {dtype}{list(shape)}."
+        )
+    if is_compact(leaf) and len(leaf.flat_indices()) != values.shape[0]:
+        raise ValueError(
+            f"load: leaf {name!r} has {values.shape[0]} values for "
+            f"{len(leaf.flat_indices())} kept positions; the export is corrupt."
+        )
+    return leaf
+
+
+def load(path: str, like: Any = None) -> Any:
+    """Read an export written by :func:`save` (host numpy arrays).
+
+    Args:
+      path: the export's directory.
+      like: optional pytree (e.g. the model's params, or ``jax.eval_shape`` of their init) whose
+        structure the result takes; its leaves are matched by path name and must have the saved
+        shapes.  ``None``: nested dicts by path name (a Flax params dict comes back as itself).
+
+    Raises:
+      FileNotFoundError: ``path`` is not a directory, or holds no ``export.json``.
+      ValueError: another format or version; a leaf's arrays disagree with ``export.json``;
+        with ``like``: leaves missing on either side or a shape mismatch (naming the leaves).
+    """
+    path = os.path.abspath(path)
+    meta = _read_meta(path)
+    arrays = _restore(path, meta)
+    leaves = {n: _rebuild(n, m, arrays[n]) for n, m in meta["leaves"].items()}
+    if like is None:
+        return _nest(leaves)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+    names = [path_name(p) for p, _ in flat]
+    missing, extra = sorted(set(names) - set(leaves)), sorted(set(leaves) - set(names))
+    if missing or extra:
+        raise ValueError(
+            f"load: the export at {path} does not match like: missing leaves {missing}, "
+            f"leaves not in like {extra}."
+        )
+    for name, (_, target) in zip(names, flat, strict=True):
+        saved, wanted = tuple(meta["leaves"][name]["shape"]), tuple(np.shape(target))
+        if wanted != saved:
+            raise ValueError(
+                f"load: leaf {name!r} has shape {saved} in the export at {path}, like has {wanted}."
+            )
+    return jax.tree_util.tree_unflatten(treedef, [leaves[n] for n in names])
