@@ -7,10 +7,11 @@ Public API::
     masks = get_masks(opt_state)                       # Masks(forward=A, backward=B)
     penalty = exploration_penalty(params, opt_state)   # λ(½‖θ_A‖² + ½‖θ_{B∖A}‖²/D)
     stats = mask_stats(opt_state)                      # densities, mask change, reservoir
+    exported = export.sparse_params(params, opt_state) # θ ⊙ A, compact: export.save/load
     tx = topkast(inner, structure=NM(2, 4), ...)       # N:M sets (extension of the paper)
 """
 
-from topkast_jax import baselines, flops, nm, nnx, selection, sparsify
+from topkast_jax import baselines, export, flops, nm, nnx, selection, sparsify
 from topkast_jax.always_sparse import AlwaysSparse, AlwaysSparseState
 from topkast_jax.distributions import erk_densities, keep_count, leaf_densities, mask_counts
 from topkast_jax.flops import LayerCost, train_flops_vs_dense
@@ -43,6 +44,7 @@ __all__ = [
     "NM",
     "TopKastState",
     "erk_densities",
+    "export",
     "exploration_penalty",
     "find_sparse_state",
     "forward_params",
