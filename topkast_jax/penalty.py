@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import optax
 
 from topkast_jax import boxes
-from topkast_jax.state import Masks, find_sparse_state
-from topkast_jax.tree import map_sparse, sparse_leaves
+from topkast_jax.state import Masks, sparse_states
+from topkast_jax.tree import cover, map_sparse, sparse_leaves
 
 
 def penalty_scale(forward: jax.Array, backward: jax.Array, density: jax.Array) -> jax.Array:
@@ -54,10 +54,19 @@ def exploration_penalty(params: Any, opt_state: optax.OptState) -> jax.Array:
 
     Args:
       params: the dense parameters ``θ``.
-      opt_state: an optimizer state containing a :class:`~topkast_jax.TopKastState`.
+      opt_state: an optimizer state containing a :class:`~topkast_jax.TopKastState`, or several
+        over disjoint leaves (each with its own ``λ`` and ``D``; their penalties are summed).
 
     Returns:
       float32 scalar, for logging (the optimizer already applies its gradient).
     """
-    state = find_sparse_state(opt_state)
-    return penalty_value(params, state.masks, state.densities, state.exploration_l2)
+    values = [
+        penalty_value(
+            params,
+            Masks(*(cover(m, params) for m in state.masks)),
+            cover(state.densities, params),
+            state.exploration_l2,
+        )
+        for state in sparse_states(opt_state)
+    ]
+    return sum(values[1:], values[0])

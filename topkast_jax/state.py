@@ -2,9 +2,12 @@
 
 Every sparse method of the library (Top-KAST and the baselines) keeps its masks in a NamedTuple
 state with a ``masks: Masks`` field (the baselines: bool arrays) or property (Top-KAST: unpacked
-from two bits per weight).  :func:`find_sparse_state` locates that state wherever it
-sits inside ``optax.chain``, ``optax.MultiSteps``, ``optax.inject_hyperparams`` or any other
-wrapper, so :func:`forward_params` and :func:`get_masks` work on the whole optimizer state.
+from two bits per weight).  :func:`find_sparse_states` locates those states wherever they
+sit inside ``optax.chain``, ``optax.MultiSteps``, ``optax.inject_hyperparams``,
+``optax.masked`` / ``optax.multi_transform`` or any other wrapper, so :func:`forward_params` and
+:func:`get_masks` work on the whole optimizer state.  Several states (e.g. one Top-KAST per
+``multi_transform`` group, with its own sparsity) are combined when their sparse leaves are
+disjoint; leaves a state does not see (``optax.MaskedNode`` in its trees) are dense to it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import optax
 
 from topkast_jax import codes as codes_lib
 from topkast_jax import sharding
-from topkast_jax.tree import map_sparse
+from topkast_jax.tree import cover, map_sparse, merge_disjoint
 
 
 class Masks(NamedTuple):
@@ -148,34 +151,105 @@ def _is_sparse_state(node: Any) -> bool:
     return isinstance(node, tuple) and hasattr(type(node), "masks")
 
 
+def find_sparse_states(opt_state: optax.OptState) -> list[Any]:
+    """Every sparse-training state (any NamedTuple with ``masks: Masks``) in ``opt_state``, in
+    tree order: one per Top-KAST (or baseline) transformation, e.g. one per
+    ``optax.multi_transform`` group that has its own."""
+    nodes = jax.tree.leaves(opt_state, is_leaf=_is_sparse_state)
+    return [n for n in nodes if _is_sparse_state(n)]
+
+
 def find_sparse_state(opt_state: optax.OptState) -> Any:
     """The unique sparse-training state (any NamedTuple with ``masks: Masks``) in ``opt_state``.
 
     Raises:
-      ValueError: if ``opt_state`` holds none, or more than one.
+      ValueError: if ``opt_state`` holds none, or more than one (:func:`sparse_states` gives
+        them all).
     """
-    nodes = jax.tree.leaves(opt_state, is_leaf=_is_sparse_state)
-    found = [n for n in nodes if _is_sparse_state(n)]
+    found = find_sparse_states(opt_state)
     if len(found) != 1:
+        several = (
+            " forward_params, get_masks, mask_stats and exploration_penalty combine several "
+            "states over disjoint leaves; this function needs one."
+            if found
+            else ""
+        )
         raise ValueError(
             f"opt_state must contain exactly one sparse-training state (e.g. TopKastState), "
             f"found {len(found)}. Pass the state returned by the optimizer's init/update."
+            f"{several}"
         )
     return found[0]
 
 
-def get_masks(opt_state: optax.OptState) -> Masks:
-    """``Masks(forward=A, backward=B)`` from any optimizer state containing a sparse method."""
-    return find_sparse_state(opt_state).masks
+def _sparse_members(state: Any) -> Any:
+    """Per leaf, what marks the leaves ``state`` makes sparse, read without unpacking: the
+    packed sets of Top-KAST, the forward masks of the baselines."""
+    return state.sets if isinstance(state, TopKastState) else state.masks.forward
+
+
+def sparse_states(opt_state: optax.OptState) -> list[Any]:
+    """Every sparse-training state in ``opt_state`` (tree order), checked to make disjoint leaves
+    sparse.
+
+    Raises:
+      ValueError: if ``opt_state`` holds none, or a leaf is sparse in two of them (naming it).
+    """
+    states = find_sparse_states(opt_state)
+    if not states:
+        raise ValueError(
+            "opt_state must contain a sparse-training state (e.g. TopKastState), found 0. "
+            "Pass the state returned by the optimizer's init/update."
+        )
+    functools.reduce(
+        lambda a, b: merge_disjoint(a, b, is_leaf=is_set_leaf), map(_sparse_members, states)
+    )
+    return states
+
+
+def get_masks(opt_state: optax.OptState, params: Any = None) -> Masks:
+    """``Masks(forward=A, backward=B)`` from any optimizer state containing sparse methods.
+
+    Several sparse states (over disjoint leaves, e.g. ``optax.multi_transform`` groups with
+    their own sparsities) are combined: each leaf's masks come from the state that makes it
+    sparse.  A leaf no state sees holds ``optax.MaskedNode()`` (as in the state of a Top-KAST
+    under ``optax.masked``); given ``params``, the masks take their structure instead, with
+    ``None`` on every leaf no state makes sparse.
+
+    Raises:
+      ValueError: if ``opt_state`` holds no sparse state, or a leaf is sparse in two.
+    """
+    masks = [state.masks for state in sparse_states(opt_state)]
+    forward = functools.reduce(merge_disjoint, [m.forward for m in masks])
+    backward = functools.reduce(merge_disjoint, [m.backward for m in masks])
+    if params is not None:
+        forward, backward = cover(forward, params), cover(backward, params)
+    return Masks(forward, backward)
 
 
 def forward_params(params: Any, opt_state: optax.OptState) -> Any:
-    """``α = θ ⊙ A``: sparse leaves masked by the forward set, dense leaves unchanged.
+    """``α = θ ⊙ A``: sparse leaves masked by the forward set, dense leaves unchanged (with
+    several sparse states, each leaf by the state that makes it sparse).
 
     Pure and jit-able; take gradients of the loss with respect to ``α``.
     """
-    masks = get_masks(opt_state)
+    masks = get_masks(opt_state, params)
     return map_sparse(lambda p, a: jnp.where(a, p, jnp.zeros((), p.dtype)), params, masks.forward)
+
+
+def inner_state(opt_state: optax.OptState) -> optax.OptState:
+    """The wrapped (inner) optimizer's state inside the unique sparse-training state of
+    ``opt_state`` — for optax functions that read an optimizer's own state, e.g.
+    ``optax.contrib.schedule_free_eval_params(tk.inner_state(opt_state), params)``.
+
+    Its param-shaped leaves are zero outside ``B`` (as Top-KAST stores them): moments and
+    momenta, but also a param-like leaf such as schedule-free's ``z``.  With
+    ``backward_sparsity=0`` (``B`` = every weight) nothing is zeroed.
+
+    Raises:
+      ValueError: if ``opt_state`` holds no sparse state or several.
+    """
+    return find_sparse_state(opt_state).inner_state
 
 
 def legacy_format(saved_paths: Iterable[str], target_paths: Iterable[str]) -> str | None:

@@ -9,6 +9,9 @@
 * per slice, for a leaf with a layer axis (scan-stacked layers): ``|A_l| / n_slice`` and
   ``|B_l| / n_slice`` of every slice ``l``.
 
+Several sparse states over disjoint leaves (e.g. one Top-KAST per ``optax.multi_transform``
+group) are reported as one: the totals count the sparse leaves of all of them.
+
 Per-leaf scalars (the mask change) are stored without the params' Flax boxes
 (:func:`topkast_jax.boxes.strip`), so a partitioning setup replicates them.
 """
@@ -26,7 +29,7 @@ from jax import lax
 
 from topkast_jax import boxes
 from topkast_jax import codes as codes_lib
-from topkast_jax.state import Masks, MaskStats, PackedSets, SetStats, find_sparse_state, is_set_leaf
+from topkast_jax.state import Masks, MaskStats, PackedSets, SetStats, is_set_leaf, sparse_states
 from topkast_jax.tree import path_name, sparse_leaves
 
 
@@ -94,15 +97,25 @@ def refresh_set_stats(stats: SetStats, old: Any, new: Any) -> SetStats:
     return SetStats(changed=changed, history=history)
 
 
-def _reservoir_fraction(history: Any) -> jax.Array:
-    """Of the reservoir ``C₀`` (history bit ``IN_B``), the fraction ever in ``A`` (bit
-    ``IN_A``), over all sparse leaves, on the packed bytes."""
+def _history_counts(history: Any) -> tuple[jax.Array, jax.Array]:
+    """``(|C₀|, |C₀ ∩ ever in A|)`` over all sparse leaves: the reservoir (history bit ``IN_B``)
+    and those of it ever in ``A`` (bit ``IN_A``), on the packed bytes."""
     leaves = [h for h in jax.tree.leaves(history, is_leaf=is_set_leaf) if h is not None]
     reservoir = sum(codes_lib.count(h.bits, codes_lib.IN_B) for h in leaves)
     activated = sum(
         codes_lib.count((h.bits >> 1) & h.bits, codes_lib.IN_B) for h in leaves
     )  # ever-active bit moved onto the reservoir bit of the same weight
-    return activated.astype(jnp.float32) / jnp.maximum(reservoir, 1).astype(jnp.float32)
+    return reservoir, activated
+
+
+def _reservoir_counts(state: Any) -> tuple[Any, Any] | None:
+    """``(|C₀|, |C₀ ∩ ever in A|)`` of one sparse state, ``None`` when it keeps no history."""
+    if isinstance(state.stats, MaskStats):
+        pairs = sparse_leaves(state.stats.ever_active, state.stats.reservoir)
+        return sum(_count(r) for _, _, r in pairs), sum(_count(e & r) for _, e, r in pairs)
+    if state.stats.history is None:
+        return None
+    return _history_counts(state.stats.history)
 
 
 def _count(mask: jax.Array) -> jax.Array:
@@ -150,31 +163,38 @@ def mask_stats(opt_state: optax.OptState, *, per_leaf: bool = True) -> dict[str,
     ``backward_density/<path>`` and ``mask_change/<path>``, and for a leaf with a layer axis
     ``forward_density/<path>/<l>`` and ``backward_density/<path>/<l>`` for each slice ``l``.  Empty
     dict when no leaf is sparse.
+
+    Several sparse states over disjoint leaves are combined: the totals and the mask change run
+    over the sparse leaves of all of them; ``reservoir_activated`` is given when every state
+    keeps the history.
     """
-    state = find_sparse_state(opt_state)
-    names, sizes, fwd, bwd = _set_counts(state)
+    states = sparse_states(opt_state)
+    counts = [_set_counts(state) for state in states]
+    names = [name for state_names, *_ in counts for name in state_names]
     if not names:
         return {}
-    changed = jnp.stack([c for c in jax.tree.leaves(state.stats.changed)])
+    sizes, fwd, bwd = (jnp.concatenate([c[i] for c in counts]) for i in (1, 2, 3))
+    changed = jnp.stack([c for state in states for c in jax.tree.leaves(state.stats.changed)])
     out: dict[str, jax.Array] = {}
     out["forward_density"] = fwd.sum() / sizes.sum()
     out["backward_density"] = bwd.sum() / sizes.sum()
     out["mask_change"] = changed.mean()
     out["mask_change_min"] = changed.min()
     out["mask_change_max"] = changed.max()
-    if isinstance(state.stats, MaskStats):
-        pairs = sparse_leaves(state.stats.ever_active, state.stats.reservoir)
-        reservoir = sum(_count(r) for _, _, r in pairs)
-        activated = sum(_count(e & r) for _, e, r in pairs)
-        out["reservoir_activated"] = activated / jnp.maximum(reservoir, 1.0)
-    elif state.stats.history is not None:
-        out["reservoir_activated"] = _reservoir_fraction(state.stats.history)
+    reservoirs = [_reservoir_counts(state) for state in states]
+    if all(r is not None for r in reservoirs):
+        reservoir = sum(r for r, _ in reservoirs)
+        activated = sum(a for _, a in reservoirs)
+        out["reservoir_activated"] = jnp.asarray(activated, jnp.float32) / jnp.maximum(
+            jnp.asarray(reservoir, jnp.float32), 1.0
+        )
     if per_leaf:
         for i, name in enumerate(names):
             out[f"forward_density/{name}"] = fwd[i] / sizes[i]
             out[f"backward_density/{name}"] = bwd[i] / sizes[i]
             out[f"mask_change/{name}"] = changed[i]
-        out.update(_slice_stats(state, names))
+        for state, (state_names, *_) in zip(states, counts, strict=True):
+            out.update(_slice_stats(state, state_names))
     return out
 
 

@@ -46,7 +46,7 @@ from topkast_jax import stats as stats_lib
 from topkast_jax.penalty import add_penalty_gradient
 from topkast_jax.plan import LeafDensity, check_sparsities, layer_densities, unflatten_sparse
 from topkast_jax.state import PackedSets, TopKastState, is_set_leaf, sets_masks
-from topkast_jax.tree import map_sparse
+from topkast_jax.tree import is_masked_node, map_sparse
 from topkast_jax.validation import (
     check_choice,
     check_distribution,
@@ -76,13 +76,19 @@ def zero_outside(tree: Any, mask_tree: Any) -> Any:
 def zero_inner_state_outside(
     inner: optax.GradientTransformation, inner_state: optax.OptState, mask_tree: Any
 ) -> optax.OptState:
-    """Zero every param-shaped leaf of ``inner_state`` outside ``mask_tree`` (momenta, moments)."""
+    """Zero every param-shaped leaf of ``inner_state`` outside ``mask_tree`` (momenta, moments).
+
+    Leaves an inner ``optax.masked`` / ``optax.multi_transform`` (or ``optax.contrib.muon``)
+    keeps no state for are ``optax.MaskedNode`` in it, kept as they are."""
     return otu.tree_map_params(
         inner,
-        lambda v, m: v if m is None else jnp.where(m, v, jnp.zeros((), v.dtype)),
+        lambda v, m: (
+            v if m is None or is_masked_node(v) else jnp.where(m, v, jnp.zeros((), v.dtype))
+        ),
         inner_state,
         mask_tree,
         transform_non_params=lambda v: v,
+        is_leaf=is_masked_node,
     )
 
 

@@ -3,6 +3,12 @@
 Masks and per-leaf statistics are pytrees shaped like the params, holding an array on *sparse*
 leaves and ``None`` on dense ones.  ``None`` is an empty pytree node, so
 ``jax.tree.map(f, params, masks)`` calls ``f(leaf, None)`` on dense leaves.
+
+Under ``optax.masked`` / ``optax.multi_transform`` (and ``optax.contrib.muon``, built on them) a
+transformation sees the params with the leaves of other groups replaced by ``optax.MaskedNode()``
+— an empty node standing for one leaf or, with a prefix mask, a whole subtree.  Its state then
+holds ``MaskedNode`` at those places: :func:`cover` puts the params' structure back (``None``
+there), :func:`merge_disjoint` joins the trees of several states over disjoint leaves.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import optax
 
 
 def path_name(path: tuple) -> str:
@@ -52,3 +59,85 @@ def sparse_leaves(mask_tree: Any, *trees: Any) -> list[tuple]:
         if mask is not None:
             out.append((path_name(path), mask, *(o[i] for o in others)))
     return out
+
+
+def is_masked_node(x: Any) -> bool:
+    """Whether ``x`` is ``optax.MaskedNode()`` (a leaf or subtree another group owns)."""
+    return isinstance(x, optax.MaskedNode)
+
+
+def _is_hole(x: Any) -> bool:
+    return x is None or is_masked_node(x)
+
+
+def has_masked_node(tree: Any) -> bool:
+    """Whether ``tree`` holds an ``optax.MaskedNode`` anywhere."""
+    return any(is_masked_node(x) for x in jax.tree.leaves(tree, is_leaf=is_masked_node))
+
+
+def cover(tree: Any, params: Any) -> Any:
+    """``tree`` (a per-leaf tree of a state: masks, densities) with every ``optax.MaskedNode``
+    replaced by ``None`` on each leaf of the params subtree it stands for, so that the result has
+    the structure of ``params`` with ``None`` on leaves the state does not make sparse.
+
+    ``tree`` is returned unchanged when it holds no ``MaskedNode``.
+    """
+    if not has_masked_node(tree):
+        return tree
+
+    def fill(t: Any, p: Any) -> Any:
+        return jax.tree.map(lambda _: None, p) if is_masked_node(t) else t
+
+    return jax.tree.map(fill, tree, params, is_leaf=_is_hole)
+
+
+def merge_disjoint(
+    first: Any, second: Any, *, is_leaf: Callable[[Any], bool] | None = None, path: tuple = ()
+) -> Any:
+    """One per-leaf tree from two over disjoint leaves: where one holds ``optax.MaskedNode``
+    (a leaf or subtree it does not own) or ``None`` (a dense leaf), the other's entry is taken.
+
+    Args:
+      first: a per-leaf tree of the params (``None`` on dense leaves, ``MaskedNode`` on leaves or
+        subtrees of other groups), e.g. the forward masks of one sparse state.
+      second: another, e.g. of a second sparse state.
+      is_leaf: marks further entries (e.g. packed sets) that are not walked into.
+      path: the key path of ``first`` and ``second`` (for the error message).
+
+    Raises:
+      ValueError: naming the leaf when both trees hold an entry other than ``None`` at one leaf,
+        or when their structures differ.
+    """
+    first_entry, second_entry = _is_entry(first, is_leaf), _is_entry(second, is_leaf)
+    if is_masked_node(first) or (first is None and second_entry):
+        return second
+    if is_masked_node(second) or (second is None and first_entry):
+        return first
+    name = path_name(path) or "<root>"
+    if first_entry and second_entry:
+        raise ValueError(
+            f"leaf {name!r} is made sparse by two sparse-training states: their leaves must be "
+            "disjoint (e.g. separate optax.multi_transform groups)."
+        )
+    kids_1, def_1 = _children(first)
+    kids_2, def_2 = _children(second)
+    if first_entry or second_entry or def_1 != def_2:
+        raise ValueError(f"the sparse states' trees differ in structure at {name!r}.")
+    merged = [
+        merge_disjoint(a, b, is_leaf=is_leaf, path=(*path, key))
+        for (key, a), (_, b) in zip(kids_1, kids_2, strict=True)
+    ]
+    return jax.tree.unflatten(def_1, merged)
+
+
+def _children(node: Any) -> tuple[list[tuple[Any, Any]], Any]:
+    """``[(key, child), ...]`` of one pytree node (one level) and the node's one-level treedef."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+    return [(path[0], child) for path, child in flat], treedef
+
+
+def _is_entry(x: Any, is_leaf: Callable[[Any], bool] | None) -> bool:
+    """A leaf entry of a per-leaf tree: ``None``, an array (any pytree leaf) or ``is_leaf``."""
+    if x is None or (is_leaf is not None and is_leaf(x)):
+        return True
+    return not is_masked_node(x) and jax.tree_util.treedef_is_leaf(jax.tree.structure(x))
