@@ -48,13 +48,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from topkast_jax import nm as nm_lib
 from topkast_jax.always_sparse import AlwaysSparseState
 from topkast_jax.state import find_sparse_state
 from topkast_jax.tree import path_name
 from topkast_jax.validation import check_choice
 
-#: The compact layouts of :func:`sparse_params`.
-LAYOUTS = ("bitmap", "indices")
+#: The compact layouts of :func:`sparse_params` (``"nm"``: N:M structured leaves only).
+LAYOUTS = ("bitmap", "indices", "nm")
 #: ``export.json``'s format name and version.
 FORMAT = "topkast-jax sparse export"
 VERSION = 1
@@ -114,13 +115,108 @@ class IndexLeaf:
         return np.asarray(self.indices)
 
 
-CompactLeaf = BitmapLeaf | IndexLeaf
-_SUPPORT_FIELD = {"bitmap": "bitmap", "indices": "indices"}
+def position_bits(m: int) -> int:
+    """Bits per in-group position of an N:M leaf: ``max(1, ⌈log₂ m⌉)`` (2 for ``m = 4``)."""
+    return max(1, (m - 1).bit_length())
+
+
+def pack_positions(positions: np.ndarray, m: int) -> np.ndarray:
+    """In-group positions (integers in ``[0, m)``, any shape) → uint8 bit stream: entry ``r``
+    (row-major) in bits ``b·r … b·r + b − 1`` (``b`` = :func:`position_bits`), least significant
+    first, byte ``j`` holding stream bits ``8j … 8j + 7`` (for 2:4: four positions per byte,
+    entry ``r`` in bits ``2(r mod 4)``, ``2(r mod 4) + 1`` of byte ``⌊r/4⌋``)."""
+    b = position_bits(m)
+    flat = np.asarray(positions).reshape(-1, 1).astype(np.uint8)
+    bits = (flat >> np.arange(b, dtype=np.uint8)) & 1
+    return np.packbits(bits.reshape(-1), bitorder="little")
+
+
+def unpack_positions(packed: np.ndarray, count: int, m: int) -> np.ndarray:
+    """Inverse of :func:`pack_positions`: int64 ``[count]`` positions."""
+    b = position_bits(m)
+    bits = np.unpackbits(np.asarray(packed), count=count * b, bitorder="little")
+    return (bits.reshape(count, b).astype(np.int64) << np.arange(b)).sum(axis=1)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["values", "positions"],
+    meta_fields=["shape", "m", "axis"],
+)
+@dataclasses.dataclass(frozen=True)
+class NMLeaf:
+    """``θ ⊙ A`` of an N:M structured leaf (``tk.NM``; an extension of the paper's method):
+    the kept values as a dense tensor with the group axis shortened ``m → n`` per group, and each
+    value's position inside its group at ``⌈log₂ m⌉`` bits (2 for 2:4, the layout of NVIDIA's
+    2:4 sparse tensor cores: values plus 2-bit indices).
+
+    With ``S`` the leaf's shape, ``G = S[axis]/m`` groups along ``axis``:
+
+    Attributes:
+      values: ``S`` with ``S[axis]`` replaced by ``G·n``, the leaf's dtype; entry ``j`` along
+        ``axis`` is the ``(j mod n)``-th kept weight (ascending position) of group ``⌊j/n⌋``.
+      positions: uint8 bit stream (:func:`pack_positions`) of each value's position
+        ``p ∈ [0, m)`` in its group, in the values' row-major order: the value sits at index
+        ``⌊j/n⌋·m + p`` along ``axis``.
+      shape: ``S`` (static).
+      m: group size (static).
+      axis: non-negative group axis (static).
+    """
+
+    values: Any
+    positions: Any
+    shape: tuple[int, ...]
+    m: int
+    axis: int
+
+    layout = "nm"
+
+    def in_group_positions(self) -> np.ndarray:
+        """int64 positions ``p`` shaped like ``values``."""
+        values = np.asarray(self.values)
+        return unpack_positions(self.positions, values.size, self.m).reshape(values.shape)
+
+    def flat_indices(self) -> np.ndarray:
+        """int64 flat indices of the values in their row-major order (not ascending)."""
+        values_shape = np.shape(self.values)
+        n = values_shape[self.axis] * self.m // self.shape[self.axis]
+        ndim, flat = len(self.shape), np.zeros(values_shape, np.int64)
+        strides = np.cumprod((1, *self.shape[::-1]))[:-1][::-1]
+        for d in range(ndim):
+            coord = np.arange(values_shape[d]).reshape((-1,) + (1,) * (ndim - d - 1))
+            if d == self.axis:
+                coord = coord // n * self.m + self.in_group_positions()
+            flat = flat + coord * int(strides[d])
+        return flat.reshape(-1)
+
+
+CompactLeaf = BitmapLeaf | IndexLeaf | NMLeaf
+_SUPPORT_FIELD = {"bitmap": "bitmap", "indices": "indices", "nm": "positions"}
 
 
 def is_compact(x: Any) -> bool:
-    """Whether ``x`` is a compact leaf (:class:`BitmapLeaf` or :class:`IndexLeaf`)."""
-    return isinstance(x, BitmapLeaf | IndexLeaf)
+    """Whether ``x`` is a compact leaf (:class:`BitmapLeaf`, :class:`IndexLeaf` or
+    :class:`NMLeaf`)."""
+    return isinstance(x, BitmapLeaf | IndexLeaf | NMLeaf)
+
+
+def _nm_leaf(theta: np.ndarray, mask: np.ndarray, structure: Any, name: str) -> NMLeaf:
+    """The :class:`NMLeaf` of ``θ ⊙ A`` for a leaf whose ``A`` keeps ``structure.n`` of every
+    group of ``structure.m`` along ``structure.axis``."""
+    shape, axis, m, n = theta.shape, structure.axis, structure.m, structure.n
+    grouped = shape[:axis] + (shape[axis] // m, m) + shape[axis + 1 :]
+    t = np.moveaxis(theta.reshape(grouped), axis + 1, -1)
+    a = np.moveaxis(mask.reshape(grouped), axis + 1, -1)
+    if not np.all(a.sum(axis=-1) == n):
+        raise ValueError(f"leaf {name!r}: its forward mask is not {n}:{m} along axis {axis}.")
+    positions = np.argsort(~a, axis=-1, kind="stable")[..., :n]  # the kept ones, ascending
+    kept = shape[:axis] + (shape[axis] // m * n,) + shape[axis + 1 :]
+
+    def compressed(x):
+        return np.moveaxis(x, -1, axis + 1).reshape(kept)
+
+    values = compressed(np.take_along_axis(t, positions, axis=-1))
+    return NMLeaf(values, pack_positions(compressed(positions), m), tuple(shape), m, axis)
 
 
 def _compact(values: np.ndarray, flat: np.ndarray, shape: tuple[int, ...], layout: str):
@@ -132,19 +228,31 @@ def _compact(values: np.ndarray, flat: np.ndarray, shape: tuple[int, ...], layou
     return BitmapLeaf(values, np.packbits(bits, bitorder="little"), tuple(shape))
 
 
-def _leaf_from_mask(theta: Any, mask: Any, name: str, layout: str) -> CompactLeaf:
-    """The compact leaf of ``θ ⊙ A`` for one leaf (host numpy arrays)."""
+def _leaf_from_mask(
+    theta: Any, mask: Any, name: str, layout: str | None, structure: Any = None
+) -> CompactLeaf:
+    """The compact leaf of ``θ ⊙ A`` for one leaf (host numpy arrays); ``layout=None``: ``"nm"``
+    with an N:M ``structure`` (:class:`topkast_jax.nm.LeafNM`), else ``"bitmap"``."""
     theta, mask = np.asarray(theta), np.asarray(mask)
     if theta.shape != mask.shape:
         raise ValueError(
             f"leaf {name!r}: params shape {theta.shape} does not match its mask's "
             f"{mask.shape}; pass the opt_state of these params."
         )
+    if layout is None:
+        layout = "bitmap" if structure is None else "nm"
+    if layout == "nm":
+        if structure is None:
+            raise ValueError(
+                f"layout='nm' needs N:M structured leaves, but leaf {name!r} was selected "
+                "without a structure (tk.topkast(..., structure=tk.NM(...)))."
+            )
+        return _nm_leaf(theta, mask, structure, name)
     flat = np.flatnonzero(mask.reshape(-1))
     return _compact(theta.reshape(-1)[flat], flat, theta.shape, layout)
 
 
-def sparse_params(params: Any, opt_state: Any = None, *, layout: str = "bitmap") -> Any:
+def sparse_params(params: Any, opt_state: Any = None, *, layout: str | None = None) -> Any:
     """``θ ⊙ A`` with each sparse leaf compact, each dense leaf unchanged.
 
     Args:
@@ -153,8 +261,10 @@ def sparse_params(params: Any, opt_state: Any = None, *, layout: str = "bitmap")
         ``None``; no dense leaf is built).
       opt_state: an optimizer state holding one sparse-training state (Top-KAST, a baseline),
         wrapped in any optax chain or wrapper.
-      layout: ``"bitmap"`` (:class:`BitmapLeaf`, the smaller one) or ``"indices"``
-        (:class:`IndexLeaf`).
+      layout: ``"bitmap"`` (:class:`BitmapLeaf`, smaller above a density of 1/32),
+        ``"indices"`` (:class:`IndexLeaf`) or ``"nm"`` (:class:`NMLeaf`, only for leaves
+        selected with ``structure=tk.NM(...)``); ``None`` (default): ``"nm"`` on N:M structured
+        leaves, ``"bitmap"`` on the others.
 
     Returns:
       A pytree of the params' structure: compact leaves (host numpy arrays) on sparse leaves,
@@ -163,16 +273,20 @@ def sparse_params(params: Any, opt_state: Any = None, *, layout: str = "bitmap")
 
     Raises:
       ValueError: an unknown ``layout``; ``opt_state`` holds no sparse state (or is given with an
-        ``AlwaysSparseState``); a params leaf whose shape is not its mask's (naming the leaf).
+        ``AlwaysSparseState``); a params leaf whose shape is not its mask's (naming the leaf);
+        ``layout="nm"`` and a leaf without N:M structure (naming it).
     """
-    check_choice("layout", layout, LAYOUTS)
+    if layout is not None:
+        check_choice("layout", layout, LAYOUTS)
     if isinstance(params, AlwaysSparseState):
         if opt_state is not None:
             raise ValueError(
                 "sparse_params: opt_state must be None with an AlwaysSparseState (it holds the "
                 "sets itself)."
             )
-        return _from_always_sparse(params, layout)
+        if layout == "nm":
+            raise ValueError("layout='nm': an AlwaysSparseState has no N:M structured leaves.")
+        return _from_always_sparse(params, layout or "bitmap")
     if opt_state is None:
         raise ValueError(
             "sparse_params needs opt_state, the optimizer state holding the sparse method's "
@@ -182,15 +296,18 @@ def sparse_params(params: Any, opt_state: Any = None, *, layout: str = "bitmap")
         forward = find_sparse_state(opt_state).masks.forward
     except ValueError as e:
         raise ValueError(f"sparse_params: {e}") from None
+    structures = nm_lib.structures(opt_state)
     if jax.tree.structure(params) != jax.tree.structure(forward, is_leaf=lambda x: x is None):
         raise ValueError(
             "sparse_params: params and the masks of opt_state differ in structure; pass the "
             "opt_state of these params."
         )
     return jax.tree_util.tree_map_with_path(
-        lambda path, p, m: p if m is None else _leaf_from_mask(p, m, path_name(path), layout),
+        lambda path, p, m, s: p if m is None else _leaf_from_mask(p, m, path_name(path), layout, s),
         params,
         forward,
+        structures,
+        is_leaf=lambda x: x is None,
     )
 
 
@@ -219,7 +336,7 @@ def _dense_leaf(leaf: CompactLeaf) -> np.ndarray:
     """``θ ⊙ A`` of one compact leaf (numpy, the values' dtype, ``+0`` outside ``A``)."""
     values = np.asarray(leaf.values)
     out = np.zeros(math.prod(leaf.shape), values.dtype)
-    out[leaf.flat_indices()] = values
+    out[leaf.flat_indices()] = values.reshape(-1)
     return out.reshape(leaf.shape)
 
 
@@ -240,8 +357,11 @@ def to_bcoo(exported: Any) -> Any:
     def bcoo(leaf):
         if not is_compact(leaf):
             return leaf
-        coords = np.stack(np.unravel_index(leaf.flat_indices(), leaf.shape), axis=-1)
-        data = (jnp.asarray(leaf.values), jnp.asarray(coords.astype(np.int32)))
+        flat = leaf.flat_indices()
+        order = np.argsort(flat, kind="stable")  # ascending already, except N:M leaves
+        coords = np.stack(np.unravel_index(flat[order], leaf.shape), axis=-1)
+        values = np.asarray(leaf.values).reshape(-1)[order]
+        data = (jnp.asarray(values), jnp.asarray(coords.astype(np.int32)))
         return sparse.BCOO(data, shape=leaf.shape, indices_sorted=True, unique_indices=True)
 
     return jax.tree.map(bcoo, exported, is_leaf=is_compact)
@@ -271,7 +391,10 @@ def _flat(tree: Any) -> list[tuple[str, Any]]:
 def _leaf_meta(leaf: Any) -> dict[str, Any]:
     if is_compact(leaf):
         values = np.asarray(leaf.values)
-        return {"layout": leaf.layout, "shape": list(leaf.shape), "dtype": values.dtype.name}
+        meta = {"layout": leaf.layout, "shape": list(leaf.shape), "dtype": values.dtype.name}
+        if isinstance(leaf, NMLeaf):
+            meta.update(m=leaf.m, axis=leaf.axis, values_shape=list(values.shape))
+        return meta
     leaf = np.asarray(leaf)
     return {"layout": "dense", "shape": list(leaf.shape), "dtype": leaf.dtype.name}
 
@@ -364,31 +487,49 @@ def _restore(path: str, meta: dict[str, Any]) -> dict[str, Any]:
     return {name: jax.tree.map(np.asarray, _get(nested, name)) for name in meta["leaves"]}
 
 
-def _rebuild(name: str, leaf_meta: dict[str, Any], arrays: Any) -> Any:
-    """The leaf of ``name`` from its arrays, checked against its ``export.json`` entry."""
-    shape, dtype, layout = (
-        tuple(leaf_meta["shape"]),
-        np.dtype(leaf_meta["dtype"]),
-        leaf_meta["layout"],
-    )
+def _rebuild(leaf_meta: dict[str, Any], arrays: Any) -> Any:
+    """The leaf described by an ``export.json`` entry, from its restored arrays."""
+    shape, layout = tuple(leaf_meta["shape"]), leaf_meta["layout"]
     if layout == "dense":
-        leaf = arrays
-    elif layout == "bitmap":
-        leaf = BitmapLeaf(arrays["values"], arrays["bitmap"].astype(np.uint8), shape)
-    else:
-        leaf = IndexLeaf(arrays["values"], arrays["indices"].astype(np.int32), shape)
+        return arrays
+    if layout == "bitmap":
+        return BitmapLeaf(arrays["values"], arrays["bitmap"].astype(np.uint8), shape)
+    if layout == "indices":
+        return IndexLeaf(arrays["values"], arrays["indices"].astype(np.int32), shape)
+    m, axis = int(leaf_meta["m"]), int(leaf_meta["axis"])
+    return NMLeaf(arrays["values"], arrays["positions"].astype(np.uint8), shape, m, axis)
+
+
+def _support_bytes(leaf: CompactLeaf) -> int:
+    """The bytes the support array of a compact leaf must have."""
+    size = np.size(leaf.values)
+    if isinstance(leaf, BitmapLeaf):
+        return -(-math.prod(leaf.shape) // 8)
+    if isinstance(leaf, NMLeaf):
+        return -(-size * position_bits(leaf.m) // 8)
+    return 4 * size
+
+
+def _check_loaded(name: str, leaf_meta: dict[str, Any], leaf: Any) -> None:
+    """``ValueError`` naming the leaf when its arrays disagree with ``export.json``."""
     values = leaf.values if is_compact(leaf) else leaf
-    if values.dtype != dtype or (layout == "dense" and values.shape != shape):
+    dtype, layout = np.dtype(leaf_meta["dtype"]), leaf_meta["layout"]
+    shape = tuple(leaf_meta["values_shape" if layout == "nm" else "shape"])
+    if values.dtype != dtype or (layout in ("dense", "nm") and values.shape != shape):
         raise ValueError(
-            f"load: leaf {name!r} holds {values.dtype}{list(values.shape)}, "
-            f"export.json says {dtype}{list(shape)}."
+            f"load: leaf {name!r} holds {values.dtype}{list(values.shape)}, export.json says "
+            f"{dtype}{list(shape)}; the export is corrupt."
         )
-    if is_compact(leaf) and len(leaf.flat_indices()) != values.shape[0]:
+    if not is_compact(leaf):
+        return
+    support = np.asarray(getattr(leaf, _SUPPORT_FIELD[layout]))
+    if support.nbytes != _support_bytes(leaf) or (
+        layout == "bitmap" and len(leaf.flat_indices()) != values.size
+    ):
         raise ValueError(
-            f"load: leaf {name!r} has {values.shape[0]} values for "
-            f"{len(leaf.flat_indices())} kept positions; the export is corrupt."
+            f"load: leaf {name!r}: {values.size} values do not fit its {support.nbytes} bytes "
+            f"of {_SUPPORT_FIELD[layout]}; the export is corrupt."
         )
-    return leaf
 
 
 def load(path: str, like: Any = None) -> Any:
@@ -408,7 +549,9 @@ def load(path: str, like: Any = None) -> Any:
     path = os.path.abspath(path)
     meta = _read_meta(path)
     arrays = _restore(path, meta)
-    leaves = {n: _rebuild(n, m, arrays[n]) for n, m in meta["leaves"].items()}
+    leaves = {n: _rebuild(m, arrays[n]) for n, m in meta["leaves"].items()}
+    for name, leaf in leaves.items():
+        _check_loaded(name, meta["leaves"][name], leaf)
     if like is None:
         return _nest(leaves)
     flat, treedef = jax.tree_util.tree_flatten_with_path(like)

@@ -16,10 +16,12 @@ from jax.experimental import sparse
 
 import topkast_jax as tk
 from topkast_jax import export
+from topkast_jax import nm as nm_lib
 
 #: lax.top_k selects the same sets as the default (exact, ties to the lower index) and compiles
 #: in a fraction of the time on these small leaves.
 FAST = {"selection_method": "top_k"}
+UNSTRUCTURED = ("bitmap", "indices")
 
 
 def _params(seed: int = 0) -> dict:
@@ -37,7 +39,7 @@ def _params(seed: int = 0) -> dict:
 
 def _bits(tree) -> list[np.ndarray]:
     """Every leaf as its raw bytes (so -0.0 and +0.0 differ)."""
-    return [np.asarray(x).view(np.uint8) for x in jax.tree.leaves(tree)]
+    return [np.ascontiguousarray(x).view(np.uint8) for x in jax.tree.leaves(tree)]
 
 
 def _assert_bitwise(a, b) -> None:
@@ -56,7 +58,7 @@ def trained():
     return params, tx.init(params)
 
 
-@pytest.mark.parametrize("layout", export.LAYOUTS)
+@pytest.mark.parametrize("layout", UNSTRUCTURED)
 def test_round_trip_is_bitwise(trained, tmp_path, layout):
     """export -> save -> load -> densify == θ ⊙ A (forward_params) bit for bit; dense leaves
     come back unchanged; the compact arrays are the numpy reference's."""
@@ -111,7 +113,7 @@ def test_bcoo_runs_and_equals_dense(trained):
         elements=st.floats(-4, 4, width=32),
     ),
     data=st.data(),
-    layout=st.sampled_from(export.LAYOUTS),
+    layout=st.sampled_from(UNSTRUCTURED),
 )
 def test_compact_leaf_property(theta, data, layout):
     """For any leaf and mask: densify(compact) == where(A, θ, +0) bitwise, k values stored,
@@ -219,3 +221,76 @@ def test_docstring_example():
     import doctest
 
     assert doctest.testmod(export).failed == 0
+
+
+def _nm_reference(theta: np.ndarray, mask: np.ndarray, n: int, m: int, axis: int):
+    """Loops: the kept values and positions of every group, group axis shortened m -> n."""
+    t, a = np.moveaxis(theta, axis, 0), np.moveaxis(mask, axis, 0)
+    values = np.zeros((t.shape[0] // m * n, *t.shape[1:]), theta.dtype)
+    positions = np.zeros(values.shape, np.int64)
+    for rest in np.ndindex(*t.shape[1:]):
+        for g in range(t.shape[0] // m):
+            kept = [p for p in range(m) if a[(g * m + p, *rest)]]
+            assert len(kept) == n
+            for j, p in enumerate(kept):
+                values[(g * n + j, *rest)] = t[(g * m + p, *rest)]
+                positions[(g * n + j, *rest)] = p
+    return np.moveaxis(values, 0, axis), np.moveaxis(positions, 0, axis)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    nm=st.sampled_from([(2, 4), (1, 4), (2, 8), (3, 8), (1, 2), (4, 4)]),
+    rest=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+    groups=st.integers(1, 3),
+    data=st.data(),
+)
+def test_nm_leaf_property(nm, rest, groups, data):
+    """Any n:m mask along any axis: the values and positions equal a loop reference, positions
+    take ⌈log2 m⌉ bits each, and densify == where(A, θ, +0) bitwise."""
+    n, m = nm
+    axis = data.draw(st.integers(0, len(rest)))
+    shape = (*rest[:axis], groups * m, *rest[axis:])
+    theta = data.draw(hnp.arrays(np.float32, shape, elements=st.floats(-4, 4, width=32)))
+    keys = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1))).random(shape)
+    grouped = np.moveaxis(keys.reshape(*shape[:axis], groups, m, *shape[axis + 1 :]), axis + 1, -1)
+    rank = np.argsort(np.argsort(grouped, axis=-1), axis=-1)
+    mask = np.moveaxis(rank < n, -1, axis + 1).reshape(shape)
+    leaf = export._nm_leaf(theta, mask, nm_lib.LeafNM(n, m, m, axis), "w")
+    values, positions = _nm_reference(theta, mask, n, m, axis)
+    np.testing.assert_array_equal(_bits(leaf.values)[0], _bits(values)[0])
+    np.testing.assert_array_equal(leaf.in_group_positions(), positions)
+    assert leaf.positions.nbytes == -(-values.size * max(1, (m - 1).bit_length()) // 8)
+    expected = np.where(mask, theta, np.float32(0))
+    np.testing.assert_array_equal(
+        np.asarray(export.densify(leaf)).view(np.uint8), expected.view(np.uint8)
+    )
+
+
+def test_nm_round_trip(tmp_path):
+    """A 2:4 Top-KAST state exports its structured leaves as values + 2-bit positions by
+    default: half the values, one bit of positions per weight; save -> load -> densify and
+    the BCOO view equal θ ⊙ A bitwise; layout='nm' on an unstructured state names the leaf."""
+    rng = np.random.default_rng(4)
+    params = {
+        "Dense_0": {"kernel": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)},
+        "Conv_0": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 8, 4)), jnp.float32)},
+        "bias": jnp.zeros(6),
+    }
+    tx = tk.topkast(optax.sgd(0.1), structure=tk.NM(2, 4, n_backward=3))
+    state = tx.init(params)
+    alpha = tk.forward_params(params, state)
+    exported = export.sparse_params(params, state)
+    dense_leaf = exported["Dense_0"]["kernel"]
+    assert isinstance(dense_leaf, export.NMLeaf) and dense_leaf.values.shape == (4, 6)
+    assert exported["Conv_0"]["kernel"].values.shape == (3, 3, 4, 4)
+    assert dense_leaf.positions.nbytes == 8 * 6 // 8  # 2 bits x 2 kept per 4 weights
+    export.save(str(tmp_path / "e"), exported)
+    _assert_bitwise(export.densify(export.load(str(tmp_path / "e"), like=params)), alpha)
+    bcoo = export.to_bcoo(exported)["Conv_0"]["kernel"]
+    _assert_bitwise(bcoo.todense(), alpha["Conv_0"]["kernel"])
+    assert isinstance(export.sparse_params(params, state, layout="bitmap")["bias"], jax.Array)
+    _assert_bitwise(export.densify(export.sparse_params(params, state, layout="indices")), alpha)
+    plain = tk.topkast(optax.sgd(0.1), forward_sparsity=0.5, backward_sparsity=0.0, **FAST)
+    with pytest.raises(ValueError, match="layout='nm'.*'Conv_0/kernel'"):
+        export.sparse_params(params, plain.init(params), layout="nm")
