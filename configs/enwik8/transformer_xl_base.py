@@ -21,6 +21,9 @@ def sparsity_config(arg: str | None) -> ml_collections.ConfigDict:
     s.distribution = "uniform"
     s.exclude = ("r_w_bias", "r_r_bias")
     s.always_sparse = False  # True: only B on the device, dense θ on the host (tk.AlwaysSparse)
+    # N:M Top-KAST (an extension of the paper): "2:4" or "2:4/3:4" (A n:m, B n_B:m per group of m
+    # along each kernel's input axis); its n/m and n_B/m replace forward and backward.
+    s.structure = ml_collections.config_dict.placeholder(str)
     return add_baseline_fields(s)
 
 

@@ -99,6 +99,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sparsity.stop_exploration_step = ml_collections.config_dict.placeholder(int)
     c.sparsity.global_topk = False
     c.sparsity.sparse_first_last = False
+    # N:M Top-KAST (an extension of the paper): "2:4" or "2:4/3:4" (A n:m, B n_B:m per group of m
+    # along each conv kernel's input channels); its n/m and n_B/m replace forward and backward.
+    c.sparsity.structure = ml_collections.config_dict.placeholder(str)
     add_baseline_fields(c.sparsity)  # --config.sparsity.method=static|pruning|set|rigl
 
     c.data = ml_collections.ConfigDict()

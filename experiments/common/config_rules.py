@@ -120,6 +120,55 @@ def nonempty_string(field: str, optional: bool = False) -> Rule:
     return Rule(field, "a non-empty string", lambda v: isinstance(v, str) and bool(v), optional)
 
 
+def structure_string(value: Any) -> bool:
+    """None, or an ``"n:m"`` / ``"n:m/n_B:m"`` string ``tk.NM.parse`` accepts."""
+    if value is None:
+        return True
+    import topkast_jax as tk
+
+    try:
+        tk.NM.parse(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _structure_rules() -> tuple[Rule | Relation, ...]:
+    """``sparsity.structure`` (N:M Top-KAST) and the settings it cannot be combined with."""
+    unset = "config.sparsity.structure=None"
+    relations = (
+        ("sparsity.method", "config.sparsity.method='topkast'", lambda v: v == "topkast"),
+        ("sparsity.always_sparse", "config.sparsity.always_sparse=False", lambda v: not v),
+        ("sparsity.global_topk", "config.sparsity.global_topk=False", lambda v: not v),
+        (
+            "sparsity.distribution",
+            "config.sparsity.distribution='uniform'",
+            lambda v: v == "uniform",
+        ),
+        (
+            "sparsity.backward_selection",
+            "config.sparsity.backward_selection='magnitude'",
+            lambda v: v == "magnitude",
+        ),
+    )
+    return (
+        Rule(
+            "sparsity.structure",
+            "None or 'n:m' / 'n:m/n_B:m' with 1 <= n <= n_B <= m <= 32 (N:M Top-KAST)",
+            structure_string,
+            optional=True,
+        ),
+        *(
+            Relation(
+                ("sparsity.structure", field),
+                f"{unset} or {needed} (N:M Top-KAST)",
+                lambda structure, v, ok=ok: structure is None or ok(v),
+            )
+            for field, needed, ok in relations
+        ),
+    )
+
+
 def _shared_rules() -> tuple[Rule | Relation, ...]:
     from experiments.common.sparsity import KNOWN_METHODS
 
@@ -146,6 +195,7 @@ def _shared_rules() -> tuple[Rule | Relation, ...]:
         int_at_least("sparsity.stop_exploration_step", 0, optional=True, allow_none=True),
         boolean("sparsity.global_topk"),
         boolean("sparsity.track_reservoir"),
+        *_structure_rules(),
         Rule("data.path", "a string or None", lambda v: v is None or isinstance(v, str)),
     )
 

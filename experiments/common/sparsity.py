@@ -22,8 +22,9 @@ def make_sparse_optimizer(
     Args:
       inner: the dense optimizer (e.g. clipped Adam with its schedule).
       sparsity: config with ``method``, ``forward``, ``backward``, ``refresh_every``,
-        ``exploration_l2`` and optionally ``distribution`` (default ``"uniform"``) and the
-        Top-KAST options of :data:`TOPKAST_OPTIONS`.
+        ``exploration_l2`` and optionally ``distribution`` (default ``"uniform"``), the
+        Top-KAST options of :data:`TOPKAST_OPTIONS` and ``structure`` (:func:`structure_of`:
+        N:M Top-KAST, whose ``n/m`` and ``n_B/m`` then replace ``forward`` and ``backward``).
       sparsify: which leaves are sparse (bool pytree or callable params -> bool pytree).
       seed: seed for any randomness of the method (e.g. random backward selection).
       num_train_steps: training length, for baselines whose schedules default to fractions of
@@ -41,7 +42,7 @@ def make_sparse_optimizer(
 
     Raises:
       ValueError: unknown ``sparsity.method`` (the message lists the known ones), or a Top-KAST
-        option set for another method.
+        option or a structure set for another method.
     """
     import topkast_jax as tk
 
@@ -51,6 +52,9 @@ def make_sparse_optimizer(
             f"config.sparsity.method={method!r} is not supported; known methods: {KNOWN_METHODS}"
         )
     options = topkast_options(sparsity)
+    structure = structure_of(sparsity)
+    if structure is not None:
+        options["structure"] = structure
     if options and method != "topkast":
         raise ValueError(
             f"config.sparsity options {sorted(options)} only apply to method 'topkast', "
@@ -65,10 +69,11 @@ def make_sparse_optimizer(
             inner, sparsity, sparsify, num_train_steps=num_train_steps, seed=seed
         )
     dense = method == "dense"
+    forward, backward = planned_densities(sparsity)
     return tk.topkast(
         inner,
-        forward_sparsity=0.0 if dense else float(sparsity.forward),
-        backward_sparsity=0.0 if dense else float(sparsity.backward),
+        forward_sparsity=None if structure is not None else forward,  # N:M: n/m
+        backward_sparsity=None if structure is not None else backward,
         exploration_l2=0.0 if dense else float(sparsity.exploration_l2),
         refresh_every=int(sparsity.get("refresh_every", 1)),
         sparsify=sparsify,
@@ -87,7 +92,8 @@ def make_always_sparse(
     only B on the device, dense θ on the host (the reservoir statistic kept on the host).
 
     Raises:
-      ValueError: ``always_sparse`` with another method.
+      ValueError: ``always_sparse`` with another method, or with ``structure`` (N:M sets are
+        built by the masked ``tk.topkast`` only).
     """
     import topkast_jax as tk
 
@@ -95,6 +101,12 @@ def make_always_sparse(
         raise ValueError(
             "config.sparsity.always_sparse=True runs Top-KAST: set config.sparsity.method="
             f"'topkast' (got {sparsity.method!r})."
+        )
+    if structure_of(sparsity) is not None:
+        raise ValueError(
+            f"config.sparsity.structure={sparsity.structure!r} is not supported with "
+            "config.sparsity.always_sparse=True (tk.AlwaysSparse selects unstructured sets): "
+            "use the masked Top-KAST (always_sparse=False)."
         )
     return tk.AlwaysSparse(
         inner,
@@ -130,15 +142,41 @@ def topkast_options(sparsity: Any) -> dict[str, Any]:
     }
 
 
+def structure_of(sparsity: Any) -> Any:
+    """``config.sparsity.structure`` as ``tk.NM``, or ``None`` when it is absent or None.
+
+    The string is ``"n:m"`` (``B`` every weight) or ``"n:m/n_B:m"`` (e.g. ``"2:4/3:4"``):
+    N:M structured Top-KAST (an extension of the paper's method, ``tk.NM``), groups of ``m``
+    along each kernel's input axis; its ``n/m`` and ``n_B/m`` replace ``config.sparsity.forward``
+    and ``backward`` (:func:`planned_densities`).
+
+    Raises:
+      ValueError: a malformed string (naming the field).
+    """
+    import topkast_jax as tk
+
+    text = sparsity.get("structure", None)
+    if text is None:
+        return None
+    try:
+        return tk.NM.parse(text)
+    except ValueError as e:
+        raise ValueError(f"config.sparsity.structure={text!r}: {e}") from None
+
+
 def planned_densities(sparsity: Any) -> tuple[float, float]:
     """(forward, backward) sparsities the method will use for the sparse leaves.
 
     Dense: (0, 0). Baselines train exactly the weights they use (B = A): (forward, forward).
+    Top-KAST with ``structure`` ``"n:m/n_B:m"``: ``(1 − n/m, 1 − n_B/m)``.
     """
     if sparsity.method == "dense":
         return 0.0, 0.0
     if sparsity.method in ("static", "pruning", "set", "rigl"):
         return float(sparsity.forward), float(sparsity.forward)
+    structure = structure_of(sparsity)
+    if structure is not None:
+        return structure.forward_sparsity, structure.backward_sparsity
     return float(sparsity.forward), float(sparsity.backward)
 
 

@@ -36,6 +36,7 @@ BAD_SHARED = {
     "sparsity.stop_exploration_step": -2,
     "sparsity.global_topk": "yes",
     "sparsity.track_reservoir": 1,
+    "sparsity.structure": "2/4",
     "data.path": 3,
 }
 BAD_LM = {
