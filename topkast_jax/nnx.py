@@ -44,6 +44,8 @@ Requires ``flax`` (``pip install flax``; not a dependency of the core library).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -94,8 +96,11 @@ def apply(
     return out, new_rest
 
 
-def restore_state(tx: optax.GradientTransformation, params: Any, opt_state: Any) -> Any:
-    """``opt_state`` with the pytree types ``tx.init(params)`` produces.
+def restore_state(
+    tx: optax.GradientTransformation, params: Any, opt_state: Any, *, keep_boxes: bool = False
+) -> Any:
+    """``opt_state`` with the pytree types ``tx.init(params)`` produces (``tx.init(bare
+    params)`` unless ``keep_boxes``: then with ``params``' ``nnx.Variable`` boxes).
 
     ``nnx.Optimizer`` stores the optimizer state as ``nnx`` variables and turns dataclass pytree
     nodes (Top-KAST's packed mask sets) into plain ``nnx.State`` dicts when it writes an update
@@ -106,7 +111,9 @@ def restore_state(tx: optax.GradientTransformation, params: Any, opt_state: Any)
       ValueError: the number of leaves differs (the state does not belong to ``tx``).
     """
     nnx = _nnx()
-    treedef = jax.tree.structure(jax.eval_shape(tx.init, nnx.as_pure(params)))
+    treedef = jax.tree.structure(
+        jax.eval_shape(tx.init, params if keep_boxes else nnx.as_pure(params))
+    )
     leaves = jax.tree.leaves(nnx.as_pure(opt_state))
     if treedef.num_leaves != len(leaves):
         raise ValueError(
@@ -116,16 +123,35 @@ def restore_state(tx: optax.GradientTransformation, params: Any, opt_state: Any)
     return jax.tree.unflatten(treedef, leaves)
 
 
-def for_optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+def for_optimizer(
+    tx: optax.GradientTransformation, params: Any = None
+) -> optax.GradientTransformationExtraArgs:
     """``tx`` made safe for ``nnx.Optimizer``: its update first rebuilds the state with
-    :func:`restore_state` (``nnx.Optimizer(model, tk.nnx.for_optimizer(tx), wrt=nnx.Param)``)."""
+    :func:`restore_state` (``nnx.Optimizer(model, tk.nnx.for_optimizer(tx), wrt=nnx.Param)``).
+
+    Args:
+      tx: the transformation (``tk.topkast(...)``, possibly inside optax wrappers).
+      params: optional, the model's ``nnx.state(model, nnx.Param)``.  ``nnx.Optimizer`` hands
+        ``update`` bare arrays, without the ``nnx.Variable`` metadata ``init`` saw — among it the
+        ``"layers"`` axis of an ``nnx.vmap`` / ``nnx.scan`` stack, so from the second step on
+        the stack would be selected as one tensor.  Given ``params``, ``update`` puts the
+        gradients, params and state back into those variables before calling ``tx.update``
+        (and returns bare arrays, as ``nnx.Optimizer`` expects).  :class:`Optimizer` passes it.
+    """
+    nnx = _nnx()
+    boxed = None if params is None else jax.tree.structure(params)
 
     def update_fn(updates: Any, opt_state: Any, params: Any = None, **extra: Any) -> Any:
         if params is None:
             raise ValueError(
                 "tk.nnx.for_optimizer: update needs params (nnx.Optimizer passes them)"
             )
-        return tx.update(updates, restore_state(tx, params, opt_state), params, **extra)
+        if boxed is None:
+            return tx.update(updates, restore_state(tx, params, opt_state), params, **extra)
+        params, updates = (jax.tree.unflatten(boxed, jax.tree.leaves(t)) for t in (params, updates))
+        state = restore_state(tx, params, opt_state, keep_boxes=True)
+        new_updates, new_state = tx.update(updates, state, params, **extra)
+        return nnx.as_pure(new_updates), nnx.as_pure(new_state)
 
     return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
@@ -137,11 +163,25 @@ def optimizer_state(optimizer: Any, params: Any) -> optax.OptState:
     return restore_state(optimizer.tx, params, optimizer.opt_state)
 
 
+def _check_not_optimizer_state(opt_state: Any) -> None:
+    """Raise if ``opt_state`` is an ``nnx.Optimizer``'s ``opt_state`` (``nnx.OptState``
+    variables, pytree types rewritten): its masks are read through the optimizer itself."""
+    nnx = _nnx()
+    leaves = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if any(isinstance(x, nnx.OptState) for x in leaves):
+        raise ValueError(
+            "opt_state is an nnx.Optimizer's opt_state (nnx.OptState variables; the optimizer "
+            "rewrites the state's pytree types): pass the optimizer itself, "
+            "tk.nnx.forward_params(params, optimizer) or tk.nnx.optimizer_state(optimizer, params)"
+        )
+
+
 def forward_params(params: Any, opt_state_or_optimizer: Any) -> Any:
     """``θ ⊙ A`` in the structure of ``params`` (the ``nnx.Param`` state from :func:`split`),
     with the masks from an optax state or from an ``nnx.Optimizer`` built on ``tk.topkast``."""
     nnx = _nnx()
     if not isinstance(opt_state_or_optimizer, nnx.Optimizer):
+        _check_not_optimizer_state(opt_state_or_optimizer)
         return state_lib.forward_params(params, opt_state_or_optimizer)
     opt_state = optimizer_state(opt_state_or_optimizer, params)
     alpha = state_lib.forward_params(nnx.as_pure(params), opt_state)
@@ -153,3 +193,130 @@ def sparse_model(graphdef: Any, params: Any, rest: Any, opt_state: Any) -> Any:
     ``opt_state`` may be an optax state or an ``nnx.Optimizer``."""
     nnx = _nnx()
     return nnx.merge(graphdef, forward_params(params, opt_state), rest)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["state"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class AlphaGrads:
+    """The gradient that :func:`value_and_grad` returns: ``∂L/∂α`` with ``α = θ ⊙ A``.
+
+    ``state`` is an ``nnx.State`` shaped like ``nnx.state(model, nnx.Param)`` (what ``nnx.grad``
+    returns).  The wrapper type is the proof, checked by :class:`Optimizer`'s ``update``, that the
+    loss ran on ``θ ⊙ A`` and was differentiated with respect to ``α`` — not ``nnx.grad`` of the
+    dense model.  It is a pytree: ``jax.tree.map`` (e.g. ``lax.pmean``) keeps the type.
+    """
+
+    state: Any
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    """``optimizer`` is a :class:`Optimizer`, else a TypeError that says how to build one."""
+    if not isinstance(optimizer, _optimizer_class()):
+        raise TypeError(
+            "optimizer must be a tk.nnx.Optimizer(model, tx) (the masks live in its state), got "
+            f"{type(optimizer).__name__}. A plain nnx.Optimizer runs the model on the dense θ."
+        )
+
+
+def value_and_grad(
+    loss_fn: Callable[..., Any], *, has_aux: bool = False
+) -> Callable[..., tuple[Any, AlphaGrads]]:
+    """``nnx.value_and_grad`` for Top-KAST: the loss of the sparse network ``θ ⊙ A`` and its
+    gradient with respect to ``α = θ ⊙ A``.
+
+    ``value_and_grad(loss_fn)(model, optimizer, *args, **kwargs)``:
+
+    1. ``α = θ ⊙ A`` from ``model``'s ``nnx.Param`` state ``θ`` and the forward masks ``A`` in
+       ``optimizer`` (a :class:`Optimizer`);
+    2. ``value = loss_fn(m, *args, **kwargs)`` where ``m`` is the module with parameters ``α``
+       and ``model``'s other state; layers that change state in the forward pass
+       (``nnx.BatchNorm`` statistics in training mode, ``nnx.Dropout`` / ``nnx.Rngs`` counts)
+       do so on ``m``, and that state is written back into ``model``;
+    3. ``grads = ∂value/∂α`` — every weight of ``B ∖ A`` gets its gradient (``∂L/∂θ`` through
+       the mask would be zero there and stop exploration).
+
+    Then ``optimizer.update(model, grads)`` applies the Top-KAST update to ``θ``.  Works inside
+    ``nnx.jit`` and with ``nnx.scan`` / ``nnx.vmap`` stacks inside ``loss_fn``.
+
+    Args:
+      loss_fn: ``loss_fn(module, *args, **kwargs)`` returning a scalar loss, or
+        ``(loss, aux)`` with ``has_aux=True``.
+      has_aux: as in ``jax.value_and_grad``.
+
+    Returns:
+      A function of ``(model, optimizer, *args, **kwargs)`` returning ``(value, grads)``
+      (``((value, aux), grads)`` with ``has_aux``), ``grads`` an :class:`AlphaGrads`.
+
+    Raises:
+      TypeError: ``optimizer`` is not a :class:`Optimizer`.
+    """
+    nnx = _nnx()
+
+    def loss_of_alpha(alpha: Any, rest: Any, graphdef: Any, args: Any, kwargs: Any) -> Any:
+        out, new_rest = apply(graphdef, alpha, rest, loss_fn, *args, **kwargs)
+        value, aux = out if has_aux else (out, None)
+        return value, (aux, new_rest)
+
+    def wrapped(model: Any, optimizer: Any, *args: Any, **kwargs: Any) -> tuple[Any, AlphaGrads]:
+        _check_optimizer(optimizer)
+        graphdef, params, rest = split(model)
+        alpha = forward_params(params, optimizer)
+        (value, (aux, new_rest)), grads = jax.value_and_grad(loss_of_alpha, has_aux=True)(
+            alpha, rest, graphdef, args, kwargs
+        )
+        nnx.update(model, new_rest)
+        return ((value, aux) if has_aux else value), AlphaGrads(grads)
+
+    return wrapped
+
+
+@functools.cache
+def _optimizer_class() -> type:
+    """:class:`Optimizer`, defined on first use (so the module imports without Flax)."""
+    nnx = _nnx()
+
+    class Optimizer(nnx.Optimizer):
+        """``nnx.Optimizer`` for a Top-KAST transformation (``wrt=nnx.Param``).
+
+        ``Optimizer(model, tx)`` with ``tx = tk.topkast(...)`` (possibly inside optax wrappers):
+        the state's pytree types are kept (``tx`` is wrapped in :func:`for_optimizer`), and
+        ``update(model, grads)`` accepts only the :class:`AlphaGrads` of
+        :func:`value_and_grad` — gradients of the dense model (``nnx.grad``) raise, since they
+        would train ``θ`` on a forward pass that never saw ``θ ⊙ A``::
+
+            optimizer = tk.nnx.Optimizer(model, tx)
+
+            @nnx.jit
+            def train_step(model, optimizer, x, y):
+                loss, grads = tk.nnx.value_and_grad(loss_fn)(model, optimizer, x, y)
+                optimizer.update(model, grads)
+                return loss
+        """
+
+        def __init__(self, model: Any, tx: optax.GradientTransformation) -> None:
+            super().__init__(model, for_optimizer(tx, nnx.state(model, nnx.Param)), wrt=nnx.Param)
+
+        def update(self, model: Any, grads: Any, /, **kwargs: Any) -> Any:
+            """The Top-KAST update of ``model``'s ``θ`` from ``grads = ∂L/∂α``.
+
+            Raises:
+              TypeError: ``grads`` are not the :class:`AlphaGrads` of :func:`value_and_grad`.
+            """
+            if not isinstance(grads, AlphaGrads):
+                raise TypeError(
+                    "grads must be the AlphaGrads of tk.nnx.value_and_grad(loss_fn)(model, "
+                    f"optimizer, ...), got {type(grads).__name__}: gradients of the dense model "
+                    "(nnx.grad) come from a forward pass on θ, not θ ⊙ A, and would train the "
+                    "dense network."
+                )
+            return super().update(model, grads.state, **kwargs)
+
+    Optimizer.__module__ = __name__
+    return Optimizer
+
+
+def __getattr__(name: str) -> Any:
+    """``tk.nnx.Optimizer`` (a subclass of ``nnx.Optimizer``, built when first used)."""
+    if name == "Optimizer":
+        return _optimizer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
