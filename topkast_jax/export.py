@@ -48,9 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from topkast_jax import nm as nm_lib
 from topkast_jax.always_sparse import AlwaysSparseState
-from topkast_jax.state import find_sparse_state
+from topkast_jax.state import PackedSets, find_sparse_states, get_masks, is_set_leaf
 from topkast_jax.tree import path_name
 from topkast_jax.validation import check_choice
 
@@ -293,22 +292,34 @@ def sparse_params(params: Any, opt_state: Any = None, *, layout: str | None = No
             "masks (or pass an AlwaysSparseState as params)."
         )
     try:
-        forward = find_sparse_state(opt_state).masks.forward
+        forward = get_masks(opt_state, params).forward
     except ValueError as e:
         raise ValueError(f"sparse_params: {e}") from None
-    structures = nm_lib.structures(opt_state)
     if jax.tree.structure(params) != jax.tree.structure(forward, is_leaf=lambda x: x is None):
         raise ValueError(
             "sparse_params: params and the masks of opt_state differ in structure; pass the "
             "opt_state of these params."
         )
-    return jax.tree_util.tree_map_with_path(
-        lambda path, p, m, s: p if m is None else _leaf_from_mask(p, m, path_name(path), layout, s),
-        params,
-        forward,
-        structures,
-        is_leaf=lambda x: x is None,
-    )
+    structures = _structures(opt_state)
+
+    def leaf(path, p, m):
+        name = path_name(path)
+        return p if m is None else _leaf_from_mask(p, m, name, layout, structures.get(name))
+
+    return jax.tree_util.tree_map_with_path(leaf, params, forward)
+
+
+def _structures(opt_state: Any) -> dict[str, Any]:
+    """``{leaf path name: LeafNM}`` of the N:M structured leaves of every sparse state."""
+    out = {}
+    for state in find_sparse_states(opt_state):
+        flat, _ = jax.tree_util.tree_flatten_with_path(
+            getattr(state, "sets", None), is_leaf=is_set_leaf
+        )
+        for path, sets in flat:
+            if isinstance(sets, PackedSets) and sets.structure is not None:
+                out[path_name(path)] = sets.structure
+    return out
 
 
 def _from_always_sparse(state: AlwaysSparseState, layout: str) -> Any:

@@ -150,6 +150,28 @@ def test_stacked_leaf(tmp_path):
     )
 
 
+def test_several_sparse_states():
+    """Top-KAST per optax.multi_transform group (two sparsities, one 2:4 group): each leaf
+    exported by the state that makes it sparse, with its own layout."""
+    rng = np.random.default_rng(5)
+    params = {
+        "a": {"kernel": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)},
+        "b": {"kernel": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)},
+    }
+    tx = optax.multi_transform(
+        {
+            "a": tk.topkast(optax.sgd(0.1), forward_sparsity=0.75, backward_sparsity=0.5, **FAST),
+            "b": tk.topkast(optax.sgd(0.1), structure=tk.NM(2, 4)),
+        },
+        {"a": "a", "b": "b"},
+    )
+    state = tx.init(params)
+    exported = export.sparse_params(params, state)
+    assert isinstance(exported["a"]["kernel"], export.BitmapLeaf)
+    assert isinstance(exported["b"]["kernel"], export.NMLeaf)
+    _assert_bitwise(export.densify(exported), tk.forward_params(params, state))
+
+
 def test_always_sparse_state():
     """An AlwaysSparseState exports from its B-state: the same θ ⊙ A as its forward_params."""
     params = _params(2)
@@ -189,7 +211,7 @@ def test_sizes_smaller_than_dense(tmp_path):
 
 def test_errors(trained, tmp_path):
     params, state = trained
-    with pytest.raises(ValueError, match="exactly one sparse-training state"):
+    with pytest.raises(ValueError, match="must contain a sparse-training state"):
         export.sparse_params(params, optax.sgd(0.1).init(params))
     with pytest.raises(ValueError, match="needs opt_state"):
         export.sparse_params(params)
