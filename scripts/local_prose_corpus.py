@@ -7,7 +7,7 @@ ROOTs default to this interpreter's site-packages (``sysconfig`` purelib and pla
 metadata folders (``*.dist-info``, ``*.egg-info``) left out. Files are read in sorted path
 order; a file under 2 KiB or over 1 MiB, one that is not UTF-8, or one whose bytes were
 already taken (licence texts repeat in many packages) is skipped; files are joined with a blank
-line until ``--max_mb`` MiB. Different machines have different packages, so the text (like
+line, in the order of their content's hash, until ``--max_mb`` MiB. Different machines have different packages, so the text (like
 ``pystdlib``) differs between machines: compare ratios within one machine's runs, not BPC across
 machines. Train with ``--config.data.name=text --config.data.path=OUT_FILE``.
 """
@@ -40,27 +40,29 @@ def prose_files(roots: list[str]) -> list[str]:
     return sorted(set(found))
 
 
+def readable(path: str) -> bytes | None:
+    """The stripped bytes of a UTF-8 file of 2 KiB to 1 MiB, else None."""
+    if not MIN_FILE <= os.path.getsize(path) <= MAX_FILE:
+        return None
+    with open(path, "rb") as fh:
+        raw = fh.read().strip()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return raw
+
+
 def corpus_bytes(files: list[str], max_bytes: int) -> bytes:
-    """The UTF-8 files of 2 KiB to 1 MiB, first copy of each content only, up to ``max_bytes``."""
-    seen, chunks, total = set(), [], 0
+    """Each distinct readable file once, in the order of its content's SHA-256 (a fixed
+    shuffle: the train/valid/test split of ``config.data.name=text`` is by position, so
+    sorted paths would put one package's files in the test split), up to ``max_bytes``."""
+    by_digest = {}
     for path in files:
-        if not MIN_FILE <= os.path.getsize(path) <= MAX_FILE:
-            continue
-        with open(path, "rb") as fh:
-            raw = fh.read().strip()
-        digest = hashlib.sha256(raw).digest()
-        if not raw or digest in seen:
-            continue
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-        seen.add(digest)
-        chunks.append(raw)
-        total += len(raw) + 2
-        if total >= max_bytes:
-            break
-    return b"\n\n".join(chunks)[:max_bytes]
+        raw = readable(path)
+        if raw:
+            by_digest.setdefault(hashlib.sha256(raw).digest(), raw)
+    return b"\n\n".join(by_digest[d] for d in sorted(by_digest))[:max_bytes]
 
 
 def main(argv: list[str]) -> None:

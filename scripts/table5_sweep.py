@@ -10,8 +10,8 @@ that was cut off continues where it stopped.
   PLAN=diagnose TEXT=/tmp/prose.txt PAR=13 python scripts/table5_sweep.py    # the diagnostics
   LIMIT=2 STEPS=10 PAR=2 OUT=/tmp/x python scripts/table5_sweep.py           # smoke run
 
-Environment: PLAN (first | long | diagnose | table5 | table5:λ; several joined by commas run in
-that order), OUT
+Environment: PLAN (first | long | diagnose | refresh | table5[:λ] | text5[:λ] (on TEXT);
+several joined by commas run in that order), OUT
 (results folder, default /tmp/t5out), ROOT (workdirs, default /tmp/t5), STEPS (default 1000),
 PAR (parallel runs), SEEDS and LAMBDAS (table5's), TEXT (a text file for diagnose's second-text
 runs, e.g. from scripts/local_prose_corpus.py; without it those runs are left out), LIMIT (only
@@ -72,13 +72,13 @@ def first_plan() -> list[Run]:
     return runs
 
 
-def table5_plan(seeds: list[int], lambdas: list[float]) -> list[Run]:
+def table5_plan(seeds: list[int], lambdas: list[float], text: str = "") -> list[Run]:
     """Table 5's rows: dense, pruning at 80/90/95% and the six Top-KAST pairs per λ."""
     runs = []
     for seed in seeds:
-        runs.append(Run("dense", 0.0, 0.0, seed))
-        runs += [Run("pruning", f, f, seed) for f in (0.8, 0.9, 0.95)]
-        runs += [Run("topkast", f, b, seed, l2=l2) for l2 in lambdas for f, b in PAIRS]
+        runs.append(Run("dense", 0.0, 0.0, seed, text=text))
+        runs += [Run("pruning", f, f, seed, text=text) for f in (0.8, 0.9, 0.95)]
+        runs += [Run("topkast", f, b, seed, l2=l2, text=text) for l2 in lambdas for f, b in PAIRS]
     return runs
 
 
@@ -111,15 +111,33 @@ def diagnose_plan(text: str) -> list[Run]:
 
 
 def plan_runs(token: str, seeds: list[int], lambdas: list[float], text: str) -> list[Run]:
-    """The runs of one PLAN entry: ``first``, ``long``, ``diagnose``, ``table5`` (λ from
-    LAMBDAS) or ``table5:λ``."""
+    """The runs of one PLAN entry: ``first``, ``long``, ``diagnose``, ``refresh``, ``table5``
+    (λ from LAMBDAS) or ``table5:λ`` on pystdlib, ``text5`` or ``text5:λ`` on TEXT."""
     name, _, l2 = token.partition(":")
-    if name == "table5":
-        return table5_plan(seeds, [float(l2)] if l2 else lambdas)
-    plans = {"first": first_plan, "long": long_plan, "diagnose": lambda: diagnose_plan(text)}
+    if name in ("table5", "text5"):
+        return table5_plan(seeds, [float(l2)] if l2 else lambdas, text if name == "text5" else "")
+    plans = {
+        "first": first_plan,
+        "long": long_plan,
+        "diagnose": lambda: diagnose_plan(text),
+        "refresh": refresh_plan,
+    }
     if name not in plans or l2:
-        sys.exit(f"PLAN entry {token!r} unknown; use first, long, diagnose, table5 or table5:λ")
+        sys.exit(f"PLAN entry {token!r} unknown; use {sorted(plans)}, table5[:λ] or text5[:λ]")
     return plans[name]()
+
+
+def refresh_plan() -> list[Run]:
+    """refresh_every 100 vs 1 where a weight outside A moves less per step: the paper's
+    learning rate (2e-4) with Adam, and SGD; 90/0 and 90/80, λ 1e-4, seeds 0 and 1."""
+    pair = ((0.9, 0.0), (0.9, 0.8))
+    runs = []
+    for seed in (0, 1):
+        for every in (1, 100):
+            runs += [Run("topkast", f, b, seed, lr=2e-4, refresh_every=every) for f, b in pair]
+        opt = dict(lr=0.3, optimizer="sgd", refresh_every=100)
+        runs += [Run("topkast", f, b, seed, **opt) for f, b in pair]
+    return runs
 
 
 def planned_runs() -> list[Run]:
