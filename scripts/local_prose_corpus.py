@@ -4,10 +4,10 @@
   python scripts/local_prose_corpus.py OUT_FILE [--max_mb=8] [ROOT ...]
 
 ROOTs default to this interpreter's site-packages (``sysconfig`` purelib and platlib), package
-metadata folders (``*.dist-info``, ``*.egg-info``) left out. Files are read in sorted path
-order; a file under 2 KiB or over 1 MiB, one that is not UTF-8, or one whose bytes were
-already taken (licence texts repeat in many packages) is skipped; files are joined with a blank
-line, in the order of their content's hash, until ``--max_mb`` MiB. Different machines have different packages, so the text (like
+metadata folders (``*.dist-info``, ``*.egg-info``) left out. A file under 2 KiB or over 1 MiB,
+one that is not UTF-8, or one whose bytes were already taken (licence texts repeat in many
+packages) is skipped; the rest are joined with a blank line in the order of their content's
+hash, up to ``--max_mb`` MiB. Different machines have different packages, so the text (like
 ``pystdlib``) differs between machines: compare ratios within one machine's runs, not BPC across
 machines. Train with ``--config.data.name=text --config.data.path=OUT_FILE``.
 """
