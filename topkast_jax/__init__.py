@@ -7,6 +7,7 @@ Public API::
     masks = get_masks(opt_state)                       # Masks(forward=A, backward=B)
     penalty = exploration_penalty(params, opt_state)   # λ(½‖θ_A‖² + ½‖θ_{B∖A}‖²/D)
     stats = mask_stats(opt_state)                      # densities, mask change, reservoir
+    inner = inner_state(opt_state)                     # the wrapped optimizer's own state
     exported = export.sparse_params(params, opt_state) # θ ⊙ A, compact: export.save/load
     tx = topkast(inner, structure=NM(2, 4), ...)       # N:M sets (extension of the paper)
 """
@@ -25,6 +26,7 @@ from topkast_jax.state import (
     find_sparse_state,
     forward_params,
     get_masks,
+    inner_state,
 )
 from topkast_jax.stats import mask_stats
 from topkast_jax.transform import topkast
@@ -49,6 +51,7 @@ __all__ = [
     "find_sparse_state",
     "forward_params",
     "get_masks",
+    "inner_state",
     "keep_count",
     "layer_densities",
     "leaf_densities",

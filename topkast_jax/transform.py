@@ -53,6 +53,7 @@ from topkast_jax.validation import (
     check_inner,
     check_int,
     check_real,
+    check_static,
     check_update_inputs,
 )
 
@@ -264,6 +265,9 @@ def topkast(
       says statically whether this update refreshes ``A`` and ``B``: pass
       ``(step + 1) % refresh_every == 0`` from a loop that compiles the two cases apart, so the
       non-refresh program holds no selection.  ``None`` (default) decides from the state's count.
+      Inside ``optax.MultiSteps``, which computes its inner update at every micro-step and keeps
+      only the last one's, pass ``refresh_masks=False`` on the other micro-steps (also at
+      ``refresh_every=1``) so they run no selection.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, topkast_jax as tk
@@ -278,6 +282,14 @@ def topkast(
       Jayakumar et al., 2020. https://arxiv.org/abs/2106.03517
     """
     check_inner(inner)
+    check_static(  # optax.inject_hyperparams passes numeric arguments as arrays
+        "tk.topkast",
+        forward_sparsity=forward_sparsity,
+        backward_sparsity=backward_sparsity,
+        refresh_every=refresh_every,
+        stop_exploration_step=stop_exploration_step,
+        layer_axis=layer_axis,
+    )
     if structure is not None:
         forward_sparsity, backward_sparsity = nm_lib.check_options(
             structure,
@@ -378,9 +390,9 @@ def topkast(
         def keep():
             return state.sets, state.stats, state.rng
 
-        if refresh_every == 1 or refresh_masks is True:
+        if refresh_masks is True or (refresh_masks is None and refresh_every == 1):
             new_sets, new_stats, rng = refresh()
-        elif refresh_masks is False:
+        elif refresh_masks is False:  # also at refresh_every 1: e.g. a discarded micro-step
             new_sets, new_stats, rng = keep()
         else:
             new_sets, new_stats, rng = jax.lax.cond(count % refresh_every == 0, refresh, keep)

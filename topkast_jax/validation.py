@@ -20,6 +20,7 @@ __all__ = [
     "check_int",
     "check_real",
     "check_same_shapes",
+    "check_static",
     "check_update_inputs",
 ]
 
@@ -63,6 +64,26 @@ def check_real(name: str, value: Any, minimum: float | None = None) -> Any:
     if minimum is not None and number < minimum:
         raise ValueError(f"{name} must be >= {minimum:g}, got {number}.")
     return value
+
+
+def check_static(factory: str, **values: Any) -> None:
+    """Hyperparameters that fix the compiled program (mask sizes, refresh schedule) must be
+    Python values.  ``optax.inject_hyperparams`` passes every numeric argument not named in its
+    ``static_args`` as a JAX array: such arrays raise a ValueError naming them and giving the
+    ``static_args`` tuple to pass.
+
+    Args:
+      factory: the factory's name as the user calls it (e.g. ``"tk.topkast"``).
+      **values: the hyperparameters to check, by argument name.
+    """
+    arrays = tuple(name for name, v in values.items() if isinstance(v, jax.Array))
+    if arrays:
+        raise ValueError(
+            f"{', '.join(arrays)} must be Python numbers, got JAX arrays: they fix the masks' "
+            "sizes and the compiled step, so they cannot be injected hyperparameters. Name "
+            f"them static: optax.inject_hyperparams({factory}, static_args={arrays!r})(...) "
+            "(exploration_l2 and the inner optimizer's hyperparameters can stay injected)."
+        )
 
 
 def check_inner(inner: Any) -> Any:

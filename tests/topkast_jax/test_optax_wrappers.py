@@ -229,3 +229,221 @@ def test_topkast_around_multi_transform_matches_the_reference_per_group():
     for t, snap in enumerate(got):
         want = _leaf_penalty(*attn[t], cfgs, 1, LAM) + _leaf_penalty(*mlp[t], cfgs, 2, LAM)
         np.testing.assert_allclose(snap.penalty, want, rtol=1e-5, atol=1e-7, err_msg=f"step {t}")
+
+
+def test_masked_with_a_prefix_mask_around_topkast():
+    """``optax.masked`` with a prefix mask: a whole subtree is one ``MaskedNode`` in the state;
+    its leaves get the raw gradient as update (what ``masked`` passes through)."""
+    flat = tk_harness.make_params(seed=9, shapes={"w1": (6, 5), "w2": (4, 3, 2), "b": (5,)})
+    params = {"body": {"w1": flat["w1"], "w2": flat["w2"]}, "head": {"b": flat["b"]}}
+    problem = tk_harness.make_problem(params, seed=10)
+    kwargs = dict(forward_sparsity=0.6, backward_sparsity=0.3, exploration_l2=LAM)
+    tx = optax.masked(tk.topkast(_momentum(LR), **kwargs), {"body": True, "head": False})
+    got = _train(tx, params, problem.loss)
+    leaves = {"body/w1": 0, "body/w2": 1, "head/b": 2}  # jax.tree.leaves order
+    cfgs = [
+        reference.LeafConfig(sparse=name != "head/b", forward_density=0.4, backward_density=0.7)
+        for name in leaves
+    ]
+    x0 = [np.asarray(p) for p in jax.tree.leaves(params)]
+    sparse = reference.run(
+        x0, cfgs, problem.grad_np, STEPS, learning_rate=LR, momentum=0.9, exploration_l2=LAM
+    )
+    passed = reference.run(x0, cfgs, problem.grad_np, STEPS, learning_rate=-1.0)  # θ + g
+    _assert_leaf_matches(got, sparse, 0, sparse=True)
+    _assert_leaf_matches(got, sparse, 1, sparse=True)
+    _assert_leaf_matches(got, passed, 2, sparse=False)
+    state = got[-1].state
+    assert isinstance(tk.get_masks(state).forward["head"], optax.MaskedNode)
+    stats = tk.mask_stats(state)
+    assert {k for k in stats if k.startswith("forward_density/")} == {
+        "forward_density/body/w1",
+        "forward_density/body/w2",
+    }
+
+
+def _fixed_grads(params, steps, seed=11):
+    rng = np.random.default_rng(seed)
+    return [
+        jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+        for _ in range(steps)
+    ]
+
+
+def _apply(tx, params, grads_list):
+    """``[(params, state)]`` after each update of ``tx`` on fixed gradients."""
+    state = tk_harness.init(tx, params)
+    update = jax.jit(tx.update)
+    out = []
+    for g in grads_list:
+        updates, state = update(g, state, params)
+        params = optax.apply_updates(params, updates)
+        out.append((params, state))
+    return out
+
+
+def test_muon_inside_topkast_with_every_weight_updated_equals_muon():
+    """``B`` = every weight and λ = 0: Top-KAST's updates are Muon's on the same gradients;
+    ``A`` is the top-k of the new θ."""
+    params = tk_harness.make_params(seed=12)
+    grads = _fixed_grads(params, 3)
+    muon = optax.contrib.muon(0.05)
+    got = _apply(tk.topkast(muon, forward_sparsity=0.6), params, grads)
+    want = _apply(muon, params, grads)
+    for (p_got, s_got), (p_want, _) in zip(got, want, strict=True):
+        for name in params:
+            np.testing.assert_allclose(p_got[name], p_want[name], rtol=1e-6, atol=1e-7)
+        for name in ("w1", "w2"):
+            a, _ = reference.magnitude_masks(np.asarray(p_got[name]), 0.4, 1.0)
+            np.testing.assert_array_equal(tk.get_masks(s_got).forward[name], a)
+
+
+def test_muon_inside_topkast_keeps_updates_and_moments_zero_outside_b():
+    params = tk_harness.make_params(seed=13)
+    grads = _fixed_grads(params, 4, seed=14)
+    tx = tk.topkast(
+        optax.contrib.muon(0.3), forward_sparsity=0.6, backward_sparsity=0.3, exploration_l2=LAM
+    )
+    state = tk_harness.init(tx, params)
+    update = jax.jit(tx.update)
+    changed = False
+    for g in grads:
+        b = tk.get_masks(state).backward
+        updates, state = update(g, state, params)
+        params = optax.apply_updates(params, updates)
+        # Muon's momentum (w1) and Adam's moments (w2, the 3-D leaf) in its partition.
+        found = [
+            v
+            for key in ("mu", "nu")
+            for _, v in optax.tree_utils.tree_get_all_with_path(tk.inner_state(state), key)
+        ]
+        for name in ("w1", "w2"):
+            outside = ~np.asarray(b[name])
+            assert not np.any(np.asarray(updates[name])[outside]), name
+            moments = [v[name] for v in found if not isinstance(v[name], optax.MaskedNode)]
+            assert len(moments) == (1 if name == "w1" else 2)  # Muon's mu; Adam's mu and nu
+            for m in moments:
+                assert not np.any(np.asarray(m)[outside]), name
+        changed |= bool(np.any(np.asarray(tk.get_masks(state).backward["w1"]) != b["w1"]))
+    assert changed  # B moved, so a moment left outside B would have been seen
+
+
+def test_inner_state_gives_schedule_free_its_eval_params():
+    """``B`` = every weight, λ = 0: Top-KAST's inner state is schedule-free's own, so its
+    evaluation params equal those of schedule-free alone on the same gradients."""
+    params = tk_harness.make_params(seed=15)
+    grads = _fixed_grads(params, 3, seed=16)
+    sf = optax.contrib.schedule_free_sgd(0.1)
+    tx = optax.chain(optax.clip_by_global_norm(1e3), tk.topkast(sf, forward_sparsity=0.5))
+    got = _apply(tx, params, grads)
+    want = _apply(optax.chain(optax.clip_by_global_norm(1e3), sf), params, grads)
+    for (p_got, s_got), (p_want, s_want) in zip(got, want, strict=True):
+        eval_got = optax.contrib.schedule_free_eval_params(tk.inner_state(s_got), p_got)
+        eval_want = optax.contrib.schedule_free_eval_params(s_want[1], p_want)
+        for name in params:
+            np.testing.assert_allclose(eval_got[name], eval_want[name], rtol=1e-6, atol=1e-7)
+    for name in params:  # after the first step, x (evaluation) differs from y (training)
+        assert not np.allclose(eval_got[name], p_got[name], rtol=1e-3), name
+    with pytest.raises(ValueError, match="found 0"):
+        tk.inner_state(sf.init(params))
+    groups = {
+        "attn": tk.topkast(sf, forward_sparsity=0.5),
+        "mlp": tk.topkast(sf, forward_sparsity=0.5),
+    }
+    two = tk_harness.init(optax.multi_transform({**groups, "dense": sf}, LABELS), params)
+    with pytest.raises(ValueError, match="found 2"):
+        tk.inner_state(two)
+
+
+def test_inject_hyperparams_without_static_args_names_them():
+    params = tk_harness.make_params(seed=17)
+    make = optax.inject_hyperparams(tk.topkast)
+    with pytest.raises(ValueError) as err:
+        make(optax.sgd(LR), forward_sparsity=0.8, backward_sparsity=0.5).init(params)
+    names = ("forward_sparsity", "backward_sparsity", "refresh_every")
+    assert f"static_args={names!r}" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        make(optax.sgd(LR), forward_sparsity=0.8, stop_exploration_step=3).init(params)
+    assert "static_args=('forward_sparsity', 'refresh_every', 'stop_exploration_step')" in str(
+        err.value
+    )
+    # The suggested static_args work; exploration_l2 stays injected.
+    tx = optax.inject_hyperparams(tk.topkast, static_args=names)(
+        optax.sgd(LR), forward_sparsity=0.8, backward_sparsity=0.5, exploration_l2=LAM
+    )
+    state = tk_harness.init(tx, params)
+    assert set(state.hyperparams) == {"exploration_l2", "seed"}
+    jax.jit(tx.update)(params, state, params)
+
+
+def _count_refreshes(monkeypatch):
+    """Counts every selection of ``A`` and ``B`` that runs (a callback in the selection)."""
+    from topkast_jax import transform
+
+    calls = []
+    select = transform.select_sets
+
+    def counted(*args, **kwargs):
+        jax.debug.callback(lambda: calls.append(1))
+        return select(*args, **kwargs)
+
+    monkeypatch.setattr(transform, "select_sets", counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "placement, selections, refreshes",
+    [("multisteps_outside", 9, 3), ("multisteps_outside_refresh_masks", 3, 3), ("inside", 9, 9)],
+)
+def test_multisteps_placement_and_refresh_count(monkeypatch, placement, selections, refreshes):
+    """3 optimizer steps of 3 micro-steps.  ``MultiSteps(topkast(...))`` keeps one refresh per
+    optimizer step (count 3), but optax's MultiSteps computes its inner update at every
+    micro-step and keeps it at the last: the selection runs 9 times, unless the loop passes
+    ``refresh_masks`` (3 times).  ``topkast(MultiSteps(...))`` refreshes at every micro-step (count
+    9, ``refresh_every`` in micro-steps).  The masks and params agree in all three."""
+    params = tk_harness.make_params(seed=18)
+    kwargs = dict(forward_sparsity=0.8, backward_sparsity=0.5, exploration_l2=LAM)
+    if placement == "inside":
+        tx = tk.topkast(optax.MultiSteps(_momentum(LR), every_k_schedule=3), **kwargs)
+    else:
+        tx = optax.MultiSteps(tk.topkast(_momentum(LR), **kwargs), every_k_schedule=3)
+    calls = _count_refreshes(monkeypatch)
+    state = tk_harness.init(tx, params)
+    jax.effects_barrier()
+    calls.clear()  # the selection at init
+    update = jax.jit(tx.update, static_argnames="refresh_masks")
+    for i, g in enumerate(_fixed_grads(params, 9, seed=19)):
+        extra = {"refresh_masks": i % 3 == 2} if placement.endswith("refresh_masks") else {}
+        updates, state = update(g, state, params, **extra)
+        params = optax.apply_updates(params, updates)
+    jax.effects_barrier()
+    assert len(calls) == selections
+    assert int(tk.find_sparse_state(state).count) == refreshes
+    _MULTISTEPS_RESULTS[placement] = (params, tk.get_masks(state))
+    if len(_MULTISTEPS_RESULTS) == 3:
+        (p0, m0), *others = _MULTISTEPS_RESULTS.values()
+        for p, m in others:
+            for name in params:
+                np.testing.assert_allclose(p[name], p0[name], rtol=1e-6, atol=1e-7)
+            for name in ("w1", "w2"):
+                np.testing.assert_array_equal(m.forward[name], m0.forward[name])
+
+
+_MULTISTEPS_RESULTS: dict = {}
+
+
+def test_clipping_inside_topkast_measures_the_norm_of_what_is_applied():
+    """``topkast(chain(clip, sgd))`` clips the masked gradient: the update's norm is
+    ``lr * max_norm``; ``chain(clip, topkast(sgd))`` clips the dense gradient, then drops the
+    part outside ``B``, so the applied step is shorter."""
+    params = {"w": jnp.asarray(np.random.default_rng(20).normal(size=(8, 8)), jnp.float32)}
+    grads = {"w": jnp.full((8, 8), 10.0)}
+    kwargs = dict(forward_sparsity=0.75, backward_sparsity=0.5)
+    clip = optax.clip_by_global_norm(1.0)
+    inside = tk.topkast(optax.chain(clip, optax.sgd(1.0)), **kwargs)
+    outside = optax.chain(clip, tk.topkast(optax.sgd(1.0), **kwargs))
+    norms = [
+        float(optax.global_norm(tx.update(grads, tk_harness.init(tx, params), params)[0]))
+        for tx in (inside, outside)
+    ]
+    np.testing.assert_allclose(norms, [1.0, np.sqrt(0.5)], rtol=1e-5)  # B: half the weights
