@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_seq_len = 128
     c.eval_mem_len = 128
     c.final_eval_max_windows = 0  # 0: the whole valid and test splits
+    c.export_at_end = True  # <workdir>/export: theta*A, compact (tk.export)
 
     c.data = ml_collections.ConfigDict({"name": "pystdlib", "path": ""})
 

@@ -59,6 +59,7 @@ def paper_config(
     c.eval_batch_size = 16
     c.eval_seq_len = 128
     c.final_eval_max_windows = 0
+    c.export_at_end = True  # <workdir>/export: theta*A, compact (tk.export)
     c.eval_same_length = True
     c.eval_clamp_len = 1000
     c.update(run)

@@ -47,6 +47,12 @@
   ``.finished`` summary, ``.resumed(step)`` -> ``resumes.jsonl``, ``.should_stop(at_sync_point)``);
   ``check_identity``, ``acquire_lock`` / ``release_lock`` / ``locked``; ``WorkdirError``.
 
+``export`` — the compact export of issue 12 (``tk.export``): ``export_state(workdir, params,
+  opt_state, checkpoint_dir, log)`` / ``export_final(workdir, exported, ...)`` write
+  ``<workdir>/export`` at the end of a run (``config.export_at_end``) and log its bytes on disk
+  against the checkpoint's; ``export_workdir(workdir, out)`` does it for the latest checkpoint of
+  any masked LM or ImageNet workdir (``scripts/export.py``), ``abstract_train_state(config)``.
+
 ``signals`` — ``StopSignals`` (first SIGTERM/SIGINT sets a flag, a second exits at once),
   ``Interrupted`` (raised after the checkpoint; the launcher exits with ``128 + signal``).
 

@@ -7,7 +7,8 @@ Each ``experiments/<name>/main.py`` is::
     app.run(main)
 
 Flags: ``--config`` (ml_collections config file, ``file.py:ARG`` and ``--config.x=y`` overrides),
-``--workdir``, ``--dry_run``, and for several processes ``--coordinator_address``,
+``--workdir``, ``--dry_run``, ``--eval_only --from_export=PATH`` (evaluate an export of
+``tk.export``; the language model), and for several processes ``--coordinator_address``,
 ``--num_processes``, ``--process_id`` (or ``--distributed`` to auto-detect on TPU pods / SLURM),
 ``--cpu_collectives=gloo`` for CPU hosts; ``--verbose_logs`` keeps absl INFO logs.
 
@@ -39,6 +40,10 @@ def define_flags() -> None:
     flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detect).")
     flags.DEFINE_string("cpu_collectives", None, "CPU collectives implementation, e.g. 'gloo'.")
     flags.DEFINE_bool("verbose_logs", False, "Keep absl INFO logs (orbax is chatty).")
+    flags.DEFINE_bool(
+        "eval_only", False, "Evaluate --from_export on the valid and test splits, no training."
+    )
+    flags.DEFINE_string("from_export", None, "A model exported by tk.export (with --eval_only).")
     flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -67,6 +72,13 @@ def run(argv: list[str], train: ModuleType) -> None:
     initialize_processes()
     if FLAGS.dry_run:
         train.dry_run(FLAGS.config, FLAGS.workdir)
+        return
+    if FLAGS.eval_only or FLAGS.from_export:
+        if not (FLAGS.eval_only and FLAGS.from_export):
+            raise app.UsageError("--eval_only and --from_export=PATH go together")
+        if not hasattr(train, "evaluate_export"):
+            raise app.UsageError(f"{train.__name__} has no --eval_only --from_export evaluation")
+        train.evaluate_export(FLAGS.config, FLAGS.workdir, FLAGS.from_export)
         return
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -32,8 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import topkast_jax as tk
 from experiments.common import always_sparse_stats, mask_dynamics
 from experiments.common import dry_run as dry_run_lib
+from experiments.common import export as export_lib
 from experiments.common import mesh as mesh_lib
 from experiments.common import summary as summary_lib
 from experiments.common.checkpoint import Checkpointer
@@ -191,6 +193,10 @@ def train(config: Any, run: Any, corpus: Any, stop_at_step: int | None) -> dict[
             **lm.run_throughput(progress, config),
         },
     )
+    if run.primary and config.get("export_at_end", True):  # from the B-state, no dense theta
+        exported = tk.export.sparse_params(export_lib.host_copy(state["sparse"]))
+        checkpoint = os.path.join(ckpt.directory, str(end))
+        export_lib.export_final(run.workdir, exported, checkpoint, lm._log)
     if run.primary:
         path = summary_lib.write_summary(run.workdir, summary)
         lm._log(f"done (always-sparse): {results} | wrote {path}")

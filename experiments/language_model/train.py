@@ -29,6 +29,7 @@ import optax
 
 from experiments.common import config_rules, config_utils, guard, mask_dynamics
 from experiments.common import dry_run as dry_run_lib
+from experiments.common import export as export_lib
 from experiments.common import mesh as mesh_lib
 from experiments.common import sparsity as sparsity_lib
 from experiments.common import summary as summary_lib
@@ -78,6 +79,7 @@ RULES: tuple[config_rules.Rule | config_rules.Relation, ...] = config_rules.SHAR
     config_rules.boolean("model.untie_r"),
     config_rules.boolean("model.same_length"),
     config_rules.boolean("eval_same_length"),
+    config_rules.boolean("export_at_end"),
     config_rules.int_at_least("eval_clamp_len", -1, "-1: no clamping", optional=True),
     config_rules.Relation(
         ("eval_same_length", "eval_mem_len"),
@@ -601,6 +603,9 @@ def _train(config, run, corpus, stop_at_step, start_time, closing) -> dict[str, 
             **run_throughput(progress, config),
         },
     )
+    if run.primary and config.get("export_at_end", True):  # before the summary: a finished
+        checkpoint = os.path.join(ckpt.directory, str(step))  # run holds its export
+        export_lib.export_state(workdir, state["params"], state["opt_state"], checkpoint, _log)
     if run.primary:
         path = summary_lib.write_summary(workdir, summary)
     shown = " ".join(f"{k} {summary[k]:.4f}" for k in sorted(results) if not k.endswith("_loss"))
@@ -712,4 +717,49 @@ def eval_plan(config: ml_collections.ConfigDict, evaluator: Evaluator, corpus) -
     return units
 
 
-__all__ = ["dry_run", "train_and_evaluate", "validate_config"]
+# ----------------------------------------------------------------------------- evaluation only
+#: What ``--eval_only --from_export`` writes in the workdir.
+EVAL_FROM_EXPORT_FILE = "eval_from_export.json"
+
+
+def evaluate_export(config: ml_collections.ConfigDict, workdir: str, path: str) -> dict[str, float]:
+    """``--eval_only --from_export=PATH``: the final evaluation (valid and test, the config's
+    ``final_eval_max_windows``, batch, window, memory and protocol) of an export written by
+    ``tk.export.save`` (e.g. ``<workdir>/export`` at the end of a run), densified on load.
+
+    Gives the run's final scores: ``α`` of the export is its ``θ ⊙ A`` bit for bit.  Writes
+    ``{"export": path, "<split>_<metric>": value, ...}`` to ``<workdir>/eval_from_export.json``.
+
+    Raises:
+      FileNotFoundError: data missing, or no export at ``path``.
+      ValueError: a bad config field, or an export whose leaves or shapes are not this config's
+        model's (naming the leaf).
+    """
+    import topkast_jax as tk
+
+    validate_config(config)
+    input_pipeline.check_data_present(config.data)
+    corpus = input_pipeline.load_corpus(config.data)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.vocab_size = corpus.vocab_size
+    model = models.model_from_config(config.model)
+    abstract = jax.eval_shape(lambda: init_params(config, model)[0])
+    mesh = mesh_lib.make_data_mesh()
+    rep = mesh_lib.replicated(mesh)
+    alpha = jax.device_put(tk.export.densify(tk.export.load(path, like=abstract)), rep)
+    evaluator = Evaluator(config, model, mesh, {"params": rep, "opt_state": rep})
+    windows = config.get("final_eval_max_windows", 0)
+    results: dict[str, float] = {}
+    for split in ("valid", "test"):
+        scores = score(evaluator(alpha, None, getattr(corpus, split), windows), corpus.metric)
+        results.update({f"{split}_{k}": v for k, v in scores.items()})
+        _log(f"eval from export {path}, {split}: {_scores_text(scores)}")
+    if mesh_lib.is_primary():
+        os.makedirs(workdir, exist_ok=True)
+        summary_lib.write_json(
+            os.path.join(workdir, EVAL_FROM_EXPORT_FILE), {"export": path, **results}
+        )
+    return results
+
+
+__all__ = ["dry_run", "evaluate_export", "train_and_evaluate", "validate_config"]

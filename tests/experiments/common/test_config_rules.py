@@ -65,6 +65,7 @@ BAD_LM = {
     "model.untie_r": "no",
     "model.same_length": 1,
     "eval_same_length": "yes",
+    "export_at_end": "yes",
     "eval_clamp_len": -2,
     "optim.lr": -1.0,
     "optim.warmup_init_lr": math.inf,

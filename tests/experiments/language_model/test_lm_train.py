@@ -5,6 +5,7 @@ resumed, 8 simulated devices, and two processes on localhost with gloo collectiv
 """
 
 import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -18,7 +19,9 @@ import jax
 import numpy as np
 import pytest
 
+import topkast_jax as tk
 from configs import demo
+from experiments.common import export as export_lib
 from experiments.common.checkpoint import Checkpointer
 from experiments.common.guard import NonFiniteLossError
 from experiments.common.metrics import read_metrics
@@ -351,3 +354,68 @@ def test_split_refresh_steps_equal_the_transforms_own_decision(text_file, tmp_pa
     ref_state, _ = _final_params(cond, config)
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ----------------------------------------------------------------------------- compact export
+# Issue 12: the reference run writes <workdir>/export (config.export_at_end, on by default).
+
+
+def _assert_bitwise(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
+
+
+def test_export_at_end_holds_theta_times_a(reference, text_file):
+    """<workdir>/export is θ ⊙ A of the final checkpoint bit for bit, compact, and smaller on
+    disk than that checkpoint."""
+    workdir, _ = reference
+    path = os.path.join(workdir, export_lib.EXPORT_DIR)
+    _, abstract = export_lib.abstract_train_state(export_lib.read_config(workdir))
+    state, _ = Checkpointer(os.path.join(workdir, "checkpoints")).restore(abstract)
+    alpha = jax.device_get(tk.forward_params(state["params"], state["opt_state"]))
+    _assert_bitwise(tk.export.densify(tk.export.load(path, like=state["params"])), alpha)
+    leaves = jax.tree.leaves(tk.export.load(path), is_leaf=tk.export.is_compact)
+    assert any(isinstance(x, tk.export.BitmapLeaf) for x in leaves)
+    checkpoint = os.path.join(workdir, "checkpoints", "6")
+    assert tk.export.disk_bytes(path) < tk.export.disk_bytes(checkpoint)
+
+
+def test_eval_from_export_gives_the_final_scores(reference, text_file, tmp_path):
+    """``--eval_only --from_export=PATH`` (the CLI, in a subprocess) gives the run's final
+    valid and test BPC exactly; without --from_export it is a usage error."""
+    workdir, summary = reference
+    command = [sys.executable, "-m", "experiments.language_model.main", *cli_flags(text_file)]
+    export = os.path.join(workdir, export_lib.EXPORT_DIR)
+    out = subprocess.run(
+        [*command, f"--workdir={tmp_path}", "--eval_only", f"--from_export={export}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    with open(tmp_path / train.EVAL_FROM_EXPORT_FILE) as f:
+        results = json.load(f)
+    assert results["test_bpc"] == summary["test_bpc"]
+    assert results["valid_bpc"] == summary["valid_bpc"]
+    assert f"bpc {summary['test_bpc']:.4f}" in out.stdout.splitlines()[-1]
+    with pytest.raises(FileNotFoundError, match="export.json"):
+        train.evaluate_export(tiny_config(text_file), str(tmp_path), str(tmp_path))
+
+
+def test_export_script_on_a_workdir(reference, tmp_path, capsys):
+    """scripts/export.py WORKDIR OUT writes the run's export again from its checkpoint and
+    prints the sizes; an OUT that exists and a directory that is no workdir are errors."""
+    workdir, _ = reference
+    spec = importlib.util.spec_from_file_location("export_script", f"{REPO}/scripts/export.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = str(tmp_path / "out")
+    assert script.main([workdir, out]) == 0
+    printed = capsys.readouterr().out
+    assert "checkpoint step 6" in printed and "dense theta*A through orbax" in printed
+    _assert_bitwise(
+        tk.export.densify(tk.export.load(out)),
+        tk.export.densify(tk.export.load(os.path.join(workdir, export_lib.EXPORT_DIR))),
+    )
+    with pytest.raises(ValueError, match="exists"):
+        script.main([workdir, out])
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        script.main([str(tmp_path), str(tmp_path / "out2")])
