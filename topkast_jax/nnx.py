@@ -153,7 +153,7 @@ def for_optimizer(
         new_updates, new_state = tx.update(updates, state, params, **extra)
         return nnx.as_pure(new_updates), nnx.as_pure(new_state)
 
-    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+    return optax.GradientTransformationExtraArgs(jax.jit(tx.init), update_fn)
 
 
 def optimizer_state(optimizer: Any, params: Any) -> optax.OptState:
@@ -295,6 +295,9 @@ def _optimizer_class() -> type:
 
         def __init__(self, model: Any, tx: optax.GradientTransformation) -> None:
             super().__init__(model, for_optimizer(tx, nnx.state(model, nnx.Param)), wrt=nnx.Param)
+            # store the state as every update will (dataclass nodes as nnx.State): the jitted
+            # step then sees one structure from the first call on and compiles once
+            nnx.update(self.opt_state, nnx.state(nnx.as_pure(self.opt_state)))
 
         def update(self, model: Any, grads: Any, /, **kwargs: Any) -> Any:
             """The Top-KAST update of ``model``'s ``θ`` from ``grads = ∂L/∂α``.

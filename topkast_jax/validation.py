@@ -119,6 +119,15 @@ def _state_leaves(sets: Any) -> list[Any]:
     return jax.tree.leaves(sets, is_leaf=lambda x: x is None or hasattr(x, "shape"))
 
 
+_REWRITTEN_SETS = (
+    "the optimizer state's sets for params leaf {!r} are a {}, not the PackedSets that init "
+    "made: the state's pytree types were rewritten, as a plain nnx.Optimizer does when it stores "
+    "an update. With Flax NNX use tk.nnx.Optimizer(model, tx) and "
+    "tk.nnx.value_and_grad(loss_fn)(model, optimizer, ...): a plain nnx.Optimizer also runs the "
+    "model on the dense θ, not θ ⊙ A."
+)
+
+
 def check_update_inputs(grads: Any, state: Any, params: Any, state_type: type) -> None:
     """The arguments of a sparse transformation's ``update``, checked against each other.
 
@@ -143,6 +152,8 @@ def check_update_inputs(grads: Any, state: Any, params: Any, state_type: type) -
             f"{len(entries)}: pass the params the state was initialised with."
         )
     for (path, p), entry in zip(flat, entries, strict=True):
+        if entry is not None and not hasattr(entry, "codes"):
+            raise ValueError(_REWRITTEN_SETS.format(path_name(path), type(entry).__name__))
         if entry is not None and tuple(entry.shape) != tuple(np.shape(p)):
             raise ValueError(
                 f"params leaf {path_name(path)!r} has shape {tuple(np.shape(p))}, but the "

@@ -97,6 +97,9 @@ def reference_masks(theta):
     }
 
 
+flax_value_and_grad = nnx.jit(nnx.value_and_grad(loss_fn))
+
+
 def flax_on_alpha(model, masks, x, y):
     """Flax's own ``nnx.value_and_grad`` on a copy of ``model`` with kernels ``θ ⊙ A``:
     ``(loss, grads, copy)`` — the copy holds the BatchNorm statistics and RNG counts after."""
@@ -111,7 +114,7 @@ def flax_on_alpha(model, masks, x, y):
         for p, x_ in flat
     ]
     nnx.update(copy, jax.tree.unflatten(treedef, leaves))
-    loss, grads = nnx.value_and_grad(loss_fn)(copy, x, y)
+    loss, grads = flax_value_and_grad(copy, x, y)
     return float(loss), pure_leaves(grads), copy
 
 
@@ -167,17 +170,31 @@ def test_value_and_grad_trains_theta_through_alpha_with_batchnorm_dropout_and_sc
     assert np.isfinite(np.asarray(sparse(x))).all()
 
 
+def tiny():
+    """A model and a loss for the misuse checks (no compile of the CNN's step)."""
+    model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8)), jnp.float32)
+    return model, lambda m: jnp.mean(m(x) ** 2)
+
+
 def test_dense_gradients_are_refused():
-    x, y = data()
-    model = make_model()
+    model, loss = tiny()
     optimizer = tk.nnx.Optimizer(model, make_tx())
     with pytest.raises(TypeError, match=r"AlphaGrads of tk\.nnx\.value_and_grad.*nnx\.grad"):
-        optimizer.update(model, nnx.grad(loss_fn)(model, x, y))
+        optimizer.update(model, nnx.grad(loss)(model))
     plain = nnx.Optimizer(model, make_tx(), wrt=nnx.Param)
     with pytest.raises(TypeError, match=r"optimizer must be a tk\.nnx\.Optimizer"):
-        tk.nnx.value_and_grad(loss_fn)(model, plain, x, y)
+        tk.nnx.value_and_grad(loss)(model, plain)
     params = nnx.state(model, nnx.Param)
     with pytest.raises(ValueError, match=r"pass the optimizer itself"):
         tk.nnx.forward_params(params, optimizer.opt_state)
     with pytest.raises(ValueError, match=r"pass the optimizer itself"):
         tk.nnx.sparse_model(*tk.nnx.split(model), optimizer.opt_state)
+
+
+def test_plain_nnx_optimizer_around_topkast_says_what_to_use():
+    model, loss = tiny()
+    plain = nnx.Optimizer(model, make_tx(), wrt=nnx.Param)
+    plain.update(model, nnx.grad(loss)(model))  # bare arrays: not detectable at this step
+    with pytest.raises(ValueError, match=r"rewritten.*tk\.nnx\.Optimizer\(model, tx\)"):
+        plain.update(model, nnx.grad(loss)(model))
