@@ -281,3 +281,15 @@ def test_window_change_from_packed_snapshots_equals_dense_numpy():
     assert always_sparse_stats.window_change(
         snapshot, sparse.init(train.init_params(config, model)[0])
     ) == dict.fromkeys(want, 0.0)
+
+
+def test_export_at_end_evaluates_to_the_final_scores(reference, text_file, tmp_path):
+    """The always-sparse run writes <workdir>/export from its B-state (issue 12); evaluated with
+    ``train.evaluate_export`` it gives the run's final valid and test BPC."""
+    summary, workdir = reference
+    export = str(workdir / "export")
+    leaves = jax.tree.leaves(tk.export.load(export), is_leaf=tk.export.is_compact)
+    assert any(tk.export.is_compact(x) for x in leaves)
+    results = train.evaluate_export(run_config(text_file), str(tmp_path), export)
+    assert results["valid_bpc"] == summary["valid_bpc"]
+    assert results["test_bpc"] == summary["test_bpc"]
