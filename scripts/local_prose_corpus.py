@@ -41,8 +41,9 @@ def prose_files(roots: list[str]) -> list[str]:
 
 
 def readable(path: str) -> bytes | None:
-    """The stripped bytes of a UTF-8 file of 2 KiB to 1 MiB, else None."""
-    if not MIN_FILE <= os.path.getsize(path) <= MAX_FILE:
+    """The stripped bytes of a UTF-8 regular file of 2 KiB to 1 MiB, else None (a dangling
+    link too)."""
+    if not os.path.isfile(path) or not MIN_FILE <= os.path.getsize(path) <= MAX_FILE:
         return None
     with open(path, "rb") as fh:
         raw = fh.read().strip()
