@@ -451,3 +451,23 @@ def test_clipping_inside_topkast_measures_the_norm_of_what_is_applied():
         for tx in (inside, outside)
     ]
     np.testing.assert_allclose(norms, [1.0, np.sqrt(0.5)], rtol=1e-5)  # B: half the weights
+
+
+def test_baseline_states_in_multi_transform_combine():
+    """The baselines' states (bool masks) combine like Top-KAST's: a static sparse mask per
+    group."""
+    params = tk_harness.make_params(seed=21)
+    static = functools.partial(tk.baselines.static_sparse, sparsity=0.5)
+    groups = {"attn": static(_momentum(LR)), "mlp": static(optax.sgd(LR)), "dense": optax.sgd(LR)}
+    tx = optax.multi_transform(groups, LABELS)
+    [(params, state)] = _apply(tx, params, _fixed_grads(params, 1, seed=22))
+    masks = tk.get_masks(state, params)
+    alpha = tk.forward_params(params, state)
+    assert masks.forward["b"] is None
+    np.testing.assert_array_equal(alpha["b"], params["b"])
+    for name in ("w1", "w2"):
+        m = np.asarray(masks.forward[name])
+        assert m.sum() == reference.round_half_up(0.5 * m.size), name
+        np.testing.assert_array_equal(alpha[name], np.where(m, params[name], 0.0))
+    assert float(tk.exploration_penalty(params, state)) == 0.0
+    assert float(tk.mask_stats(state)["forward_density"]) == 0.5  # 15 of 30 and 12 of 24
