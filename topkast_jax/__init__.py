@@ -4,6 +4,8 @@ Public API::
 
     tx = topkast(inner, forward_sparsity=..., backward_sparsity=..., exploration_l2=..., ...)
     alpha = forward_params(params, opt_state)          # θ ⊙ A
+    loss, grads = value_and_grad(loss_fn)(params, opt_state, batch)  # ∂L/∂α, not through A
+    tx = check_exploration(tx, patience=5)             # debug: warn if B∖A gets no gradient
     masks = get_masks(opt_state)                       # Masks(forward=A, backward=B)
     penalty = exploration_penalty(params, opt_state)   # λ(½‖θ_A‖² + ½‖θ_{B∖A}‖²/D)
     stats = mask_stats(opt_state)                      # densities, mask change, reservoir
@@ -14,8 +16,10 @@ Public API::
 
 from topkast_jax import baselines, export, flops, nm, nnx, selection, sparsify
 from topkast_jax.always_sparse import AlwaysSparse, AlwaysSparseState
+from topkast_jax.debug import check_exploration
 from topkast_jax.distributions import erk_densities, keep_count, leaf_densities, mask_counts
 from topkast_jax.flops import LayerCost, train_flops_vs_dense
+from topkast_jax.grad import value_and_grad
 from topkast_jax.nm import NM
 from topkast_jax.penalty import exploration_penalty
 from topkast_jax.plan import LeafDensity, layer_densities
@@ -45,6 +49,7 @@ __all__ = [
     "Masks",
     "NM",
     "TopKastState",
+    "check_exploration",
     "erk_densities",
     "export",
     "exploration_penalty",
@@ -62,4 +67,5 @@ __all__ = [
     "selection",
     "sparsify",
     "topkast",
+    "value_and_grad",
 ]

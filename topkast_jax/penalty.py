@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from topkast_jax import boxes
-from topkast_jax.state import Masks, sparse_states
+from topkast_jax.state import Masks, sparse_states_or_dense
 from topkast_jax.tree import cover, map_sparse, sparse_leaves
 
 
@@ -58,8 +58,12 @@ def exploration_penalty(params: Any, opt_state: optax.OptState) -> jax.Array:
         over disjoint leaves (each with its own ``λ`` and ``D``; their penalties are summed).
 
     Returns:
-      float32 scalar, for logging (the optimizer already applies its gradient).
+      float32 scalar, for logging (the optimizer already applies its gradient); 0 with a
+      one-time warning when ``opt_state`` holds no sparse state (Top-KAST switched off).
     """
+    states = sparse_states_or_dense(opt_state, "tk.exploration_penalty")
+    if not states:
+        return jnp.zeros((), jnp.float32)
     values = [
         penalty_value(
             params,
@@ -67,6 +71,6 @@ def exploration_penalty(params: Any, opt_state: optax.OptState) -> jax.Array:
             cover(state.densities, params),
             state.exploration_l2,
         )
-        for state in sparse_states(opt_state)
+        for state in states
     ]
     return sum(values[1:], values[0])

@@ -109,18 +109,31 @@ def kernels_except(names: Sequence[str], min_ndim: int = 2) -> Callable[[Any], A
     """Like :func:`kernels`, except leaves whose path contains one of ``names`` as a component.
 
     ``kernels_except(("Conv_0", "Dense_0"))`` is the ImageNet setting: first convolution and last
-    dense layer stay dense.
+    dense layer stay dense.  A name that is no component of any leaf path of the params (a typo:
+    every leaf it meant stays sparse) gives a warning.
     """
     if isinstance(names, str):
         raise ValueError(f"names must be a sequence of names, got the string {names!r}.")
     excluded = set(names)
 
     def select(params: Any) -> Any:
+        seen: set[str] = set()
+
         def keep(path, p):
             components = set(path_name(path).split("/"))
+            seen.update(components)
             return is_kernel(p, min_ndim) and not components & excluded
 
-        return jax.tree_util.tree_map_with_path(keep, params)
+        out = jax.tree_util.tree_map_with_path(keep, params)
+        if unmatched := sorted(excluded - seen):
+            flat = jax.tree_util.tree_flatten_with_path(params)[0]
+            example = f" (paths look like {path_name(flat[0][0])!r})" if flat else ""
+            warnings.warn(
+                f"kernels_except: {', '.join(map(repr, unmatched))} is no component of any "
+                f"leaf path of params{example}: nothing is excluded by it.",
+                stacklevel=2,
+            )
+        return out
 
     rule = f"floating leaves with ndim >= {min_ndim}, except under {', '.join(sorted(excluded))}"
     return _with_rule(select, rule)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -199,12 +200,34 @@ def sparse_states(opt_state: optax.OptState) -> list[Any]:
     if not states:
         raise ValueError(
             "opt_state must contain a sparse-training state (e.g. TopKastState), found 0. "
-            "Pass the state returned by the optimizer's init/update."
+            "Pass the state returned by the optimizer's init/update (forward_params, "
+            "exploration_penalty, mask_stats and get_masks(opt_state, params) treat a state "
+            "without one as dense)."
         )
     functools.reduce(
         lambda a, b: merge_disjoint(a, b, is_leaf=is_set_leaf), map(_sparse_members, states)
     )
     return states
+
+
+#: Callers already warned that an optimizer state holds no sparse state (once per process each).
+_WARNED_DENSE: set[str] = set()
+
+
+def sparse_states_or_dense(opt_state: optax.OptState, caller: str) -> list[Any]:
+    """:func:`sparse_states`, or ``[]`` when ``opt_state`` holds no sparse-training state —
+    Top-KAST switched off in a config — with a warning once per process and ``caller``, so one
+    code path serves dense and sparse runs (``caller`` then treats every leaf as dense)."""
+    if find_sparse_states(opt_state):
+        return sparse_states(opt_state)
+    if caller not in _WARNED_DENSE:
+        _WARNED_DENSE.add(caller)
+        warnings.warn(
+            f"{caller}: opt_state holds no sparse-training state (no tk.topkast or baseline in "
+            "the optimizer): every leaf is treated as dense. Warned once.",
+            stacklevel=3,
+        )
+    return []
 
 
 def get_masks(opt_state: optax.OptState, params: Any = None) -> Masks:
@@ -216,10 +239,19 @@ def get_masks(opt_state: optax.OptState, params: Any = None) -> Masks:
     under ``optax.masked``); given ``params``, the masks take their structure instead, with
     ``None`` on every leaf no state makes sparse.
 
+    Without any sparse state (Top-KAST switched off), given ``params``: ``None`` on every leaf,
+    with a one-time warning.
+
     Raises:
-      ValueError: if ``opt_state`` holds no sparse state, or a leaf is sparse in two.
+      ValueError: if ``opt_state`` holds no sparse state and ``params`` is not given, or a leaf
+        is sparse in two.
     """
-    masks = [state.masks for state in sparse_states(opt_state)]
+    if params is None:
+        states = sparse_states(opt_state)
+    elif not (states := sparse_states_or_dense(opt_state, "tk.get_masks")):
+        dense = jax.tree.map(lambda _: None, params)
+        return Masks(dense, dense)
+    masks = [state.masks for state in states]
     forward = functools.reduce(merge_disjoint, [m.forward for m in masks])
     backward = functools.reduce(merge_disjoint, [m.backward for m in masks])
     if params is not None:
@@ -231,8 +263,11 @@ def forward_params(params: Any, opt_state: optax.OptState) -> Any:
     """``α = θ ⊙ A``: sparse leaves masked by the forward set, dense leaves unchanged (with
     several sparse states, each leaf by the state that makes it sparse).
 
-    Pure and jit-able; take gradients of the loss with respect to ``α``.
+    Pure and jit-able; take gradients of the loss with respect to ``α``.  Without any sparse
+    state (Top-KAST switched off): ``params`` unchanged, with a one-time warning.
     """
+    if not sparse_states_or_dense(opt_state, "tk.forward_params"):
+        return params
     masks = get_masks(opt_state, params)
     return map_sparse(lambda p, a: jnp.where(a, p, jnp.zeros((), p.dtype)), params, masks.forward)
 

@@ -29,7 +29,14 @@ from jax import lax
 
 from topkast_jax import boxes
 from topkast_jax import codes as codes_lib
-from topkast_jax.state import Masks, MaskStats, PackedSets, SetStats, is_set_leaf, sparse_states
+from topkast_jax.state import (
+    Masks,
+    MaskStats,
+    PackedSets,
+    SetStats,
+    is_set_leaf,
+    sparse_states_or_dense,
+)
 from topkast_jax.tree import path_name, sparse_leaves
 
 
@@ -68,8 +75,7 @@ def init_set_stats(masks: Masks, track_reservoir: bool) -> SetStats:
 
 def packed_fraction_changed(old: PackedSets, new: PackedSets) -> jax.Array:
     """``|A_new ∖ A_old| / |A_old|`` (0 when ``A_old`` is empty) on the packed bits, float32."""
-    entered = codes_lib.count(new.bits & ~old.bits, codes_lib.IN_A)
-    old_size = codes_lib.count(old.bits, codes_lib.IN_A)
+    entered, old_size = codes_lib.count_both(new.bits & ~old.bits, old.bits, codes_lib.IN_A)
     return entered.astype(jnp.float32) / jnp.maximum(old_size, 1).astype(jnp.float32)
 
 
@@ -166,9 +172,10 @@ def mask_stats(opt_state: optax.OptState, *, per_leaf: bool = True) -> dict[str,
 
     Several sparse states over disjoint leaves are combined: the totals and the mask change run
     over the sparse leaves of all of them; ``reservoir_activated`` is given when every state
-    keeps the history.
+    keeps the history.  No sparse state (Top-KAST switched off): empty, with a one-time
+    warning.
     """
-    states = sparse_states(opt_state)
+    states = sparse_states_or_dense(opt_state, "tk.mask_stats")
     counts = [_set_counts(state) for state in states]
     names = [name for state_names, *_ in counts for name in state_names]
     if not names:
