@@ -4,7 +4,8 @@
 
 Restores the newest checkpoint of WORKDIR (its train state rebuilt from WORKDIR/config.json),
 writes ``θ ⊙ A`` with ``tk.export`` to the new directory OUT (values + a packed bitmap per sparse
-leaf; values + 2-bit in-group positions for N:M leaves; dense leaves as they are) and prints its
+leaf; values + 2-bit in-group positions for N:M leaves; dense leaves as they are; for ImageNet
+the Flax variables, ``batch_stats`` included) and prints its
 bytes on disk beside the checkpoint's (params + optimizer state), the dense ``θ ⊙ A`` saved by
 orbax the same way (measured in a temporary directory), and the dense params in memory.  Load it
 with ``tk.export.load(OUT, like=params)``; the LM evaluates it with

@@ -64,6 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.image_size = 224
     c.eval_resize_size = 256
     c.half_precision = True  # bfloat16 activations and inputs; float32 params and optimizer
+    c.export_at_end = True  # <workdir>/export: theta*A compact + batch_stats (tk.export)
 
     c.batch_size = REFERENCE_BATCH
     c.num_train_steps = REFERENCE_STEPS

@@ -9,9 +9,10 @@
   ``θ ⊙ A`` written by orbax the same way (orbax compresses, so the zeros cost little there);
   ``scripts/export.py WORKDIR OUT`` is its command line.
 
-The export loads with ``tk.export.load(path, like=params)`` and runs densified
-(``tk.export.densify``) or as BCOO leaves (``tk.export.to_bcoo``); the LM evaluates it with
-``--eval_only --from_export=PATH``.
+The LM's export is its params pytree, ImageNet's the ResNet's Flax variables ``{"params",
+"batch_stats"}`` (:func:`exported_model`).  It loads with ``tk.export.load(path, like=...)`` and
+runs densified (``tk.export.densify``) or as BCOO leaves (``tk.export.to_bcoo``); the LM
+evaluates it with ``--eval_only --from_export=PATH``.
 """
 
 from __future__ import annotations
@@ -41,10 +42,23 @@ def export_state(
     opt_state: Any,
     checkpoint_dir: str | None,
     log: Callable[[str], None] = print,
+    batch_stats: Any = None,
 ) -> dict[str, int]:
-    """:func:`export_final` of a masked trainer's ``(params, opt_state)``."""
+    """:func:`export_final` of :func:`exported_model` of a masked trainer's state."""
+    return export_final(
+        workdir, exported_model(params, opt_state, batch_stats), checkpoint_dir, log
+    )
+
+
+def exported_model(params: Any, opt_state: Any, batch_stats: Any = None) -> Any:
+    """What an experiment exports: ``tk.export.sparse_params(params, opt_state)`` (the LM), or
+    with ``batch_stats`` (ImageNet's ResNet) the Flax variables ``{"params": that,
+    "batch_stats": batch_stats}``, so ``model.apply(tk.export.densify(...), x, train=False)``
+    runs it."""
     exported = tk.export.sparse_params(host_copy(params), host_copy(opt_state))
-    return export_final(workdir, exported, checkpoint_dir, log)
+    if batch_stats is None:
+        return exported
+    return {"params": exported, "batch_stats": host_copy(batch_stats)}
 
 
 def host_copy(tree: Any) -> Any:
@@ -206,12 +220,11 @@ def export_workdir(workdir: str, out: str, log: Callable[[str], None] = print) -
         state, _ = ckpt.restore(abstract, step)
     finally:
         ckpt.close()
-    params, opt_state = host_copy(state["params"]), host_copy(state["opt_state"])
-    exported = tk.export.sparse_params(params, opt_state)
+    exported = exported_model(state["params"], state["opt_state"], state.get("batch_stats"))
     record = sizes(write(out, exported), os.path.join(ckpt.directory, str(step)), exported)
     with tempfile.TemporaryDirectory() as tmp:
         dense = os.path.join(tmp, "dense")
-        tk.export.save(dense, jax.device_get(tk.forward_params(params, opt_state)))
+        tk.export.save(dense, jax.device_get(tk.export.densify(exported)))
         record["dense_export_bytes"] = tk.export.disk_bytes(dense)
     log(f"{experiment} workdir {workdir}, checkpoint step {step}")
     log(format_sizes(out, record))

@@ -40,6 +40,7 @@ import optax
 import topkast_jax as tk
 from experiments.common import config_rules, config_utils, guard, mask_dynamics
 from experiments.common import dry_run as dry_run_lib
+from experiments.common import export as export_lib
 from experiments.common import mesh as mesh_lib
 from experiments.common import sparsity as sparsity_lib
 from experiments.common import summary as summary_lib
@@ -404,6 +405,7 @@ RULES: tuple[config_rules.Rule | config_rules.Relation, ...] = config_rules.SHAR
         lambda resize, size: resize >= size,
     ),
     config_rules.boolean("half_precision"),
+    config_rules.boolean("export_at_end"),
     config_rules.int_at_least("eval_batch_size", 1),
     config_rules.int_at_least("num_train_examples", 1),
     config_rules.int_at_least("num_eval_examples", 0, "0: the whole split"),
@@ -621,6 +623,11 @@ def _train(
     wall_seconds = wall_before + time.monotonic() - t_start
     rate = progress.rate()
     summary = build_summary(config, state, cost, scores, examples, wall_seconds, rate)
+    if primary and config.get("export_at_end", True):  # before the summary (see the LM)
+        checkpoint = os.path.join(ckpt.directory, str(config.num_train_steps))
+        export_lib.export_state(
+            workdir, state["params"], state["opt_state"], checkpoint, _log, state["batch_stats"]
+        )
     if primary:
         summary_lib.write_summary(workdir, summary)
         print(json.dumps(summary, indent=1, sort_keys=True))

@@ -90,6 +90,7 @@ BAD_IMAGENET = {
     "image_size": 0,
     "eval_resize_size": 0,
     "half_precision": 1,
+    "export_at_end": "yes",
     "eval_batch_size": 0,
     "num_train_examples": 0,
     "num_eval_examples": -1,
