@@ -170,7 +170,7 @@ def _pick(h_SxB: jax.Array, b_S: jax.Array, op) -> jax.Array:
     return jnp.sum(jnp.where(op(bins_B[None, :], b_S[:, None]), h_SxB, 0), axis=-1, dtype=jnp.int32)
 
 
-def _select_bucket(hist_SxD: jax.Array, k_S: jax.Array) -> tuple[jax.Array, ...]:
+def select_bucket(hist_SxD: jax.Array, k_S: jax.Array) -> tuple[jax.Array, ...]:
     """Per segment: the largest bucket ``b`` with ``#(digit >= b) >= k``, ``#(digit > b)`` and
     ``#(digit == b)``.
 
@@ -236,7 +236,7 @@ def radix_kth(histogram: DigitHistogram, k_R: jax.Array, dtype) -> Threshold:
     above_R = jnp.zeros(k_R.shape, jnp.int32)
     tied_R = above_R
     for level in range(digits):
-        bucket_R, above_level_R, tied_R = _select_bucket(
+        bucket_R, above_level_R, tied_R = select_bucket(
             histogram(level, lax.bitcast_convert_type(prefix_R, dtype)), k_R - above_R
         )
         above_R = above_R + above_level_R

@@ -7,29 +7,37 @@ its producers.  Here every pass walks a leaf in chunks of ``CHUNK`` weights insi
 the leaf once:
 
 1. histogram of the high 16 bits of the keys of ``|θ|`` (one for all of ``A`` and ``B``);
-2. the two histograms of the next 16 bits inside the buckets of the ``k_A``-th and ``k_B``-th
+2. the histograms of the next 16 bits inside the buckets of the ``k_A``-th and ``k_B``-th
    largest key (int32 keys; float64 leaves have int64 keys of their own bits,
    :func:`topkast_jax.selection.elementwise_magnitude_keys`, and take two more such passes);
-3. only when ties straddle a boundary (rare for trained weights): the flat index just past the
-   last tie that is kept — the ``needed``-th smallest index among the tied weights, selected by
-   the same two 16-bit histograms over the index (two passes), so no pass depends on the order
-   in which chunks are visited.
+3. only when ties straddle a boundary (rare for trained weights): the same histograms over the
+   rank ``n − 1 − i`` of the flat index of the tied weights (one or two passes), so the result is
+   the ``k``-th largest *composite* key ``(key, n − 1 − i)`` — unique, ordered as a stable
+   argsort — and no pass depends on the order in which chunks are visited.
+
+Every pass is the same computation with the digit's level as a loop variable: one
+``while_loop`` over the levels holds one histogram pass per group of stacks and one bucket
+select for all rows, so the compiled program does not grow with the number of passes (what
+compiling costs here is the number of kernels XLA's CPU backend emits, each an LLVM module).
+A weight is counted once per pass: in ``A``'s histogram when it matches ``A``'s prefix, else
+in ``B``'s — two prefixes either agree (then so do the histograms) or no key matches both.
 
 A leaf with a layer axis (scan-stacked layers, :mod:`topkast_jax.layers`) is ``L`` slices, each
 selected as a leaf of its own: the walk reads the leaf as a *stack* ``(L, *slice)`` (the layer axis
 moved first; a leaf without one is a stack of one slice) and every slice is a *row* of the
-histograms.  Slices of equal shape — of one leaf or of several — are walked together (one loop per
-pass for the group, the histograms as rows of one scatter), so the compiled program grows with the
-number of distinct slice shapes, and no slice is copied out of its leaf (a layer axis other than
-0 is moved first, which XLA may copy).  The temporaries are per slice: three int32 histograms of
-65,536 bins (768 KiB) and one chunk of ``CHUNK`` keys — e.g. 10 MiB for a ``(8, 512, 256)`` stack
-selected per layer, 1.75 MiB for it as one leaf (``jit(...).compile().memory_analysis()``, CPU).
+histograms.  Slices of equal shape — of one leaf or of several — are walked together (one chunk
+loop for the group, the histograms as rows of one scatter; on one device the group's chunks are
+joined so the loop body is one), so the compiled program grows with the number of distinct slice
+shapes by one chunk loop each, and no slice is copied out of its leaf (a layer axis other than
+0 is moved first, which XLA may copy).  The temporaries are two int32 histograms of 65,536 bins
+(512 KiB) per slice — those of all slices at once, as one bucket select serves them all — and
+one chunk of ``CHUNK`` keys per group.
 
 Sharded leaves are selected per shard: a chunk never cuts across a device (:func:`_walk`) — runs
 of leading rows of the slice when its first axis is whole on every device, else strided rows
 ``j, j + c, j + 2c, …`` whose split ``(rows, c)`` of the first axis keeps its sharding on
 ``rows`` — so each device histograms its own weights and the only collectives the selection adds
-are all-reduces of the histograms (int32 ``[rows, 65536]``) and of per-slice counts.  The sets are
+are all-reduces of the histograms (int32 ``[rows, 2 · 65536]``).  The sets are
 written elementwise in the leaf's layout.  On an auto-axis mesh the layout is not known while
 tracing, so the walk assumes the first axis may be sharded over any divisor of the device count.
 
@@ -39,7 +47,8 @@ exactly (ties to the lower index).  :func:`codes_from_thresholds` turns them int
 one elementwise pass over ``θ`` that keeps the leaf's shape (and sharding).
 
 Global top-k (one threshold over all sparse leaves, ties by leaf order, then slice order, then
-index) sums the per-row histograms and splits the tie budget over the rows in order.
+index) sums the per-row histograms, and its composite key has the slice's rank between the key
+and the index: ``(key, R − 1 − r, n − 1 − i)``.
 """
 
 from __future__ import annotations
@@ -220,39 +229,9 @@ def _add_counts(hist_GxB: jax.Array, bins_Lx: jax.Array, first: int = 0) -> jax.
     return counts.reshape(rows, num_bins)
 
 
-#: ``digits(keys_Lx, index_x, rows)``: per set, the 16-bit digit of every key of the slices
-#: ``rows`` of the group (``-1``: not counted).
-Digits = Callable[[jax.Array, jax.Array, slice], Sequence[jax.Array]]
-
-
 def _key_dtype(stacks: Sequence[jax.Array]) -> np.dtype:
     """The key dtype of stacks selected together (:func:`topkast_jax.selection.key_dtype`)."""
     return selection.key_dtype(s.dtype for s in stacks)
-
-
-def _histograms(
-    stacks: Sequence[jax.Array], digits: Digits, sets: int, key_dtype: np.dtype
-) -> jax.Array:
-    """int32 ``[G, S, 65536]``: per slice ``g`` and ``s < sets``, how many positions have each
-    digit of ``digits`` of the ``key_dtype`` keys (one pass).  The counts of every device add up
-    in a histogram-sized all-reduce."""
-    ranges = _row_ranges(stacks)
-
-    def body(keys, index_x, hist_SxGxB):
-        hists = list(hist_SxGxB)
-        for keys_Lx, rows in zip(keys, ranges, strict=True):
-            for s, digit_Lx in enumerate(digits(keys_Lx, index_x, rows)):
-                hists[s] = _add_counts(hists[s], digit_Lx, rows.start)
-        return jnp.stack(hists)
-
-    init = jnp.zeros((sets, _rows(stacks), _BINS), jnp.int32)
-    hist_SxGxB = _fold_chunks(stacks, body, init, key_dtype)
-    return jnp.swapaxes(hist_SxGxB, 0, 1)
-
-
-def high_histograms(stacks: Sequence[jax.Array], key_dtype: np.dtype) -> jax.Array:
-    """int32 ``[R, 65536]``: per slice, how many keys have each high 16-bit digit (pass 1)."""
-    return digit_histograms(stacks, 0, None, key_dtype)[:, 0]
 
 
 def _per_leaf(value_L: jax.Array, like_Lx: jax.Array) -> jax.Array:
@@ -260,175 +239,231 @@ def _per_leaf(value_L: jax.Array, like_Lx: jax.Array) -> jax.Array:
     return value_L.reshape((value_L.shape[0],) + (1,) * (like_Lx.ndim - 1))
 
 
-def digit_histograms(
-    stacks: Sequence[jax.Array], level: int, prefix_GxS: jax.Array | None, key_dtype: np.dtype
+class _Fields(NamedTuple):
+    """How many 16-bit digits each field of the composite key has, most significant first:
+    ``key`` (the magnitude key: 2 for int32, 4 for int64), ``row`` (the rank ``R − 1 − r`` of the
+    slice among all ``R`` slices: global top-k only, 0 otherwise) and ``index`` (the rank
+    ``n − 1 − i`` of the row-major index inside the slice).  Composite keys are unique per
+    selection and order the weights as a stable argsort of ``−|θ|`` does (ties to the earlier
+    slice, then the lower index)."""
+
+    key: int
+    row: int
+    index: int
+
+    def starts(self) -> tuple[int, int, int]:
+        """The level at which each field's first digit is selected."""
+        return 0, self.key, self.key + self.row
+
+
+def _digits_for(count: int) -> int:
+    """16-bit digits needed for ranks ``0 … count − 1`` (1 or 2; counts are below ``2³²``)."""
+    return 1 if count <= _BINS else 2
+
+
+def _unsigned(x: jax.Array) -> jax.Array:
+    """The bits of an int32/int64 array as the unsigned integer of its width."""
+    return lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}"))
+
+
+def _shift(value: jax.Array, bits: jax.Array) -> jax.Array:
+    """``value >> bits`` (logical; ``bits`` a traced int32 below the width)."""
+    return lax.shift_right_logical(value, bits.astype(value.dtype))
+
+
+def _leading_equal(value, prefix, level: jax.Array, digits: int) -> jax.Array:
+    """bool: whether the top ``level`` digits (of ``digits``) of unsigned ``value`` and
+    ``prefix`` (broadcast) are equal; ``level`` is traced and clipped to ``[0, digits]``: all
+    True at ``level <= 0``, equality at ``level >= digits``."""
+    bits = _BITS * (digits - jnp.clip(level, 1, digits))
+    return (level <= 0) | (_shift(value, bits) == _shift(prefix, bits))
+
+
+def _digit(value: jax.Array, level: jax.Array, digits: int) -> jax.Array:
+    """int32 ``[0, 65536)``: digit ``level`` (traced, clipped to ``[0, digits)``, 0 the most
+    significant) of unsigned ``value``."""
+    bits = _BITS * (digits - 1 - jnp.clip(level, 0, digits - 1))
+    return (_shift(value, bits) & (_BINS - 1)).astype(jnp.int32)
+
+
+def _matches(values, prefixes, level: jax.Array, fields: _Fields) -> jax.Array:
+    """bool: whether the composite key's digits above ``level`` equal those of ``prefixes``
+    (one value and one prefix per field, broadcast)."""
+    out = jnp.ones((), bool)
+    for value, prefix, start, digits in zip(values, prefixes, fields.starts(), fields, strict=True):
+        if digits:
+            out = out & _leading_equal(value, prefix, level - start, digits)
+    return out
+
+
+def _level_digit(values, level: jax.Array, fields: _Fields) -> jax.Array:
+    """int32: digit ``level`` of the composite key (the field that holds it).  A sum of the
+    fields' digits weighted by 0/1, not a ``where``: the fields broadcast against each other and
+    may carry different explicit shardings, which a select would have to reconcile."""
+    out = jnp.zeros((), jnp.int32)
+    for value, start, digits in zip(values, fields.starts(), fields, strict=True):
+        if digits:
+            holds = ((level >= start) & (level < start + digits)).astype(jnp.int32)
+            out = out + holds * _digit(value, level - start, digits)
+    return out
+
+
+def _level_histograms(
+    stacks: Sequence[jax.Array],
+    level: jax.Array,
+    prefixes_GxS: tuple[jax.Array, ...],
+    fields: _Fields,
+    key_dtype: np.dtype,
+    row_rank_G: jax.Array | None = None,
 ) -> jax.Array:
-    """int32 ``[G, S, 65536]``: per slice ``g`` (of ``G = R``) and set ``s``, the histogram of
-    digit ``level`` (:func:`topkast_jax.selection.key_digit`) of the keys whose digits above it
-    equal those of ``prefix_GxS[g, s]`` (pass ``level + 1``; ``None``: every key, one set)."""
+    """int32 ``[G, 2, 65536]``: per slice ``g`` and set ``s`` (``A``, ``B``), how many weights
+    whose composite key (:class:`_Fields`) has the digits of ``prefixes_GxS[:, g, s]`` above
+    ``level`` have each digit ``level`` (one pass, traced ``level``).
 
-    def digits(keys_Lx, _, rows):
-        digit_Lx = selection.key_digit(keys_Lx, level)
-        if prefix_GxS is None:
-            return [digit_Lx]
-        prefix_LxS = prefix_GxS[rows]
-        return [
-            jnp.where(
-                selection.same_leading_digits(keys_Lx, _per_leaf(prefix_LxS[:, s], keys_Lx), level),
-                digit_Lx,
-                -1,
+    A weight is counted once: in ``A``'s histogram if it matches ``A``'s prefix, else in ``B``'s
+    if it matches ``B``'s (two prefixes either agree on the digits above ``level`` — then so do
+    their histograms, :func:`_histograms_of_sets` — or no key matches both).  ``row_rank_G``
+    (uint32) is the row field of each slice (global top-k).  The counts of every device add up
+    in a histogram-sized all-reduce."""
+    n = math.prod(stacks[0].shape[1:])
+    no_row = jnp.zeros((), jnp.uint32)
+    # On one device the chunks of the group's stacks are one array (a chunk-sized copy), so the
+    # loop body is compiled once however many stacks share it; sharded stacks may be laid out
+    # differently and stay apart.
+    joined = len(stacks) > 1 and _devices() == 1
+    ranges = [slice(0, _rows(stacks))] if joined else _row_ranges(stacks)
+
+    def body(keys, index_x, hist_Gx2B):
+        keys = [jnp.concatenate(keys)] if joined else keys
+        rank_x = ((n - 1) - index_x).astype(jnp.uint32)  # larger for lower indices
+        for keys_Lx, rows in zip(keys, ranges, strict=True):
+            row_x = no_row if row_rank_G is None else _per_leaf(row_rank_G[rows], keys_Lx)
+            values = (_unsigned(keys_Lx), row_x, rank_x)
+            digit_Lx = _level_digit(values, level, fields)
+            a, b = (
+                _matches(
+                    values, [_per_leaf(p[rows, s], keys_Lx) for p in prefixes_GxS], level, fields
+                )
+                for s in (0, 1)
             )
-            for s in range(prefix_LxS.shape[1])
-        ]
+            bins_Lx = jnp.where(a, digit_Lx, jnp.where(b, digit_Lx + _BINS, -1))
+            hist_Gx2B = _add_counts(hist_Gx2B, bins_Lx, rows.start)
+        return hist_Gx2B
 
-    sets = 1 if prefix_GxS is None else prefix_GxS.shape[1]
-    return _histograms(stacks, digits, sets, key_dtype)
-
-
-def tie_counts(stacks: Sequence[jax.Array], key_GxS: jax.Array) -> jax.Array:
-    """int32 ``[G, S]``: per slice and set, how many entries have the key ``key_GxS[g, s]``."""
-    ranges = _row_ranges(stacks)
-
-    def count(keys_Lx, rows):
-        axes = tuple(range(1, keys_Lx.ndim))
-        return jnp.stack(
-            [
-                jnp.sum(keys_Lx == _per_leaf(key_GxS[rows, s], keys_Lx), axis=axes, dtype=jnp.int32)
-                for s in range(key_GxS.shape[1])
-            ],
-            axis=1,
-        )
-
-    def body(keys, _, count_GxS):
-        return count_GxS + jnp.concatenate(
-            [count(k, rows) for k, rows in zip(keys, ranges, strict=True)]
-        )
-
-    return _fold_chunks(stacks, body, jnp.zeros(key_GxS.shape, jnp.int32), key_GxS.dtype)
+    init = jnp.zeros((_rows(stacks), 2 * _BINS), jnp.int32)
+    return _fold_chunks(stacks, body, init, key_dtype).reshape(-1, 2, _BINS)
 
 
-def _tie_cuts_in_order(
-    stacks: Sequence[jax.Array], key_GxS: jax.Array, needed_GxS: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """:func:`tie_cuts` of stacks walked in runs of rows (row-major order) on one device: a
-    running count of the tied entries, chunk after chunk (one pass)."""
-
-    def body(keys, index_x, carry):
-        seen_GxS, cut_GxS = carry
-        keys_GxC = jnp.concatenate([k.reshape(k.shape[0], -1) for k in keys])
-        index_C = jnp.broadcast_to(index_x, keys[0].shape[1:]).reshape(-1)
-        tied_GxSxC = keys_GxC[:, None, :] == key_GxS[:, :, None]
-        running = seen_GxS[:, :, None] + jnp.cumsum(tied_GxSxC, axis=-1, dtype=jnp.int32)
-        hit = tied_GxSxC & (running == needed_GxS[:, :, None])
-        found = jnp.max(jnp.where(hit, index_C + 1, 0), axis=-1)
-        return running[:, :, -1], jnp.where(jnp.any(hit, axis=-1), found, cut_GxS)
-
-    n = math.prod(stacks[0].shape[1:])
-    init = (jnp.zeros(key_GxS.shape, jnp.int32), jnp.full(key_GxS.shape, n, jnp.int32))
-    seen_GxS, cut_GxS = _fold_chunks(stacks, body, init, key_GxS.dtype)
-    return jnp.where(needed_GxS <= 0, 0, cut_GxS), seen_GxS
-
-
-def tie_cuts(
-    stacks: Sequence[jax.Array], key_GxS: jax.Array, needed_GxS: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Per slice and set: the flat index just past the ``needed``-th entry whose key is ``key``
-    (0 when ``needed <= 0``; the slice size when there are fewer), and how many such entries the
-    slice has (pass 3; only run when ties straddle a boundary).
-
-    Unsharded stacks on one device are walked in row-major order, and a running count finds the
-    entry in one pass (:func:`_tie_cuts_in_order`).  Otherwise (chunks strided, or split across
-    devices) the ``needed``-th smallest row-major index ``i`` of the tied entries is the
-    ``needed``-th largest ``n - 1 - i``, selected digit by digit like a key (two histogram
-    passes, :func:`topkast_jax.selection.radix_kth`), whatever the order of the chunks and
-    wherever they are.
-    """
-    if sharding.explicit_sharding(stacks[0]) is None and _devices() == 1:
-        return _tie_cuts_in_order(stacks, key_GxS, needed_GxS)
-    if len(stacks) > 1 and _layout_unknown(stacks[0]):
-        # XLA would lay out the one index of the group like one of its stacks, and move it for
-        # the others (auto axes may shard stacks of one shape differently): one stack at a time.
-        cuts = [
-            tie_cuts([stack], key_GxS[rows], needed_GxS[rows])
-            for stack, rows in zip(stacks, _row_ranges(stacks), strict=True)
-        ]
-        return tuple(jnp.concatenate(parts) for parts in zip(*cuts, strict=True))
-    n = math.prod(stacks[0].shape[1:])
-    rows, sets = key_GxS.shape
-
-    def digits_of(level: int, prefix_GxS: jax.Array) -> Digits:
-        def digits(keys_Lx, index_x, rows):
-            rank_x = (n - 1) - index_x  # larger for lower indices
-            digit_x = selection.key_digit(rank_x, level)
-            out = []
-            for s in range(sets):
-                tied = keys_Lx == _per_leaf(key_GxS[rows, s], keys_Lx)
-                prefix = _per_leaf(prefix_GxS[rows, s], keys_Lx)
-                tied = tied & selection.same_leading_digits(rank_x, prefix, level)
-                out.append(jnp.where(tied, digit_x, -1))
-            return out
-
-        return digits
-
-    def histogram(level: int, prefix_R: jax.Array) -> jax.Array:
-        digits = digits_of(level, prefix_R.reshape(rows, sets))
-        return _histograms(stacks, digits, sets, key_GxS.dtype).reshape(rows * sets, _BINS)
-
-    high_RxB = histogram(0, jnp.zeros(rows * sets, jnp.int32))
-    count_GxS = jnp.sum(high_RxB, axis=-1, dtype=jnp.int32).reshape(rows, sets)
-    kth = selection.radix_kth(
-        lambda level, prefix_R: high_RxB if level == 0 else histogram(level, prefix_R),
-        jnp.maximum(needed_GxS, 1).reshape(-1),
-        jnp.int32,
+def _histograms_of_sets(hist_Px2xB, prefixes_PxS, level, fields: _Fields) -> jax.Array:
+    """``B``'s histogram where ``B``'s prefix equals ``A``'s above ``level`` (the weights were
+    counted in ``A``'s only, :func:`_level_histograms`)."""
+    same_P = _matches(
+        [p[:, 0] for p in prefixes_PxS], [p[:, 1] for p in prefixes_PxS], level, fields
     )
-    cut_GxS = n - kth.key.reshape(rows, sets)  # (n - 1 - rank) + 1
-    cut_GxS = jnp.where(needed_GxS > count_GxS, n, cut_GxS)
-    return jnp.where(needed_GxS <= 0, 0, cut_GxS), count_GxS
-
-
-def group_thresholds(
-    stacks: Sequence[jax.Array], k_forward: Sequence[int], k_backward: Sequence[int]
-) -> SetThresholds:
-    """:class:`SetThresholds` ``[R, 2]`` of ``A`` (top ``k_forward[r]``) and ``B`` (top
-    ``k_backward[r]``) of ``|θ|`` for the ``R`` slices of stacks of one slice shape, selected
-    together (one loop per pass for the group)."""
-    rows = _rows(stacks)
-    k_GxS = jnp.array(list(zip(k_forward, k_backward, strict=True)), jnp.int32)
-    key_dtype = _key_dtype(stacks)
-    high_RxB = jnp.repeat(high_histograms(stacks, key_dtype), 2, axis=0)  # one pass for A and B
-
-    def histogram(level: int, prefix_R: jax.Array) -> jax.Array:
-        if level == 0:
-            return high_RxB
-        prefix_GxS = prefix_R.reshape(rows, 2)
-        return digit_histograms(stacks, level, prefix_GxS, key_dtype).reshape(2 * rows, _BINS)
-
-    kth = selection.radix_kth(histogram, k_GxS.reshape(-1), key_dtype)
-    key_GxS = kth.key.reshape(rows, 2)
-    needed_GxS = k_GxS - kth.above.reshape(rows, 2)
-    straddles = jnp.any(kth.tied.reshape(rows, 2) != needed_GxS)
-    size = math.prod(stacks[0].shape[1:])
-    cut_GxS = lax.cond(
-        straddles,
-        lambda: tie_cuts(stacks, key_GxS, needed_GxS)[0],
-        lambda: jnp.full((rows, 2), size, jnp.int32),
+    return jnp.stack(
+        [hist_Px2xB[:, 0], jnp.where(same_P[:, None], hist_Px2xB[:, 0], hist_Px2xB[:, 1])], axis=1
     )
-    return SetThresholds(key_GxS, cut_GxS)
 
 
-def _by_walk(stacks: Sequence[jax.Array]) -> dict[tuple, list[int]]:
+class _Selected(NamedTuple):
+    """The radix select's state after ``level`` levels: per row ``p`` and set ``s``, the digits
+    found so far of the ``k``-th largest composite key (one array per field, unsigned), how many
+    keys are above them, and how many share them; ``levels``: how many levels run (the key's,
+    plus the tie fields' when ties straddle some boundary)."""
+
+    level: jax.Array
+    levels: jax.Array
+    prefixes: tuple[jax.Array, jax.Array, jax.Array]
+    above: jax.Array
+    tied: jax.Array
+
+
+#: ``histogram(level, prefixes_PxS)``: int32 ``[P, 2, 65536]`` of :func:`_level_histograms`.
+LevelHistogram = Callable[[jax.Array, tuple[jax.Array, ...]], jax.Array]
+
+
+def _radix_select(
+    histogram: LevelHistogram, k_PxS: jax.Array, fields: _Fields, key_dtype: np.dtype
+) -> _Selected:
+    """Per row and set, the ``k``-th largest composite key, one 16-bit digit per level, in one
+    ``while_loop`` whose body (one histogram pass and one bucket select) serves every level.
+
+    The key's digits always run; the row and index fields only when some row's ties straddle
+    its boundary (``#(key == t) ≠ k − #(key > t)``), which is rare for trained weights."""
+    rows = k_PxS.shape[0]
+    unsigned = jnp.dtype(f"uint{np.dtype(key_dtype).itemsize * 8}")
+    dtypes = (unsigned, jnp.dtype(jnp.uint32), jnp.dtype(jnp.uint32))
+
+    def body(c: _Selected) -> _Selected:
+        hist_Px2xB = _histograms_of_sets(
+            histogram(c.level, c.prefixes), c.prefixes, c.level, fields
+        )
+        bucket, above, tied = selection.select_bucket(
+            hist_Px2xB.reshape(-1, _BINS), (k_PxS - c.above).reshape(-1)
+        )
+        prefixes = []
+        for prefix, start, digits in zip(c.prefixes, fields.starts(), fields, strict=True):
+            local = c.level - start
+            if digits:
+                bits = _BITS * (digits - 1 - jnp.clip(local, 0, digits - 1))
+                found = lax.shift_left(
+                    bucket.reshape(rows, 2).astype(prefix.dtype), bits.astype(prefix.dtype)
+                )
+                prefix = jnp.where((local >= 0) & (local < digits), prefix | found, prefix)
+            prefixes.append(prefix)
+        above_PxS = c.above + above.reshape(rows, 2)
+        tied_PxS = tied.reshape(rows, 2)
+        straddles = jnp.any(tied_PxS != k_PxS - above_PxS)
+        levels = jnp.where(
+            c.level == fields.key - 1, jnp.where(straddles, sum(fields), fields.key), c.levels
+        )
+        return _Selected(c.level + 1, levels, tuple(prefixes), above_PxS, tied_PxS)
+
+    zeros = jnp.zeros((rows, 2), jnp.int32)
+    init = _Selected(
+        jnp.zeros((), jnp.int32),
+        jnp.full((), fields.key, jnp.int32),
+        tuple(jnp.zeros((rows, 2), d) for d in dtypes),
+        zeros,
+        zeros,
+    )
+    return lax.while_loop(lambda c: c.level < c.levels, body, init)
+
+
+def _by_walk(stacks: Sequence[jax.Array]) -> list[list[int]]:
     """Indices of the stacks walked together (one loop per pass): same slice shape and same
-    :func:`_walk`."""
+    :func:`_walk`; on an auto-axis mesh every stack alone (XLA would lay out the group's one
+    index like one of its stacks and move it for the others)."""
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(stacks):
-        groups.setdefault((tuple(s.shape[1:]), _walk(s)), []).append(i)
-    return groups
+        alone = (i,) if _layout_unknown(s) else ()
+        groups.setdefault((tuple(s.shape[1:]), _walk(s), *alone), []).append(i)
+    return list(groups.values())
 
 
-def _split_rows(rows: jax.Array, members: Sequence[int], stacks: Sequence[jax.Array]) -> dict:
-    """``{leaf index: its slices' rows of rows}`` for a group's leaves (the group's row order)."""
-    ranges = _row_ranges([stacks[i] for i in members])
-    return {i: rows[r] for i, r in zip(members, ranges, strict=True)}
+def _group_histograms(
+    groups: Sequence[Sequence[jax.Array]],
+    fields: _Fields,
+    key_dtype: np.dtype,
+    row_ranks: Sequence[jax.Array | None],
+) -> Callable[[jax.Array, tuple[jax.Array, ...], bool], list[jax.Array]]:
+    """``histograms(level, prefixes, shared)``: each group's :func:`_level_histograms`, the
+    prefixes either ``[P, 2]`` over the groups' rows in order, or one ``[1, 2]`` for all
+    (``shared``, global top-k)."""
+
+    def histograms(level, prefixes, shared):
+        out, start = [], 0
+        for group, row_rank in zip(groups, row_ranks, strict=True):
+            rows = _rows(group)
+            if shared:
+                mine = tuple(jnp.broadcast_to(p, (rows, 2)) for p in prefixes)
+            else:
+                mine = tuple(p[start : start + rows] for p in prefixes)
+            out.append(_level_histograms(group, level, mine, fields, key_dtype, row_rank))
+            start += rows
+        return out
+
+    return histograms
 
 
 def leaf_thresholds(
@@ -437,27 +472,47 @@ def leaf_thresholds(
     k_backward: Sequence[int],
     axes: Sequence[int | None] | None = None,
 ) -> list[SetThresholds]:
-    """Per-leaf :class:`SetThresholds` for any leaves; slices of equal shape share their loops.
+    """Per-leaf :class:`SetThresholds` for any leaves, all selected in one radix select.
 
     ``k_forward[i]``, ``k_backward[i]`` are per slice of leaf ``i`` (its layer axis ``axes[i]``,
-    ``None`` for a whole leaf): ``1 <= k_forward[i] <= k_backward[i] <= slice size``.
+    ``None`` for a whole leaf): ``1 <= k_forward[i] <= k_backward[i] <= slice size``.  Slices of
+    equal shape share a chunk loop; one loop over the digits serves every pass.
     """
     axes = list(axes) if axes is not None else [None] * len(xs)
     stacks = [stack_view(x, a) for x, a in zip(xs, axes, strict=True)]
+    groups = _by_walk(stacks)
+    order = [i for members in groups for i in members]  # the rows' leaf order
+    k_PxS = jnp.array(
+        [(k_forward[i], k_backward[i]) for i in order for _ in range(stacks[i].shape[0])],
+        jnp.int32,
+    )
+    size_P = np.array(
+        [math.prod(stacks[i].shape[1:]) for i in order for _ in range(stacks[i].shape[0])],
+        np.int32,
+    )
+    key_dtype = _key_dtype(stacks)
+    fields = _Fields(selection.key_digits(key_dtype), 0, _digits_for(int(size_P.max())))
+    histograms = _group_histograms(
+        [[stacks[i] for i in m] for m in groups], fields, key_dtype, [None] * len(groups)
+    )
+    selected = _radix_select(
+        lambda level, prefixes: jnp.concatenate(histograms(level, prefixes, False)),
+        k_PxS,
+        fields,
+        key_dtype,
+    )
+    key_PxS = lax.bitcast_convert_type(selected.prefixes[0], key_dtype)
+    size_Px1 = jnp.asarray(size_P)[:, None]
+    ties = size_Px1 - selected.prefixes[2].astype(jnp.int32)  # just past the k-th's index
+    cut_PxS = jnp.where(selected.levels > fields.key, ties, size_Px1)
     out: list[SetThresholds | None] = [None] * len(xs)
-    for members in _by_walk(stacks).values():
-        slices = [stacks[i].shape[0] for i in members]
-        th = group_thresholds(
-            [stacks[i] for i in members],
-            [k_forward[i] for i, n in zip(members, slices, strict=True) for _ in range(n)],
-            [k_backward[i] for i, n in zip(members, slices, strict=True) for _ in range(n)],
-        )
-        keys, cuts = _split_rows(th.key, members, stacks), _split_rows(th.cut, members, stacks)
-        for i in members:
-            whole = axes[i] is None  # one row: thresholds [2]
-            out[i] = (
-                SetThresholds(keys[i][0], cuts[i][0]) if whole else SetThresholds(keys[i], cuts[i])
-            )
+    start = 0
+    for i in order:
+        rows = slice(start, start + stacks[i].shape[0])
+        start = rows.stop
+        whole = axes[i] is None  # one row: thresholds [2]
+        key, cut = key_PxS[rows], cut_PxS[rows]
+        out[i] = SetThresholds(key[0], cut[0]) if whole else SetThresholds(key, cut)
     return out
 
 
@@ -469,58 +524,42 @@ def global_thresholds(
 ) -> list[SetThresholds]:
     """One pair of thresholds over all leaves (global top-k): the keys are shared, the cuts are
     per slice — ties are kept in leaf order, then slice order (along the layer axis ``axes[i]``),
-    then row-major order inside a slice."""
+    then row-major order inside a slice (the row field of :class:`_Fields`)."""
     axes = list(axes) if axes is not None else [None] * len(xs)
     stacks = [stack_view(x, a) for x, a in zip(xs, axes, strict=True)]
-    k_S = jnp.array([k_forward, k_backward], jnp.int32)
     key_dtype = _key_dtype(stacks)  # one key for all leaves: float64 bits when one is float64
-    groups = [([stacks[i] for i in members], members) for members in _by_walk(stacks).values()]
+    first = np.cumsum([0] + [s.shape[0] for s in stacks])  # each stack's first global row
+    total = int(first[-1])
+    rank_R = (total - 1) - np.arange(total)  # larger for earlier slices
+    groups = _by_walk(stacks)
+    row_ranks = [
+        jnp.asarray(np.concatenate([rank_R[first[i] : first[i + 1]] for i in m]), jnp.uint32)
+        for m in groups
+    ]
+    size_R = np.concatenate([np.full(s.shape[0], math.prod(s.shape[1:]), np.int32) for s in stacks])
+    fields = _Fields(
+        selection.key_digits(key_dtype), _digits_for(total), _digits_for(int(size_R.max()))
+    )
+    histograms = _group_histograms(
+        [[stacks[i] for i in m] for m in groups], fields, key_dtype, row_ranks
+    )
 
-    def histogram(level: int, prefix_S: jax.Array) -> jax.Array:
-        if level == 0:
-            hists = [high_histograms(group, key_dtype)[:, None] for group, _ in groups]
-        else:
-            hists = [
-                digit_histograms(
-                    group, level, jnp.broadcast_to(prefix_S, (_rows(group), 2)), key_dtype
-                )
-                for group, _ in groups
-            ]
-        return jnp.broadcast_to(sum(h.sum(axis=0, dtype=jnp.int32) for h in hists), (2, _BINS))
+    def histogram(level, prefixes):
+        hists = histograms(level, prefixes, True)
+        return sum(h.sum(axis=0, keepdims=True, dtype=jnp.int32) for h in hists)
 
-    kth = selection.radix_kth(histogram, k_S, key_dtype)
-    needed_S = k_S - kth.above
-
-    def cuts_per_slice():
-        key_S = jnp.broadcast_to(kth.key, (1, 2))
-        tied: dict[int, jax.Array] = {}
-        for group, members in groups:  # pass 3a: every slice's tie count
-            key_GxS = jnp.broadcast_to(kth.key, (_rows(group), 2))
-            tied.update(_split_rows(tie_counts(group, key_GxS), members, stacks))
-        before_S, take = jnp.zeros(2, jnp.int32), {}
-        for i in range(len(xs)):  # the tie budget, in leaf order, then slice order
-            cum_LxS = before_S + jnp.cumsum(tied[i], axis=0, dtype=jnp.int32)
-            take[i] = jnp.clip(needed_S - (cum_LxS - tied[i]), 0, tied[i])
-            before_S = cum_LxS[-1]
-        cuts: dict[int, jax.Array] = {}
-        for group, members in groups:  # pass 3b: where each slice's share of ties ends
-            take_GxS = jnp.concatenate([take[i] for i in members])
-            key_GxS = jnp.broadcast_to(key_S, (_rows(group), 2))
-            cut_GxS, _ = tie_cuts(group, key_GxS, take_GxS)
-            cuts.update(_split_rows(cut_GxS, members, stacks))
-        return jnp.concatenate([cuts[i] for i in range(len(xs))])
-
-    def all_ties():
-        return jnp.concatenate(
-            [jnp.full((s.shape[0], 2), math.prod(s.shape[1:]), jnp.int32) for s in stacks]
-        )
-
-    cut_RxS = lax.cond(jnp.any(kth.tied != needed_S), cuts_per_slice, all_ties)
-    out, start = [], 0
-    for s, axis in zip(stacks, axes, strict=True):
+    k_1xS = jnp.array([[k_forward, k_backward]], jnp.int32)
+    selected = _radix_select(histogram, k_1xS, fields, key_dtype)
+    key_S = lax.bitcast_convert_type(selected.prefixes[0][0], key_dtype)
+    row_S, index_S = (p[0].astype(jnp.int32) for p in selected.prefixes[1:])
+    rank_Rx1 = jnp.asarray(rank_R, row_S.dtype)[:, None]
+    size_Rx1 = jnp.asarray(size_R)[:, None]
+    at_cut = jnp.where(rank_Rx1 == row_S, size_Rx1 - index_S, 0)
+    cut_RxS = jnp.where((selected.levels == fields.key) | (rank_Rx1 > row_S), size_Rx1, at_cut)
+    out = []
+    for s, axis, start in zip(stacks, axes, first, strict=False):
         cut = cut_RxS[start : start + s.shape[0]]
-        out.append(SetThresholds(kth.key, cut if axis is not None else cut[0]))
-        start += s.shape[0]
+        out.append(SetThresholds(key_S, cut if axis is not None else cut[0]))
     return out
 
 
