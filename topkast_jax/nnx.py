@@ -1,9 +1,23 @@
 """Flax NNX helper: Top-KAST with an ``nnx.Module``, stateful layers included.
 
 NNX modules carry their parameters; Top-KAST needs them as a pytree so the optimizer can mask
-them, and the forward pass must run on ``α = θ ⊙ A``. The recipe is split → mask → merge, with
-the non-parameter state (``nnx.BatchNorm`` statistics, ``nnx.Dropout`` RNG counts) threaded
-through the step by :func:`apply`::
+them, and the forward pass must run on ``α = θ ⊙ A``.  The supported path is
+:class:`Optimizer` (an ``nnx.Optimizer`` that keeps the masks) with :func:`value_and_grad`
+(runs the loss on ``θ ⊙ A``, differentiates with respect to ``α``, writes ``nnx.BatchNorm``
+statistics and ``nnx.Dropout`` RNG counts back into the model)::
+
+    optimizer = tk.nnx.Optimizer(model, tx)            # tx = tk.topkast(...)
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+        loss, grads = tk.nnx.value_and_grad(loss_fn)(model, optimizer, x, y)
+        optimizer.update(model, grads)                 # refuses nnx.grad's dense gradients
+        return loss
+
+    model_for_eval = tk.nnx.sparse_model(*tk.nnx.split(model), optimizer)
+
+Without an optimizer object, split → mask → merge, the non-parameter state threaded through the
+step by :func:`apply`::
 
     graphdef, params, rest = tk.nnx.split(model)       # model.train() first for BatchNorm
     opt_state = tx.init(params)
@@ -20,12 +34,14 @@ through the step by :func:`apply`::
 
     model = tk.nnx.sparse_model(graphdef, params, rest, opt_state)   # for evaluation
 
-With ``nnx.Optimizer``, the optimizer keeps the Top-KAST state; build it on
-:func:`for_optimizer` (``nnx.Optimizer`` rewrites the state's pytree types, which the wrapper
-restores) and let :func:`forward_params` read the masks from it::
+A plain ``nnx.Optimizer`` takes the transformation through :func:`for_optimizer` (which restores
+the state's pytree types and, given the params, their ``nnx.Variable`` metadata), with
+:func:`forward_params` reading the masks from the optimizer; nothing then checks that the
+gradients are ``∂L/∂α``::
 
-    optimizer = nnx.Optimizer(model, tk.nnx.for_optimizer(tx), wrt=nnx.Param)
-
+    optimizer = nnx.Optimizer(
+        model, tk.nnx.for_optimizer(tx, nnx.state(model, nnx.Param)), wrt=nnx.Param
+    )
 
     @nnx.jit
     def train_step(model, optimizer, x, y):
