@@ -382,7 +382,7 @@ def test_export_at_end_holds_theta_times_a(reference, text_file):
 
 def test_eval_from_export_gives_the_final_scores(reference, text_file, tmp_path):
     """``--eval_only --from_export=PATH`` (the CLI, in a subprocess) gives the run's final
-    valid and test BPC exactly; without --from_export it is a usage error."""
+    valid and test BPC exactly; a path that holds no export is an error naming export.json."""
     workdir, summary = reference
     command = [sys.executable, "-m", "experiments.language_model.main", *cli_flags(text_file)]
     export = os.path.join(workdir, export_lib.EXPORT_DIR)
