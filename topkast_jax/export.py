@@ -2,8 +2,8 @@ r"""Compact export of a sparse model: only ``α = θ ⊙ A`` of each sparse leaf
 
 :func:`sparse_params` turns ``(params, opt_state)`` of any sparse method (or an
 :class:`~topkast_jax.AlwaysSparseState`) into a pytree shaped like the params where each sparse
-leaf is a compact leaf and each dense leaf is unchanged.  Two compact layouts, both holding the
-``k = |A|`` kept values in ascending flat (row-major) index order:
+leaf is a compact leaf and each dense leaf is unchanged.  Three compact layouts; the first two
+hold the ``k = |A|`` kept values in ascending flat (row-major) index order:
 
 * :class:`BitmapLeaf` (default) — ``values[k]`` (the leaf's dtype) and ``bitmap[⌈n/8⌉]`` uint8,
   where weight ``i`` of the flattened leaf (``n`` weights) is in ``A`` iff bit ``i mod 8`` of
@@ -12,6 +12,10 @@ leaf is a compact leaf and each dense leaf is unchanged.  Two compact layouts, b
 * :class:`IndexLeaf` — ``values[k]`` and ``indices[k]`` int32 flat indices, ascending.
   ``k·(s + 4)`` bytes: smaller than the bitmap only below a density of ``1/32`` (float32), but
   it is the coordinate list that :class:`jax.experimental.sparse.BCOO` runs on.
+* :class:`NMLeaf` (default for leaves selected with ``tk.NM``, an extension of the paper's
+  method) — the values as a dense tensor with the group axis shortened ``m → n`` and each
+  value's position in its group at ``⌈log₂ m⌉`` bits: ``k·s + k·⌈log₂ m⌉/8`` bytes (2:4 float32:
+  53% of dense).
 
 For float32 at forward sparsity 80/90/95% the bitmap layout holds 23/13/8% of the dense bytes,
 the index layout 40/20/10% (``BENCHMARKS.md``, "Compact export", measures them on disk).
@@ -258,7 +262,8 @@ def sparse_params(params: Any, opt_state: Any = None, *, layout: str | None = No
       params: the params pytree ``θ`` — or an :class:`~topkast_jax.AlwaysSparseState`, whose
         device state already holds ``θ_B``, its indices and ``A``-flags (then ``opt_state`` is
         ``None``; no dense leaf is built).
-      opt_state: an optimizer state holding one sparse-training state (Top-KAST, a baseline),
+      opt_state: an optimizer state holding the sparse-training state (Top-KAST, a baseline;
+        several over disjoint leaves, e.g. ``optax.multi_transform`` groups, are combined),
         wrapped in any optax chain or wrapper.
       layout: ``"bitmap"`` (:class:`BitmapLeaf`, smaller above a density of 1/32),
         ``"indices"`` (:class:`IndexLeaf`) or ``"nm"`` (:class:`NMLeaf`, only for leaves
