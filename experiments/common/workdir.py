@@ -37,6 +37,7 @@ RESUMABLE_CHANGES = (
     "max_checkpoints_to_keep",
     "mask_stats_every_steps",
     "reference_steps",
+    "export_at_end",
     "data.num_threads",
     "data.num_workers",
 )

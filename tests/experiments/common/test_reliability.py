@@ -241,6 +241,13 @@ def test_identity_allows_the_listed_changes_and_records_each_resume(tmp_path):
     assert records[0]["changed"] == {"num_train_steps": [10, 20]} and records[1]["changed"] == {}
 
 
+def test_export_at_end_may_change_on_resume(tmp_path):
+    """Whether the run writes its export at the end does not change what it trains."""
+    workdir = _workdir_with_progress(tmp_path, _config(export_at_end=True))
+    changes = workdir_lib.check_identity(workdir, _config(export_at_end=False))
+    assert changes == {"export_at_end": (True, False)}
+
+
 def test_fields_added_or_removed_by_the_code_are_allowed_and_recorded(tmp_path):
     workdir = _workdir_with_progress(tmp_path, _config())
     upgraded = _config()
