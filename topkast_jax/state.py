@@ -89,11 +89,28 @@ def is_set_leaf(x: Any) -> bool:
     return x is None or isinstance(x, PackedSets)
 
 
+def _unpack_bit(sets: Any, bit: int) -> jax.Array | None:
+    """One bit of a :class:`PackedSets` leaf as bools (``None`` for ``None``).
+
+    Raises:
+      ValueError: another type stands where a PackedSets belongs (the state's pytree types were
+        rewritten, as ``nnx.Optimizer`` does with its ``opt_state``).
+    """
+    if sets is None:
+        return None
+    if not isinstance(sets, PackedSets):
+        raise ValueError(
+            f"Top-KAST's sets hold a {type(sets).__name__} where a PackedSets belongs: the "
+            "state's pytree types were rewritten (an nnx.Optimizer's opt_state?). Read the masks "
+            "through the optimizer: tk.nnx.forward_params(params, optimizer), "
+            "tk.nnx.optimizer_state(optimizer, params)."
+        )
+    return (sets.codes() & bit) != 0
+
+
 def unpack_tree(tree: Any, bit: int) -> Any:
     """Bool pytree (``None`` on dense leaves) of one bit of every :class:`PackedSets` leaf."""
-    return jax.tree.map(
-        lambda p: None if p is None else (p.codes() & bit) != 0, tree, is_leaf=is_set_leaf
-    )
+    return jax.tree.map(lambda p: _unpack_bit(p, bit), tree, is_leaf=is_set_leaf)
 
 
 def sets_masks(sets: Any) -> Masks:

@@ -190,6 +190,8 @@ def test_dense_gradients_are_refused():
         tk.nnx.forward_params(params, optimizer.opt_state)
     with pytest.raises(ValueError, match=r"pass the optimizer itself"):
         tk.nnx.sparse_model(*tk.nnx.split(model), optimizer.opt_state)
+    with pytest.raises(ValueError, match=r"tk\.nnx\.forward_params\(params, optimizer\)"):
+        tk.forward_params(params, optimizer.opt_state)
 
 
 def test_plain_nnx_optimizer_around_topkast_says_what_to_use():
