@@ -11,12 +11,13 @@ that was cut off continues where it stopped.
   LIMIT=2 STEPS=10 PAR=2 OUT=/tmp/x python scripts/table5_sweep.py           # smoke run
 
 Environment: PLAN (first | long | diagnose | refresh | table5[:λ] | text5[:λ] (on TEXT);
-several joined by commas run in that order), OUT
-(results folder, default /tmp/t5out), ROOT (workdirs, default /tmp/t5), STEPS (default 1000),
-PAR (parallel runs), SEEDS and LAMBDAS (table5's), TEXT (a text file for diagnose's second-text
-runs, e.g. from scripts/local_prose_corpus.py; without it those runs are left out), LIMIT (only
-the first N runs), DEADLINE (seconds after start after which no new run starts). On a GPU each
-process takes 5% of its memory. Results and their reading: docs/science/.
+several joined by commas run in that order), OUT (results folder, default /tmp/t5out), ROOT
+(workdirs, default /tmp/t5), STEPS (default 1000), PAR (parallel runs), SEEDS, LAMBDAS and PRUNE
+(table5's seeds, λs and pruning sparsities), TEXT (a text file for text5 and diagnose's
+second-text runs, e.g. from scripts/local_prose_corpus.py; without it diagnose leaves those
+out), LIMIT (only the first N runs), DEADLINE (seconds after start after which no new run
+starts). On a GPU each process takes 5% of its memory. Results and their reading:
+docs/science_table5_cpu.md, docs/science/.
 """
 
 import json
@@ -32,6 +33,7 @@ ROOT = os.environ.get("ROOT", "/tmp/t5")
 STEPS = int(os.environ.get("STEPS", "1000"))
 PAR = int(os.environ.get("PAR", "8"))
 TRACED = ("train/loss", "train/grad_norm", "train/exploration_penalty")
+PRUNE = [float(f) for f in os.environ.get("PRUNE", "0.8,0.9,0.95").split(",") if f]
 PAIRS = ((0.8, 0.0), (0.8, 0.6), (0.9, 0.0), (0.9, 0.8), (0.95, 0.0), (0.95, 0.9))
 
 
@@ -73,11 +75,12 @@ def first_plan() -> list[Run]:
 
 
 def table5_plan(seeds: list[int], lambdas: list[float], text: str = "") -> list[Run]:
-    """Table 5's rows: dense, pruning at 80/90/95% and the six Top-KAST pairs per λ."""
+    """Table 5's rows: dense, pruning at PRUNE (default 80/90/95%) and the six Top-KAST pairs
+    per λ."""
     runs = []
     for seed in seeds:
         runs.append(Run("dense", 0.0, 0.0, seed, text=text))
-        runs += [Run("pruning", f, f, seed, text=text) for f in (0.8, 0.9, 0.95)]
+        runs += [Run("pruning", f, f, seed, text=text) for f in PRUNE]
         runs += [Run("topkast", f, b, seed, l2=l2, text=text) for l2 in lambdas for f, b in PAIRS]
     return runs
 
