@@ -8,6 +8,8 @@ statistics and the dropout RNG count.  The misuses — ``nnx.grad`` gradients, a
 ``nnx.Optimizer`` around Top-KAST, the optimizer's raw ``opt_state`` — raise clear errors.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -200,3 +202,19 @@ def test_plain_nnx_optimizer_around_topkast_says_what_to_use():
     plain.update(model, nnx.grad(loss)(model))  # bare arrays: not detectable at this step
     with pytest.raises(ValueError, match=r"rewritten.*tk\.nnx\.Optimizer\(model, tx\)"):
         plain.update(model, nnx.grad(loss)(model))
+
+
+def test_check_exploration_inside_the_nnx_optimizer():
+    model, loss = tiny()
+    tx = tk.check_exploration(make_tx(), patience=2)
+    optimizer = tk.nnx.Optimizer(model, tx)
+    zero = tk.nnx.AlphaGrads(jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
+    with pytest.warns(UserWarning, match=r"B∖A of kernel received exactly zero gradient"):
+        for _ in range(2):
+            optimizer.update(model, zero)
+            jax.effects_barrier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            optimizer.update(model, tk.nnx.value_and_grad(loss)(model, optimizer)[1])
+            jax.effects_barrier()
