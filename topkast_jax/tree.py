@@ -51,9 +51,19 @@ def map_sparse(fn: Callable[..., Any], params: Any, mask_tree: Any, *rest: Any) 
 
 
 def sparse_leaves(mask_tree: Any, *trees: Any) -> list[tuple]:
-    """``(name, mask, *leaves)`` for every sparse leaf, in tree order."""
+    """``(name, mask, *leaves)`` for every sparse leaf, in tree order.
+
+    Raises:
+      ValueError: if a tree has another number of leaves than ``mask_tree`` (e.g. a mask tree
+        with ``optax.MaskedNode`` against full params: :func:`cover` it first).
+    """
     flat, _ = jax.tree_util.tree_flatten_with_path(mask_tree, is_leaf=lambda x: x is None)
     others = [jax.tree.leaves(t, is_leaf=lambda x: x is None) for t in trees]
+    if any(len(o) != len(flat) for o in others):
+        raise ValueError(
+            f"trees of {[len(o) for o in others]} leaves do not align with a mask tree of "
+            f"{len(flat)} leaves."
+        )
     out = []
     for i, (path, mask) in enumerate(flat):
         if mask is not None:

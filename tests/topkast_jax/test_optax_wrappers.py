@@ -471,3 +471,18 @@ def test_baseline_states_in_multi_transform_combine():
         np.testing.assert_array_equal(alpha[name], np.where(m, params[name], 0.0))
     assert float(tk.exploration_penalty(params, state)) == 0.0
     assert float(tk.mask_stats(state)["forward_density"]) == 0.5  # 15 of 30 and 12 of 24
+
+
+def test_tree_helpers_on_masked_nodes():
+    """``cover`` puts the params' structure back under ``MaskedNode`` (one leaf or a subtree);
+    ``sparse_leaves`` refuses trees that do not align instead of pairing the wrong leaves."""
+    from topkast_jax.tree import cover, sparse_leaves
+
+    params = {"a": {"x": jnp.ones(2), "y": jnp.ones(3)}, "b": jnp.ones((2, 2))}
+    masks = {"a": optax.MaskedNode(), "b": jnp.eye(2, dtype=bool)}
+    covered = cover(masks, params)
+    assert covered["a"] == {"x": None, "y": None}
+    assert covered["b"] is masks["b"]
+    assert [name for name, *_ in sparse_leaves(covered, params)] == ["b"]
+    with pytest.raises(ValueError, match="do not align"):
+        sparse_leaves(masks, params)
