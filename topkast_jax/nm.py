@@ -23,7 +23,9 @@ input axis of a scan-stacked kernel ``[L, in, out]`` — and ``0`` for a vector.
 Selection without sorting: inside a group the rank of weight ``i`` is the number of group members
 that beat it, ``r_i = #{j : key_j > key_i or (key_j = key_i and j < i)}`` — ``m`` elementwise
 comparisons per weight, ``m²`` per group, exact (the ranks of a group are ``0..m-1``, each once);
-``i ∈ A ⟺ r_i < n`` and ``i ∈ B ⟺ r_i < n_B``.
+``i ∈ A ⟺ r_i < n`` and ``i ∈ B ⟺ r_i < n_B``.  A leaf sharded over explicit mesh axes keeps
+its sharding; along the group axis the ranks are computed per shard when every shard holds whole
+groups, otherwise with that axis replicated (:func:`group_ranks`).
 
 Each sparse leaf's resolved structure (:class:`LeafNM`) is a static field of its
 :class:`~topkast_jax.state.PackedSets` in the optimizer state; :func:`structures` reads it back.
@@ -32,6 +34,7 @@ Each sparse leaf's resolved structure (:class:`LeafNM`) is a static field of its
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any
 
@@ -39,9 +42,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from topkast_jax import codes as codes_lib
 from topkast_jax import selection
+from topkast_jax import sharding as sharding_lib
 from topkast_jax.plan import LeafDensity, unflatten_sparse
 from topkast_jax.state import PackedSets, find_sparse_state, is_set_leaf
 
@@ -253,15 +258,35 @@ def group_ranks(keys: jax.Array, m: int, axis: int) -> jax.Array:
       int32 ranks shaped like ``keys``.
     """
     shape = keys.shape
-    grouped = keys.reshape(shape[:axis] + (shape[axis] // m, m) + shape[axis + 1 :])
+    grouped_shape = shape[:axis] + (shape[axis] // m, m) + shape[axis + 1 :]
+    leaf_sharding, grouped_sharding = _group_shardings(keys, m, axis)
+    grouped = jnp.reshape(keys, grouped_shape, out_sharding=grouped_sharding)
     member = axis + 1  # the within-group axis of ``grouped``
     index = jnp.arange(m).reshape((m,) + (1,) * (len(shape) - axis - 1))
-    rank = jnp.zeros(grouped.shape, jnp.int32)
+    rank = jnp.zeros(grouped.shape, jnp.int32, out_sharding=grouped_sharding)
     for j in range(m):
         key_j = jax.lax.slice_in_dim(grouped, j, j + 1, axis=member)
         beats = (key_j > grouped) | ((key_j == grouped) & (j < index))
         rank += beats.astype(jnp.int32)
-    return rank.reshape(shape)
+    return jnp.reshape(rank, shape, out_sharding=leaf_sharding)
+
+
+def _group_shardings(x: jax.Array, m: int, axis: int) -> tuple[Any, Any]:
+    """``(leaf sharding, grouped sharding)`` for a leaf over explicit mesh axes, else
+    ``(None, None)``.  The grouped array ``[..., L/m, m, ...]`` keeps the group axis's sharding on
+    its outer part when every shard holds whole groups; otherwise it is replicated along that axis
+    (the groups would straddle devices)."""
+    leaf = sharding_lib.explicit_sharding(x)
+    if leaf is None:
+        return None, None
+    spec = tuple(leaf.spec) + (None,) * (x.ndim - len(leaf.spec))
+    names = spec[axis]
+    devices = math.prod(
+        leaf.mesh.shape[n] for n in ((names,) if isinstance(names, str) else names or ())
+    )
+    outer = names if (x.shape[axis] // devices) % m == 0 else None
+    grouped = spec[:axis] + (outer, None) + spec[axis + 1 :]
+    return leaf, NamedSharding(leaf.mesh, PartitionSpec(*grouped))
 
 
 def nm_codes(x: jax.Array, leaf: LeafNM) -> jax.Array:

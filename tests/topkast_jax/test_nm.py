@@ -1,6 +1,10 @@
 """N:M structured Top-KAST (issue 12; an extension of the paper's method) against the numpy
 reference ``reference.nm_masks``: the selection, the invariants, one jitted trajectory, errors."""
 
+import os
+import subprocess
+import sys
+
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
@@ -255,3 +259,37 @@ def test_bad_leaves_are_named(shape, structure, layer_axis, match):
     tx = tk.topkast(optax.sgd(0.1), structure=structure, layer_axis=layer_axis)
     with pytest.raises(ValueError, match=match):
         tx.init({"w": jnp.ones(shape)})
+
+
+_SHARDED_SCRIPT = """
+import jax, numpy as np, optax, topkast_jax as tk
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+tx = tk.topkast(optax.sgd(0.1), structure=tk.NM(2, 4, n_backward=3), exploration_l2=0.01)
+step = jax.jit(lambda g, s, x: tx.update(g, s, x))
+mesh = jax.make_mesh((4,), ("d",), axis_types=(AxisType.Explicit,))
+def run(x):
+    state = jax.jit(tx.init)(x)
+    updates, state = step(jax.tree.map(lambda p: p * 0 + 1.0, x), state, x)
+    masks = tk.get_masks(state)
+    return [np.asarray(a) for a in jax.tree.leaves((updates, masks))]
+# (8, 32) along axis 0 on 4 devices: 2 rows a shard, the groups of 4 straddle devices.
+for shape, spec in (((8, 32), P("d", None)), ((64, 32), P("d", None)), ((64, 32), P(None, "d"))):
+    x = {"w": jax.random.normal(jax.random.key(0), shape)}
+    want = run(x)
+    with jax.set_mesh(mesh):
+        got = run(jax.device_put(x, NamedSharding(mesh, spec)))
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True)), (shape, spec)
+print("ok")
+"""
+
+
+def test_explicitly_sharded_leaves_select_as_one_device():
+    """4 host devices, explicit mesh axes: the sets and the update of a leaf sharded along its
+    group axis (whole groups per shard, or groups straddling shards) or along the other axis
+    equal the unsharded leaf's."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run(
+        [sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr
