@@ -296,6 +296,12 @@ def sparse_params(params: Any, opt_state: Any = None, *, layout: str | None = No
             "sparse_params needs opt_state, the optimizer state holding the sparse method's "
             "masks (or pass an AlwaysSparseState as params)."
         )
+    if not find_sparse_states(opt_state):
+        raise ValueError(
+            "sparse_params: opt_state must contain a sparse-training state (e.g. TopKastState), "
+            "found none: there is nothing to export compactly. Pass the state returned by the "
+            "sparse optimizer's init/update."
+        )
     try:
         forward = get_masks(opt_state, params).forward
     except ValueError as e:
