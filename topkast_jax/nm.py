@@ -17,8 +17,9 @@ stop-exploration ablation, the statistics.
 Default ``axis`` (``axis=None``): ``-2`` for a leaf of rank ``>= 2`` — the input axis of a Dense
 kernel ``[in, out]``, the input-channel axis of a conv kernel ``[H, W, in, out]`` (HWIO), the
 input axis of a scan-stacked kernel ``[L, in, out]`` — and ``0`` for a vector.  An embedding
-``[vocab, features]`` then groups along the vocabulary; give ``axis=-1`` to group the features
-(the contraction axis of a tied output projection).
+``[vocab, features]`` then groups along the vocabulary; give it ``-1`` to group the features
+(the contraction axis of a tied output projection) with a per-leaf ``axis``: a pytree like the
+params, or a callable ``params -> pytree``, holding an int or ``None`` (the default rule) per leaf.
 
 Selection without sorting: inside a group the rank of weight ``i`` is the number of group members
 that beat it, ``r_i = #{j : key_j > key_i or (key_j = key_i and j < i)}`` — ``m`` elementwise
@@ -44,8 +45,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from topkast_jax import boxes, selection
 from topkast_jax import codes as codes_lib
-from topkast_jax import selection
 from topkast_jax import sharding as sharding_lib
 from topkast_jax.plan import LeafDensity, unflatten_sparse
 from topkast_jax.state import PackedSets, find_sparse_state, is_set_leaf
@@ -72,16 +73,18 @@ class NM:
     Attributes:
       n: weights kept in ``A`` per group, ``1 <= n <= m``.
       m: group size, ``1 <= m <= MAX_GROUP`` (32).
-      axis: the axis the groups of ``m`` consecutive weights run along, the same int for every
-        sparse leaf (negative counts from the end), or ``None`` (default): ``-2`` for leaves of
-        rank ``>= 2`` (input axis of a Dense or HWIO conv kernel), ``0`` for vectors.
+      axis: the axis the groups of ``m`` consecutive weights run along: an int for every
+        sparse leaf (negative counts from the end); ``None`` (default): ``-2`` for leaves of
+        rank ``>= 2`` (input axis of a Dense or HWIO conv kernel), ``0`` for vectors; or per
+        leaf, a pytree like the params (or a callable ``params -> pytree``) of ints and
+        ``None`` (the default rule for that leaf).
       n_backward: weights kept in ``B`` per group, ``n <= n_backward <= m``; ``None`` (default)
         is ``m``: every weight is updated, as ``backward_sparsity=0`` in the unstructured form.
     """
 
     n: int
     m: int
-    axis: int | None = None
+    axis: Any = None
     n_backward: int | None = None
 
     def __post_init__(self) -> None:
@@ -89,10 +92,11 @@ class NM:
         _check_count("n", self.n, 1, m)
         if self.n_backward is not None:
             _check_count("n_backward", self.n_backward, int(self.n), m)
-        if self.axis is not None and (
-            isinstance(self.axis, bool) or not isinstance(self.axis, int | np.integer)
-        ):
-            raise ValueError(f"NM: axis must be an int or None, got {self.axis!r}.")
+        if isinstance(self.axis, bool | str | float):
+            raise ValueError(
+                f"NM: axis must be an int, None, or a pytree / callable of those per leaf, got "
+                f"{self.axis!r}."
+            )
 
     @property
     def n_b(self) -> int:
@@ -216,14 +220,19 @@ def resolve(structure: NM, params: Any, plan: list[LeafDensity]) -> list[LeafNM 
         leaf's layer axis, or an axis whose length is not a multiple of ``m``.
     """
     out: list[LeafNM | None] = []
-    for leaf in plan:
+    for leaf, spec in zip(plan, _axis_specs(structure.axis, params), strict=True):
         if not leaf.sparse:
             out.append(None)
             continue
         ndim = len(leaf.shape)
         if ndim == 0:
             raise ValueError(f"structure={structure}: sparse leaf {leaf.path!r} is a scalar.")
-        axis = default_axis(ndim) if structure.axis is None else int(structure.axis)
+        if spec is not None and (isinstance(spec, bool) or not isinstance(spec, int | np.integer)):
+            raise ValueError(
+                f"structure={structure}: the axis of leaf {leaf.path!r} must be an int or None, "
+                f"got {spec!r}."
+            )
+        axis = default_axis(ndim) if spec is None else int(spec)
         if not -ndim <= axis < ndim:
             raise ValueError(
                 f"structure={structure}: axis {axis} is out of range for leaf {leaf.path!r} of "
@@ -243,6 +252,23 @@ def resolve(structure: NM, params: Any, plan: list[LeafDensity]) -> list[LeafNM 
             )
         out.append(LeafNM(structure.n, structure.n_b, structure.m, axis))
     return out
+
+
+def _axis_specs(axis: Any, params: Any) -> list[Any]:
+    """One axis spec (int or None) per params leaf, from an int, None, a pytree or a callable."""
+    if axis is None or isinstance(axis, int | np.integer):
+        return [axis] * len(jax.tree.leaves(params))
+    tree = axis(params) if callable(axis) else axis
+    is_leaf = lambda x: x is None  # noqa: E731
+    want = jax.tree.structure(boxes.strip(params))
+    got = jax.tree.structure(boxes.strip(tree), is_leaf=is_leaf)
+    if got != want:
+        raise ValueError(
+            "NM: axis must be an int, None, or a pytree (or the result of a callable) with the "
+            f"structure of params holding an int or None per leaf.\n  params: {want}\n  axis: "
+            f"{got}"
+        )
+    return jax.tree.leaves(boxes.strip(tree), is_leaf=is_leaf)
 
 
 def group_ranks(keys: jax.Array, m: int, axis: int) -> jax.Array:

@@ -243,8 +243,31 @@ def test_consistent_sparsities_and_missing_forward_sparsity():
         tk.topkast(optax.sgd(0.1))
     with pytest.raises(ValueError, match="structure must be tk.NM"):
         tk.topkast(optax.sgd(0.1), structure="2:4")
-    with pytest.raises(ValueError, match="NM: axis must be an int or None"):
+    with pytest.raises(ValueError, match="NM: axis must be an int, None, or a pytree"):
         tk.NM(2, 4, axis="in")
+
+
+def test_per_leaf_axis_as_pytree_or_callable():
+    """An embedding grouped along its features (axis -1), the kernel by the default rule."""
+    rng = np.random.default_rng(0)
+    params = {"emb": jnp.asarray(rng.normal(size=(6, 8)), jnp.float32),
+              "w": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)}  # fmt: skip
+    for axis in ({"emb": -1, "w": None}, lambda p: {"emb": -1, "w": None}):
+        tx = tk.topkast(optax.sgd(0.1), structure=tk.NM(1, 4, axis=axis, n_backward=2))
+        state = tk_harness.init(tx, params)
+        assert tk.nm.structures(state) == {
+            "emb": tk.nm.LeafNM(1, 2, 4, 1), "w": tk.nm.LeafNM(1, 2, 4, 0)}  # fmt: skip
+        masks = tk.get_masks(state)
+        for name, ax in (("emb", 1), ("w", 0)):
+            a, b = reference.nm_masks(np.asarray(params[name]), 1, 2, 4, ax)
+            np.testing.assert_array_equal(np.asarray(masks.forward[name]), a)
+            np.testing.assert_array_equal(np.asarray(masks.backward[name]), b)
+    bad = {"w": 0}
+    with pytest.raises(ValueError, match="NM: axis must be an int, None, or a pytree"):
+        tk.topkast(optax.sgd(0.1), structure=tk.NM(1, 4, axis=bad)).init(params)
+    with pytest.raises(ValueError, match="the axis of leaf 'emb' must be an int or None"):
+        tx = tk.topkast(optax.sgd(0.1), structure=tk.NM(1, 4, axis={"emb": 1.0, "w": None}))
+        tx.init(params)
 
 
 @pytest.mark.parametrize(
