@@ -1,6 +1,7 @@
 """Top-KAST with optax's own wrappers: ``optax.multi_transform`` / ``optax.masked`` around it
-(several Top-KAST states, one per group), Top-KAST around ``multi_transform`` and
-``optax.contrib.muon``, ``tk.inner_state``, ``optax.inject_hyperparams`` and ``optax.MultiSteps``.
+(several Top-KAST or baseline states, one per group; Flax-boxed params), Top-KAST around
+``multi_transform`` and ``optax.contrib.muon``, ``tk.inner_state`` (schedule-free),
+``optax.inject_hyperparams``, the placement of ``optax.MultiSteps`` and of clipping.
 
 Every leaf of the least-squares problem (:mod:`tk_harness`) trains independently with per-leaf
 top-k, so each group is checked against a reference run with that group's settings.
@@ -486,3 +487,39 @@ def test_tree_helpers_on_masked_nodes():
     assert [name for name, *_ in sparse_leaves(covered, params)] == ["b"]
     with pytest.raises(ValueError, match="do not align"):
         sparse_leaves(masks, params)
+
+
+def test_groups_of_boxed_linen_params_keep_their_layer_axis():
+    """nanodo's layout: ``nn.Partitioned`` params, a scan stack named ``"layers"`` in one group.
+    Each group's Top-KAST selects per slice (found from the box inside ``multi_transform``)."""
+    nn = pytest.importorskip("flax.linen")
+    rng = np.random.default_rng(23)
+
+    def boxed(shape, names):
+        return nn.Partitioned(jnp.asarray(rng.normal(size=shape), jnp.float32), names)
+
+    params = {
+        "attn": {"kernel": boxed((3, 6, 5), ("layers", None, None))},
+        "mlp": {"bias": boxed((4,), (None,)), "kernel": boxed((6, 4), (None, None))},
+    }
+    groups = {
+        "a": tk.topkast(optax.sgd(LR), forward_sparsity=0.8, backward_sparsity=0.4, **FAST),
+        "m": tk.topkast(optax.sgd(LR), forward_sparsity=0.5, **FAST),
+    }
+    tx = optax.multi_transform(groups, {"attn": "a", "mlp": "m"})
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    [(params, state)] = _apply(tx, params, [grads])
+    theta = nn.unbox(params)
+    masks = nn.unbox(tk.get_masks(state, params))
+    alpha = nn.unbox(tk.forward_params(params, state))
+    for group, density, backward, axis in (("attn", 0.2, 0.6, 0), ("mlp", 0.5, 1.0, None)):
+        a, b = reference.slice_masks(np.asarray(theta[group]["kernel"]), axis, density, backward)
+        np.testing.assert_array_equal(masks.forward[group]["kernel"], a, err_msg=group)
+        np.testing.assert_array_equal(masks.backward[group]["kernel"], b, err_msg=group)
+        np.testing.assert_array_equal(
+            alpha[group]["kernel"], np.where(a, theta[group]["kernel"], 0.0), err_msg=group
+        )
+    np.testing.assert_array_equal(alpha["mlp"]["bias"], theta["mlp"]["bias"])
+    stats = tk.mask_stats(state)
+    per_layer = [stats[f"forward_density/attn/kernel/{i}"] for i in range(3)]
+    np.testing.assert_allclose(per_layer, 0.2, rtol=1e-6)  # 6 of 30 in every layer
