@@ -52,6 +52,7 @@ from topkast_jax.validation import (
     check_distribution,
     check_inner,
     check_int,
+    check_layer_axes,
     check_real,
     check_static,
     check_update_inputs,
@@ -367,6 +368,7 @@ def topkast(
                 f"{type(refresh_masks).__name__}; for a traced decision leave it None."
             )
         plan = plan_for(params)
+        check_layer_axes(plan, state.densities)
         l2 = jnp.asarray(exploration_l2, jnp.float32)
         masks = state.masks  # already B = A past stop_exploration_step (see init and below)
         grads = zero_outside(grads, masks.backward)  # (a)

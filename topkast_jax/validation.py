@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from topkast_jax.distributions import check_distribution
+from topkast_jax.stats import layer_axis_of
 from topkast_jax.tree import path_name
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "check_fraction",
     "check_inner",
     "check_int",
+    "check_layer_axes",
     "check_real",
     "check_same_shapes",
     "check_static",
@@ -160,3 +162,32 @@ def check_update_inputs(grads: Any, state: Any, params: Any, state_type: type) -
                 f"optimizer state was initialised for {tuple(entry.shape)}."
             )
     check_same_shapes("grads", grads, params)
+
+
+def check_layer_axes(plan: Any, densities: Any) -> None:
+    """The layer axes the params of an update give (``plan``) are those the state was initialised
+    with (the shapes of its stored per-leaf ``densities``, :func:`topkast_jax.stats.layer_axis_of`).
+
+    The axis comes from the params' Flax metadata (``layer_axis="auto"``), which is lost when
+    ``update`` gets bare arrays — ``nn.unbox`` after init, or ``nnx.Optimizer``, which strips
+    ``nnx.Variable`` boxes — and a stack would then be selected as one tensor.
+
+    Raises:
+      ValueError: naming the first leaf whose layer axis differs.
+    """
+    sparse = [leaf for leaf in plan if leaf.sparse]
+    stored = jax.tree.leaves(densities)
+    if len(stored) != len(sparse):
+        return  # another mismatch, reported by check_update_inputs or the update itself
+    for leaf, density in zip(sparse, stored, strict=True):
+        now = leaf.layer_axis if leaf.layers > 1 else None
+        then = layer_axis_of(density)
+        if now != then:
+            raise ValueError(
+                f"params leaf {leaf.path!r} has layer axis {now} in this update but the "
+                f"optimizer state was initialised with layer axis {then} (selected per slice "
+                "along it, or whole for None): the params lost (or gained) the Flax metadata "
+                "init read it from. Pass params with the same boxes as at init — with Flax NNX "
+                "use tk.nnx.Optimizer(model, tx), which keeps them; nnx.Optimizer strips them — "
+                "or pass layer_axis explicitly."
+            )

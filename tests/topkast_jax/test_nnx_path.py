@@ -218,3 +218,13 @@ def test_check_exploration_inside_the_nnx_optimizer():
         for _ in range(2):
             optimizer.update(model, tk.nnx.value_and_grad(loss)(model, optimizer)[1])
             jax.effects_barrier()
+
+
+def test_update_without_the_stack_metadata_init_saw_raises():
+    """``nnx.Optimizer`` hands ``update`` bare arrays: without ``tk.nnx.Optimizer`` (or the
+    params given to ``for_optimizer``) the scan stack's layer axis would be lost."""
+    model = make_model()
+    zeros = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param))
+    plain = nnx.Optimizer(model, tk.nnx.for_optimizer(make_tx()), wrt=nnx.Param)
+    with pytest.raises(ValueError, match=r"'blocks/linear/kernel' has layer axis None.*axis 0"):
+        plain.update(model, zeros)
