@@ -171,6 +171,8 @@ class AlwaysSparse:
         builds its dense ``α`` where it is used — e.g. inside each Flax Linen layer with
         :func:`topkast_jax.always_sparse_linen.layerwise` — so that not every ``α`` is live at
         once.  Default: the loss receives the dense ``α`` pytree.
+      structure: must be ``None``; N:M structure (:class:`topkast_jax.NM`) runs only in
+        :func:`topkast_jax.topkast`, and anything else raises ``ValueError``.
 
     The methods: ``init(params)``, ``make_step(loss_fn)``, ``dense_params(state)``,
     ``masks(state)``, ``mask_stats(state)``, ``device_bytes(state)`` and
@@ -195,7 +197,14 @@ class AlwaysSparse:
         track_reservoir: bool = False,
         lazy_alpha: bool = False,
         host_memory: str = "numpy",
+        structure: Any = None,
     ):
+        if structure is not None:
+            raise ValueError(
+                f"structure={structure!r} is not supported by AlwaysSparse: N:M structure "
+                "(tk.NM, an extension of the paper) runs only in the masked mode; use "
+                "tk.topkast(..., structure=...) or leave structure=None."
+            )
         self.forward_sparsity, self.backward_sparsity = check_sparsities(
             forward_sparsity, backward_sparsity
         )

@@ -247,6 +247,11 @@ def test_consistent_sparsities_and_missing_forward_sparsity():
         tk.NM(2, 4, axis="in")
 
 
+def test_always_sparse_refuses_a_structure():
+    with pytest.raises(ValueError, match="not supported by AlwaysSparse"):
+        tk.AlwaysSparse(optax.sgd(0.1), forward_sparsity=0.5, structure=tk.NM(2, 4))
+
+
 def test_per_leaf_axis_as_pytree_or_callable():
     """An embedding grouped along its features (axis -1), the kernel by the default rule."""
     rng = np.random.default_rng(0)
