@@ -35,6 +35,7 @@ Each sparse leaf's resolved structure (:class:`LeafNM`) is a static field of its
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any
@@ -49,7 +50,8 @@ from topkast_jax import boxes, selection
 from topkast_jax import codes as codes_lib
 from topkast_jax import sharding as sharding_lib
 from topkast_jax.plan import LeafDensity, unflatten_sparse
-from topkast_jax.state import PackedSets, find_sparse_state, is_set_leaf
+from topkast_jax.state import PackedSets, is_set_leaf, sparse_states
+from topkast_jax.tree import merge_disjoint
 
 #: Largest group size: ``m`` comparisons per weight stay cheap elementwise work.
 MAX_GROUP = 32
@@ -337,8 +339,17 @@ def select_sets(params: Any, plan: list[LeafDensity], leaves: list[LeafNM | None
 
 def structures(opt_state: optax.OptState) -> Any:
     """Per params leaf, the :class:`LeafNM` of a sparse leaf trained with a structure, ``None``
-    on dense leaves and on leaves selected without one (a params-shaped pytree)."""
-    state = find_sparse_state(opt_state)
+    on dense leaves and on leaves selected without one (a params-shaped pytree; with several
+    sparse states over disjoint leaves, e.g. ``optax.multi_transform`` groups, their trees
+    joined, ``optax.MaskedNode`` where no state sees a leaf)."""
+    per_state = [_state_structures(state) for state in sparse_states(opt_state)]
+    return functools.reduce(
+        lambda a, b: merge_disjoint(a, b, is_leaf=lambda x: isinstance(x, LeafNM)), per_state
+    )
+
+
+def _state_structures(state: Any) -> Any:
+    """:func:`structures` of one sparse state."""
     sets = getattr(state, "sets", None)
     if sets is None:  # a baseline: bool masks, never structured
         return jax.tree.map(lambda a: None, state.masks.forward)

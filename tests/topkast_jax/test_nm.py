@@ -247,6 +247,22 @@ def test_consistent_sparsities_and_missing_forward_sparsity():
         tk.NM(2, 4, axis="in")
 
 
+def test_structures_join_several_sparse_states():
+    params = {"a": jnp.ones((8, 4)), "b": jnp.ones((8, 4)), "c": jnp.ones((8, 4))}
+    tx = optax.multi_transform(
+        {
+            "a": tk.topkast(optax.sgd(0.1), forward_sparsity=0.5),
+            "b": tk.topkast(optax.sgd(0.1), structure=tk.NM(2, 4, n_backward=3)),
+            "c": optax.sgd(0.1),
+        },
+        {"a": "a", "b": "b", "c": "c"},
+    )
+    got = tk.nm.structures(tx.init(params))
+    assert got["a"] is None
+    assert got["b"] == tk.nm.LeafNM(n=2, n_backward=3, m=4, axis=0)
+    assert isinstance(got["c"], optax.MaskedNode)
+
+
 def test_always_sparse_refuses_a_structure():
     with pytest.raises(ValueError, match="not supported by AlwaysSparse"):
         tk.AlwaysSparse(optax.sgd(0.1), forward_sparsity=0.5, structure=tk.NM(2, 4))
