@@ -266,62 +266,85 @@ def _unsigned(x: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}"))
 
 
-def _shift(value: jax.Array, bits: jax.Array) -> jax.Array:
-    """``value >> bits`` (logical; ``bits`` a traced int32 below the width)."""
-    return lax.shift_right_logical(value, bits.astype(value.dtype))
+class _Level(NamedTuple):
+    """One level of the radix select, per field of :class:`_Fields` (``None`` for a field without
+    digits): ``mask`` keeps the digits selected before this level — a weight is in a bucket iff
+    ``value & mask == prefix`` for every field, as a prefix holds zeros from this level on —,
+    ``shift`` moves the level's digit to the low 16 bits and ``holds`` (0/1) says whether the
+    field holds that digit."""
+
+    mask: tuple[jax.Array | None, ...]
+    shift: tuple[jax.Array | None, ...]
+    holds: tuple[jax.Array | None, ...]
 
 
-def _leading_equal(value, prefix, level: jax.Array, digits: int) -> jax.Array:
-    """bool: whether the top ``level`` digits (of ``digits``) of unsigned ``value`` and
-    ``prefix`` (broadcast) are equal; ``level`` is traced and clipped to ``[0, digits]``: all
-    True at ``level <= 0``, equality at ``level >= digits``."""
-    bits = _BITS * (digits - jnp.clip(level, 1, digits))
-    return (level <= 0) | (_shift(value, bits) == _shift(prefix, bits))
+def _field_dtypes(key_dtype: np.dtype) -> tuple[np.dtype, np.dtype, np.dtype]:
+    """The unsigned dtype of each field: the key's width, uint32 for the ranks."""
+    return (np.dtype(f"uint{np.dtype(key_dtype).itemsize * 8}"), np.dtype(np.uint32)) + (
+        np.dtype(np.uint32),
+    )
 
 
-def _digit(value: jax.Array, level: jax.Array, digits: int) -> jax.Array:
-    """int32 ``[0, 65536)``: digit ``level`` (traced, clipped to ``[0, digits)``, 0 the most
-    significant) of unsigned ``value``."""
-    bits = _BITS * (digits - 1 - jnp.clip(level, 0, digits - 1))
-    return (_shift(value, bits) & (_BINS - 1)).astype(jnp.int32)
+def _level_tables(fields: _Fields, key_dtype: np.dtype) -> list[np.ndarray | None]:
+    """Per field, ``[levels, 3]`` of its dtype: ``(mask, shift, holds)`` of :class:`_Level` at
+    every level (computed here, so a level costs one lookup per field, not scalar kernels)."""
+    tables: list[np.ndarray | None] = []
+    for start, digits, dtype in zip(fields.starts(), fields, _field_dtypes(key_dtype), strict=True):
+        if not digits:
+            tables.append(None)
+            continue
+        width = _BITS * digits  # a rank of one digit lies in the low 16 bits
+        rows = []
+        for level in range(sum(fields)):
+            kept = min(max(level - start, 0), digits) * _BITS
+            mask = ((1 << kept) - 1) << (width - kept)
+            holds = 0 <= level - start < digits
+            rows.append((mask, width - kept - _BITS if holds else 0, int(holds)))
+        tables.append(np.array(rows, dtype))
+    return tables
 
 
-def _matches(values, prefixes, level: jax.Array, fields: _Fields) -> jax.Array:
-    """bool: whether the composite key's digits above ``level`` equal those of ``prefixes``
+def _at_level(tables: Sequence[np.ndarray | None], level: jax.Array) -> _Level:
+    """The :class:`_Level` of a traced level (one row of each table)."""
+    rows = [None if t is None else jnp.asarray(t)[level] for t in tables]
+    return _Level(*(tuple(None if r is None else r[j] for r in rows) for j in range(3)))
+
+
+def _matches(values, prefixes, at: _Level) -> jax.Array:
+    """bool: whether the composite key's digits above the level equal those of ``prefixes``
     (one value and one prefix per field, broadcast)."""
     out = jnp.ones((), bool)
-    for value, prefix, start, digits in zip(values, prefixes, fields.starts(), fields, strict=True):
-        if digits:
-            out = out & _leading_equal(value, prefix, level - start, digits)
+    for value, prefix, mask in zip(values, prefixes, at.mask, strict=True):
+        if mask is not None:
+            out = out & ((value & mask) == prefix)
     return out
 
 
-def _level_digit(values, level: jax.Array, fields: _Fields) -> jax.Array:
-    """int32: digit ``level`` of the composite key (the field that holds it).  A sum of the
-    fields' digits weighted by 0/1, not a ``where``: the fields broadcast against each other and
+def _level_digit(values, at: _Level) -> jax.Array:
+    """int32 ``[0, 65536)``: the level's digit of the composite key.  A sum of the fields'
+    digits weighted by ``holds``, not a ``where``: the fields broadcast against each other and
     may carry different explicit shardings, which a select would have to reconcile."""
     out = jnp.zeros((), jnp.int32)
-    for value, start, digits in zip(values, fields.starts(), fields, strict=True):
-        if digits:
-            holds = ((level >= start) & (level < start + digits)).astype(jnp.int32)
-            out = out + holds * _digit(value, level - start, digits)
+    for value, shift, holds in zip(values, at.shift, at.holds, strict=True):
+        if shift is not None:
+            digit = (lax.shift_right_logical(value, shift) & (_BINS - 1)) * holds
+            out = out + digit.astype(jnp.int32)
     return out
 
 
 def _level_histograms(
     stacks: Sequence[jax.Array],
-    level: jax.Array,
+    at: _Level,
     prefixes_GxS: tuple[jax.Array, ...],
-    fields: _Fields,
     key_dtype: np.dtype,
     row_rank_G: jax.Array | None = None,
 ) -> jax.Array:
     """int32 ``[G, 2, 65536]``: per slice ``g`` and set ``s`` (``A``, ``B``), how many weights
     whose composite key (:class:`_Fields`) has the digits of ``prefixes_GxS[:, g, s]`` above
-    ``level`` have each digit ``level`` (one pass, traced ``level``).
+    the level ``at`` have each digit of that level (one pass over the stacks).
 
     A weight is counted once: in ``A``'s histogram if it matches ``A``'s prefix, else in ``B``'s
-    if it matches ``B``'s (two prefixes either agree on the digits above ``level`` — then so do
+    if it matches ``B``'s (two prefixes either agree on the digits above the level — then so do
     their histograms, :func:`_histograms_of_sets` — or no key matches both).  ``row_rank_G``
     (uint32) is the row field of each slice (global top-k).  The counts of every device add up
     in a histogram-sized all-reduce."""
@@ -339,11 +362,9 @@ def _level_histograms(
         for keys_Lx, rows in zip(keys, ranges, strict=True):
             row_x = no_row if row_rank_G is None else _per_leaf(row_rank_G[rows], keys_Lx)
             values = (_unsigned(keys_Lx), row_x, rank_x)
-            digit_Lx = _level_digit(values, level, fields)
+            digit_Lx = _level_digit(values, at)
             a, b = (
-                _matches(
-                    values, [_per_leaf(p[rows, s], keys_Lx) for p in prefixes_GxS], level, fields
-                )
+                _matches(values, [_per_leaf(p[rows, s], keys_Lx) for p in prefixes_GxS], at)
                 for s in (0, 1)
             )
             bins_Lx = jnp.where(a, digit_Lx, jnp.where(b, digit_Lx + _BINS, -1))
@@ -354,12 +375,12 @@ def _level_histograms(
     return _fold_chunks(stacks, body, init, key_dtype).reshape(-1, 2, _BINS)
 
 
-def _histograms_of_sets(hist_Px2xB, prefixes_PxS, level, fields: _Fields) -> jax.Array:
-    """``B``'s histogram where ``B``'s prefix equals ``A``'s above ``level`` (the weights were
-    counted in ``A``'s only, :func:`_level_histograms`)."""
-    same_P = _matches(
-        [p[:, 0] for p in prefixes_PxS], [p[:, 1] for p in prefixes_PxS], level, fields
-    )
+def _histograms_of_sets(hist_Px2xB: jax.Array, prefixes_PxS: tuple[jax.Array, ...]) -> jax.Array:
+    """``B``'s histogram where ``B``'s prefix equals ``A``'s (the weights were counted in
+    ``A``'s only, :func:`_level_histograms`)."""
+    same_P = jnp.ones(hist_Px2xB.shape[0], bool)
+    for p in prefixes_PxS:
+        same_P = same_P & (p[:, 0] == p[:, 1])
     return jnp.stack(
         [hist_Px2xB[:, 0], jnp.where(same_P[:, None], hist_Px2xB[:, 0], hist_Px2xB[:, 1])], axis=1
     )
@@ -367,9 +388,10 @@ def _histograms_of_sets(hist_Px2xB, prefixes_PxS, level, fields: _Fields) -> jax
 
 class _Selected(NamedTuple):
     """The radix select's state after ``level`` levels: per row ``p`` and set ``s``, the digits
-    found so far of the ``k``-th largest composite key (one array per field, unsigned), how many
-    keys are above them, and how many share them; ``levels``: how many levels run (the key's,
-    plus the tie fields' when ties straddle some boundary)."""
+    found so far of the ``k``-th largest composite key (one array per field, unsigned, zeros
+    below the digits found), how many keys are above them, and how many share them;
+    ``levels``: how many levels run (the key's, plus the tie fields' when ties straddle some
+    boundary)."""
 
     level: jax.Array
     levels: jax.Array
@@ -378,8 +400,8 @@ class _Selected(NamedTuple):
     tied: jax.Array
 
 
-#: ``histogram(level, prefixes_PxS)``: int32 ``[P, 2, 65536]`` of :func:`_level_histograms`.
-LevelHistogram = Callable[[jax.Array, tuple[jax.Array, ...]], jax.Array]
+#: ``histogram(at, prefixes_PxS)``: int32 ``[P, 2, 65536]`` of :func:`_level_histograms`.
+LevelHistogram = Callable[[_Level, tuple[jax.Array, ...]], jax.Array]
 
 
 def _radix_select(
@@ -391,39 +413,32 @@ def _radix_select(
     The key's digits always run; the row and index fields only when some row's ties straddle
     its boundary (``#(key == t) ≠ k − #(key > t)``), which is rare for trained weights."""
     rows = k_PxS.shape[0]
-    unsigned = jnp.dtype(f"uint{np.dtype(key_dtype).itemsize * 8}")
-    dtypes = (unsigned, jnp.dtype(jnp.uint32), jnp.dtype(jnp.uint32))
+    tables = _level_tables(fields, key_dtype)
 
     def body(c: _Selected) -> _Selected:
-        hist_Px2xB = _histograms_of_sets(
-            histogram(c.level, c.prefixes), c.prefixes, c.level, fields
-        )
+        at = _at_level(tables, c.level)
+        hist_Px2xB = _histograms_of_sets(histogram(at, c.prefixes), c.prefixes)
         bucket, above, tied = selection.select_bucket(
             hist_Px2xB.reshape(-1, _BINS), (k_PxS - c.above).reshape(-1)
         )
-        prefixes = []
-        for prefix, start, digits in zip(c.prefixes, fields.starts(), fields, strict=True):
-            local = c.level - start
-            if digits:
-                bits = _BITS * (digits - 1 - jnp.clip(local, 0, digits - 1))
-                found = lax.shift_left(
-                    bucket.reshape(rows, 2).astype(prefix.dtype), bits.astype(prefix.dtype)
-                )
-                prefix = jnp.where((local >= 0) & (local < digits), prefix | found, prefix)
-            prefixes.append(prefix)
+        bucket_PxS = bucket.reshape(rows, 2)
+        prefixes = tuple(
+            p if shift is None else p | (lax.shift_left(bucket_PxS.astype(p.dtype), shift) * holds)
+            for p, shift, holds in zip(c.prefixes, at.shift, at.holds, strict=True)
+        )
         above_PxS = c.above + above.reshape(rows, 2)
         tied_PxS = tied.reshape(rows, 2)
         straddles = jnp.any(tied_PxS != k_PxS - above_PxS)
         levels = jnp.where(
             c.level == fields.key - 1, jnp.where(straddles, sum(fields), fields.key), c.levels
         )
-        return _Selected(c.level + 1, levels, tuple(prefixes), above_PxS, tied_PxS)
+        return _Selected(c.level + 1, levels, prefixes, above_PxS, tied_PxS)
 
     zeros = jnp.zeros((rows, 2), jnp.int32)
     init = _Selected(
         jnp.zeros((), jnp.int32),
         jnp.full((), fields.key, jnp.int32),
-        tuple(jnp.zeros((rows, 2), d) for d in dtypes),
+        tuple(jnp.zeros((rows, 2), d) for d in _field_dtypes(key_dtype)),
         zeros,
         zeros,
     )
@@ -443,15 +458,14 @@ def _by_walk(stacks: Sequence[jax.Array]) -> list[list[int]]:
 
 def _group_histograms(
     groups: Sequence[Sequence[jax.Array]],
-    fields: _Fields,
     key_dtype: np.dtype,
     row_ranks: Sequence[jax.Array | None],
-) -> Callable[[jax.Array, tuple[jax.Array, ...], bool], list[jax.Array]]:
-    """``histograms(level, prefixes, shared)``: each group's :func:`_level_histograms`, the
+) -> Callable[[_Level, tuple[jax.Array, ...], bool], list[jax.Array]]:
+    """``histograms(at, prefixes, shared)``: each group's :func:`_level_histograms`, the
     prefixes either ``[P, 2]`` over the groups' rows in order, or one ``[1, 2]`` for all
     (``shared``, global top-k)."""
 
-    def histograms(level, prefixes, shared):
+    def histograms(at, prefixes, shared):
         out, start = [], 0
         for group, row_rank in zip(groups, row_ranks, strict=True):
             rows = _rows(group)
@@ -459,7 +473,7 @@ def _group_histograms(
                 mine = tuple(jnp.broadcast_to(p, (rows, 2)) for p in prefixes)
             else:
                 mine = tuple(p[start : start + rows] for p in prefixes)
-            out.append(_level_histograms(group, level, mine, fields, key_dtype, row_rank))
+            out.append(_level_histograms(group, at, mine, key_dtype, row_rank))
             start += rows
         return out
 
@@ -493,10 +507,10 @@ def leaf_thresholds(
     key_dtype = _key_dtype(stacks)
     fields = _Fields(selection.key_digits(key_dtype), 0, _digits_for(int(size_P.max())))
     histograms = _group_histograms(
-        [[stacks[i] for i in m] for m in groups], fields, key_dtype, [None] * len(groups)
+        [[stacks[i] for i in m] for m in groups], key_dtype, [None] * len(groups)
     )
     selected = _radix_select(
-        lambda level, prefixes: jnp.concatenate(histograms(level, prefixes, False)),
+        lambda at, prefixes: jnp.concatenate(histograms(at, prefixes, False)),
         k_PxS,
         fields,
         key_dtype,
@@ -540,12 +554,10 @@ def global_thresholds(
     fields = _Fields(
         selection.key_digits(key_dtype), _digits_for(total), _digits_for(int(size_R.max()))
     )
-    histograms = _group_histograms(
-        [[stacks[i] for i in m] for m in groups], fields, key_dtype, row_ranks
-    )
+    histograms = _group_histograms([[stacks[i] for i in m] for m in groups], key_dtype, row_ranks)
 
-    def histogram(level, prefixes):
-        hists = histograms(level, prefixes, True)
+    def histogram(at, prefixes):
+        hists = histograms(at, prefixes, True)
         return sum(h.sum(axis=0, keepdims=True, dtype=jnp.int32) for h in hists)
 
     k_1xS = jnp.array([[k_forward, k_backward]], jnp.int32)
