@@ -6,8 +6,10 @@
 ROOTs default to this interpreter's site-packages (``sysconfig`` purelib and platlib), package
 metadata folders (``*.dist-info``, ``*.egg-info``) left out. A file under 2 KiB or over 1 MiB,
 one that is not UTF-8, or one whose bytes were already taken (licence texts repeat in many
-packages) is skipped; the rest are joined with a blank line in the order of their content's
-hash, up to ``--max_mb`` MiB. Different machines have different packages, so the text (like
+packages) is skipped; the rest are cut at blank lines into chunks of about 2 KiB of whole
+paragraphs, joined in the order of each chunk's hash (so that the positional train / valid /
+test split of ``config.data.name=text`` draws every split from the same mix), up to
+``--max_mb`` MiB. Different machines have different packages, so the text (like
 ``pystdlib``) differs between machines: compare ratios within one machine's runs, not BPC across
 machines. Train with ``--config.data.name=text --config.data.path=OUT_FILE``.
 """
@@ -21,6 +23,7 @@ import sysconfig
 SUFFIXES = (".md", ".rst", ".txt")
 MAX_FILE = 1 << 20
 MIN_FILE = 2048
+CHUNK = 2048
 METADATA = (".dist-info", ".egg-info")
 
 
@@ -54,16 +57,33 @@ def readable(path: str) -> bytes | None:
     return raw
 
 
+def chunks(raw: bytes, min_bytes: int = CHUNK) -> list[bytes]:
+    """``raw`` cut at blank lines into runs of consecutive paragraphs of at least
+    ``min_bytes`` (the last run may be shorter)."""
+    out, current = [], []
+    for paragraph in raw.split(b"\n\n"):
+        if paragraph.strip():
+            current.append(paragraph.strip(b"\n"))
+        if current and sum(len(p) + 2 for p in current) >= min_bytes:
+            out.append(b"\n\n".join(current))
+            current = []
+    if current:
+        out.append(b"\n\n".join(current))
+    return out
+
+
 def corpus_bytes(files: list[str], max_bytes: int) -> bytes:
-    """Each distinct readable file once, in the order of its content's SHA-256 (a fixed
-    shuffle: the train/valid/test split of ``config.data.name=text`` is by position, so
-    sorted paths would put one package's files in the test split), up to ``max_bytes``."""
+    """Each distinct readable file once, cut into chunks of about 2 KiB of whole paragraphs,
+    the chunks of all files in the order of their SHA-256 (a fixed shuffle: the train / valid /
+    test split of ``config.data.name=text`` is by position, so whole files in any fixed order
+    would give each split a few packages of their own), up to ``max_bytes``."""
     by_digest = {}
     for path in files:
         raw = readable(path)
         if raw:
             by_digest.setdefault(hashlib.sha256(raw).digest(), raw)
-    return b"\n\n".join(by_digest[d] for d in sorted(by_digest))[:max_bytes]
+    pieces = {hashlib.sha256(c).digest(): c for raw in by_digest.values() for c in chunks(raw)}
+    return b"\n\n".join(pieces[d] for d in sorted(pieces))[:max_bytes]
 
 
 def main(argv: list[str]) -> None:
