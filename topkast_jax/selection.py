@@ -164,10 +164,11 @@ def _at_least(h_SxB: jax.Array) -> jax.Array:
     return jnp.matmul(h_SxB, upper_BxB, preferred_element_type=jnp.int32)
 
 
-def _pick(h_SxB: jax.Array, b_S: jax.Array, op) -> jax.Array:
-    """``sum over bins j with op(j, b[s]) of h[s, j]`` (a masked sum instead of a gather)."""
-    bins_B = jnp.arange(h_SxB.shape[-1], dtype=jnp.int32)
-    return jnp.sum(jnp.where(op(bins_B[None, :], b_S[:, None]), h_SxB, 0), axis=-1, dtype=jnp.int32)
+def _reduce_last(operands, inits, combine) -> tuple[jax.Array, ...]:
+    """One variadic int32 reduction over the last axis (XLA's CPU backend compiles it as one
+    kernel, where each ``jnp.sum`` over a long axis becomes two)."""
+    inits = tuple(jnp.asarray(i, jnp.int32) for i in inits)
+    return lax.reduce(tuple(operands), inits, combine, (operands[0].ndim - 1,))
 
 
 def select_bucket(hist_SxD: jax.Array, k_S: jax.Array) -> tuple[jax.Array, ...]:
@@ -175,19 +176,38 @@ def select_bucket(hist_SxD: jax.Array, k_S: jax.Array) -> tuple[jax.Array, ...]:
     ``#(digit == b)``.
 
     Two levels of 256 (rows of 256 buckets, then the buckets of one row), so the scan costs
-    2 × 256 instead of 65,536 sequential additions.
+    2 × 256 instead of 65,536 sequential additions.  ``at_least[j] = #(digit >= j)`` does not
+    increase with ``j``, so at each level one reduction gives the bucket (how many ``j`` have
+    ``at_least[j] >= k``, less one), ``#(digit > b)`` (the largest ``at_least`` below ``k``)
+    and ``#(digit >= b)`` (the smallest at or above ``k``).
     """
     hist_SxRxC = hist_SxD.reshape(-1, 256, 256)
     row_total_SxR = hist_SxRxC.sum(axis=-1, dtype=jnp.int32)  # int32 also under jax_enable_x64
-    row_S = jnp.sum(_at_least(row_total_SxR) >= k_S[:, None], axis=-1, dtype=jnp.int32) - 1
-    above_row_S = _pick(row_total_SxR, row_S, jnp.greater)
-    rows_R = jnp.arange(256, dtype=jnp.int32)
-    in_row = rows_R[None, :, None] == row_S[:, None, None]
+    at_least_SxR = _at_least(row_total_SxR)
+    ok_SxR = at_least_SxR >= k_S[:, None]
+    count_S, above_row_S = _reduce_last(
+        (ok_SxR.astype(jnp.int32), jnp.where(ok_SxR, 0, at_least_SxR)),
+        (0, 0),
+        lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1])),
+    )
+    row_S = count_S - 1
+    in_row = jnp.arange(256, dtype=jnp.int32)[None, :, None] == row_S[:, None, None]
+    # A masked sum, not a gather (on a mesh a gather may partition into all-gathers).
     row_hist_SxC = jnp.sum(jnp.where(in_row, hist_SxRxC, 0), axis=1, dtype=jnp.int32)
-    col_at_least = _at_least(row_hist_SxC) + above_row_S[:, None]
-    col_S = jnp.sum(col_at_least >= k_S[:, None], axis=-1, dtype=jnp.int32) - 1
-    above_S = above_row_S + _pick(row_hist_SxC, col_S, jnp.greater)
-    return row_S * 256 + col_S, above_S, _pick(row_hist_SxC, col_S, jnp.equal)
+    at_least_SxC = _at_least(row_hist_SxC) + above_row_S[:, None]
+    ok_SxC = at_least_SxC >= k_S[:, None]
+    most = jnp.iinfo(jnp.int32).max
+    count_S, above_S, at_or_above_S = _reduce_last(
+        (
+            ok_SxC.astype(jnp.int32),
+            jnp.where(ok_SxC, above_row_S[:, None], at_least_SxC),
+            jnp.where(ok_SxC, at_least_SxC, most),
+        ),
+        (0, 0, most),
+        lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1]), jnp.minimum(a[2], b[2])),
+    )
+    tied_S = jnp.where(count_S > 0, at_or_above_S - above_S, 0)  # 0 when k exceeds every count
+    return row_S * 256 + count_S - 1, above_S, tied_S
 
 
 class Threshold(NamedTuple):
