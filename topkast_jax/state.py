@@ -294,9 +294,10 @@ def inner_state(opt_state: optax.OptState) -> optax.OptState:
     ``opt_state`` — for optax functions that read an optimizer's own state, e.g.
     ``optax.contrib.schedule_free_eval_params(tk.inner_state(opt_state), params)``.
 
-    Its param-shaped leaves are zero outside ``B`` (as Top-KAST stores them): moments and
-    momenta, but also a param-like leaf such as schedule-free's ``z``.  With
-    ``backward_sparsity=0`` (``B`` = every weight) nothing is zeroed.
+    Outside ``B`` its param-shaped leaves hold what the inner optimizer's ``init`` gives at the
+    params (as Top-KAST resets them): zero for moments and momenta, ``θ`` for a param-like leaf
+    such as schedule-free's ``z``.  With ``backward_sparsity=0`` (``B`` = every weight) nothing
+    is reset.
 
     Raises:
       ValueError: if ``opt_state`` holds no sparse state or several.

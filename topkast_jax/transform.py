@@ -30,7 +30,7 @@ two cases apart, so non-refresh steps contain no selection at all.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,22 +75,52 @@ def zero_outside(tree: Any, mask_tree: Any) -> Any:
     return map_sparse(lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype)), tree, mask_tree)
 
 
+class _Fresh(NamedTuple):
+    """A state leaf beside its value in ``inner.init(params)`` (a pair held as one pytree leaf
+    by :func:`zero_inner_state_outside`)."""
+
+    value: Any
+    fresh: Any
+
+
+def _is_fresh(x: Any) -> bool:
+    return isinstance(x, _Fresh)
+
+
 def zero_inner_state_outside(
-    inner: optax.GradientTransformation, inner_state: optax.OptState, mask_tree: Any
+    inner: optax.GradientTransformation,
+    inner_state: optax.OptState,
+    mask_tree: Any,
+    params: Any = None,
 ) -> optax.OptState:
-    """Zero every param-shaped leaf of ``inner_state`` outside ``mask_tree`` (momenta, moments).
+    """Reset every param-shaped leaf of ``inner_state`` outside ``mask_tree`` (momenta, moments):
+    to zero, or with ``params`` to the value ``inner.init(params)`` gives it — zero for every
+    moment and momentum, the params themselves for a param-like leaf such as schedule-free's
+    ``z`` (so a weight entering ``B`` starts that optimizer afresh at its current ``θ``).
 
     Leaves an inner ``optax.masked`` / ``optax.multi_transform`` (or ``optax.contrib.muon``)
     keeps no state for are ``optax.MaskedNode`` in it, kept as they are."""
+    if params is None:
+        paired = jax.tree.map(lambda v: _Fresh(v, None), inner_state)
+    else:
+        paired = jax.tree.map(_Fresh, inner_state, inner.init(params))
+
+    def reset(pair: Any, m: Any) -> Any:
+        if m is None or not _is_fresh(pair):  # a dense leaf, or an optax.MaskedNode
+            return pair.value if _is_fresh(pair) else pair
+        v, fresh = pair
+        return jnp.where(m, v, jnp.zeros((), v.dtype) if fresh is None else fresh.astype(v.dtype))
+
+    def unpair(tree: Any) -> Any:
+        return jax.tree.map(lambda x: x.value if _is_fresh(x) else x, tree, is_leaf=_is_fresh)
+
     return otu.tree_map_params(
         inner,
-        lambda v, m: (
-            v if m is None or is_masked_node(v) else jnp.where(m, v, jnp.zeros((), v.dtype))
-        ),
-        inner_state,
+        reset,
+        paired,
         mask_tree,
-        transform_non_params=lambda v: v,
-        is_leaf=is_masked_node,
+        transform_non_params=unpair,
+        is_leaf=lambda x: _is_fresh(x) or is_masked_node(x),
     )
 
 
@@ -102,18 +132,19 @@ def sparse_inner_update(
     backward: Any,
     **extra_args: Any,
 ) -> tuple[Any, optax.OptState]:
-    """Steps (c)–(d): the inner optimizer on ``grads`` with its state zeroed outside B, then the
-    updates zeroed outside B.
+    """Steps (c)–(d): the inner optimizer on ``grads`` with its state reset outside B (to
+    ``inner.init(params)``'s values: zero for moments and momenta), then the updates zeroed
+    outside B.
 
-    The state is zeroed as it *enters* the optimizer: the result equals zeroing it after the
-    previous update (a weight entering ``B`` starts from zero) for every optimizer whose state
-    stays zero under a zero gradient and zero state — optax's first-order ones (SGD, momentum,
-    Adam(W), RMSprop, Adagrad after its first step, ...) — and then the stored state is zero
-    outside ``B`` as well.  Zeroing first lets XLA compute the updates from the state it stores
-    (no second evaluation of the moments, no copy of the donated state).
+    The state is reset as it *enters* the optimizer: the result equals resetting it after the
+    previous update (a weight entering ``B`` starts the optimizer afresh) for every optimizer
+    whose state stays at its init value under a zero gradient — optax's first-order ones (SGD,
+    momentum, Adam(W), RMSprop, ...) and schedule-free's ``z`` — and then the stored state is
+    at that value outside ``B`` as well.  Resetting first lets XLA compute the updates from the
+    state it stores (no second evaluation of the moments, no copy of the donated state).
     """
     inner = optax.with_extra_args_support(inner)
-    inner_state = zero_inner_state_outside(inner, inner_state, backward)
+    inner_state = zero_inner_state_outside(inner, inner_state, backward, params)
     updates, inner_state = inner.update(grads, inner_state, params, **extra_args)
     return zero_outside(updates, backward), inner_state
 

@@ -333,6 +333,29 @@ def test_muon_inside_topkast_keeps_updates_and_moments_zero_outside_b():
     assert changed  # B moved, so a moment left outside B would have been seen
 
 
+def test_schedule_free_z_restarts_at_theta_outside_b():
+    """A sparse ``B``: outside the ``B`` an update uses (the one stored before it), the inner
+    state is what ``inner.init(params)`` gives it, so schedule-free's ``z`` equals the current
+    ``θ`` there: a weight entering ``B`` starts afresh at its value, not at 0."""
+    params = tk_harness.make_params(seed=17)
+    grads = _fixed_grads(params, 4, seed=18)
+    sf = optax.contrib.schedule_free_sgd(0.1)
+    tx = tk.topkast(sf, forward_sparsity=0.75, backward_sparsity=0.5, **FAST)
+    backward = tk.get_masks(tk_harness.init(tx, params), params).backward
+    checked = 0
+    for p, state in _apply(tx, params, grads):
+        z = tk.inner_state(state).z
+        for name in params:
+            if backward[name] is None:
+                continue
+            outside = ~np.asarray(backward[name])
+            got, want = np.asarray(z[name])[outside], np.asarray(p[name])[outside]
+            np.testing.assert_array_equal(got, want)
+            checked += int(np.count_nonzero(want))
+        backward = tk.get_masks(state, p).backward
+    assert checked > 0  # nonzero θ outside B: a reset to 0 would have failed
+
+
 def test_inner_state_gives_schedule_free_its_eval_params():
     """``B`` = every weight, λ = 0: Top-KAST's inner state is schedule-free's own, so its
     evaluation params equal those of schedule-free alone on the same gradients."""
