@@ -389,19 +389,22 @@ def _histograms_of_sets(hist_Px2xB: jax.Array, prefixes_PxS: tuple[jax.Array, ..
 class _Selected(NamedTuple):
     """The radix select's state after ``level`` levels: per row ``p`` and set ``s``, the digits
     found so far of the ``k``-th largest composite key (one array per field, unsigned, zeros
-    below the digits found), how many keys are above them, and how many share them;
-    ``levels``: how many levels run (the key's, plus the tie fields' when ties straddle some
-    boundary)."""
+    below the digits found), how many keys are above them, how many share them, and whether
+    the ties at the key straddle the boundary (``#(key == t) ≠ k − #(key > t)``, known after the
+    key's digits); ``levels``: how many levels run (the key's, plus the tie fields' when ties
+    straddle some boundary)."""
 
     level: jax.Array
     levels: jax.Array
     prefixes: tuple[jax.Array, jax.Array, jax.Array]
     above: jax.Array
     tied: jax.Array
+    straddles: jax.Array
 
 
-#: ``histogram(at, prefixes_PxS)``: int32 ``[P, 2, 65536]`` of :func:`_level_histograms`.
-LevelHistogram = Callable[[_Level, tuple[jax.Array, ...]], jax.Array]
+#: ``histogram(at, prefixes_PxS, run_P)``: int32 ``[P, 2, 65536]`` of
+#: :func:`_level_histograms`; rows with ``run_P`` False may be left zero (their result is unused).
+LevelHistogram = Callable[[_Level, tuple[jax.Array, ...], jax.Array], jax.Array]
 
 
 def _radix_select(
@@ -411,13 +414,15 @@ def _radix_select(
     ``while_loop`` whose body (one histogram pass and one bucket select) serves every level.
 
     The key's digits always run; the row and index fields only when some row's ties straddle
-    its boundary (``#(key == t) ≠ k − #(key > t)``), which is rare for trained weights."""
+    its boundary (``#(key == t) ≠ k − #(key > t)``), which is rare for trained weights, and
+    then only those rows need their histograms (``run_P``)."""
     rows = k_PxS.shape[0]
     tables = _level_tables(fields, key_dtype)
 
     def body(c: _Selected) -> _Selected:
         at = _at_level(tables, c.level)
-        hist_Px2xB = _histograms_of_sets(histogram(at, c.prefixes), c.prefixes)
+        run_P = (c.level < fields.key) | jnp.any(c.straddles, axis=1)
+        hist_Px2xB = _histograms_of_sets(histogram(at, c.prefixes, run_P), c.prefixes)
         bucket, above, tied = selection.select_bucket(
             hist_Px2xB.reshape(-1, _BINS), (k_PxS - c.above).reshape(-1)
         )
@@ -428,11 +433,14 @@ def _radix_select(
         )
         above_PxS = c.above + above.reshape(rows, 2)
         tied_PxS = tied.reshape(rows, 2)
-        straddles = jnp.any(tied_PxS != k_PxS - above_PxS)
+        last_key_digit = c.level == fields.key - 1
+        straddles_PxS = jnp.where(last_key_digit, tied_PxS != k_PxS - above_PxS, c.straddles)
         levels = jnp.where(
-            c.level == fields.key - 1, jnp.where(straddles, sum(fields), fields.key), c.levels
+            last_key_digit,
+            jnp.where(jnp.any(straddles_PxS), sum(fields), fields.key),
+            c.levels,
         )
-        return _Selected(c.level + 1, levels, prefixes, above_PxS, tied_PxS)
+        return _Selected(c.level + 1, levels, prefixes, above_PxS, tied_PxS, straddles_PxS)
 
     zeros = jnp.zeros((rows, 2), jnp.int32)
     init = _Selected(
@@ -441,6 +449,7 @@ def _radix_select(
         tuple(jnp.zeros((rows, 2), d) for d in _field_dtypes(key_dtype)),
         zeros,
         zeros,
+        jnp.zeros((rows, 2), bool),
     )
     return lax.while_loop(lambda c: c.level < c.levels, body, init)
 
@@ -460,20 +469,30 @@ def _group_histograms(
     groups: Sequence[Sequence[jax.Array]],
     key_dtype: np.dtype,
     row_ranks: Sequence[jax.Array | None],
-) -> Callable[[_Level, tuple[jax.Array, ...], bool], list[jax.Array]]:
-    """``histograms(at, prefixes, shared)``: each group's :func:`_level_histograms`, the
-    prefixes either ``[P, 2]`` over the groups' rows in order, or one ``[1, 2]`` for all
-    (``shared``, global top-k)."""
+) -> Callable[[_Level, tuple[jax.Array, ...], jax.Array, bool], list[jax.Array]]:
+    """``histograms(at, prefixes, run, shared)``: each group's :func:`_level_histograms`, the
+    prefixes either ``[P, 2]`` over the groups' rows in order, with ``run`` ``[P]`` (a group
+    none of whose rows run is not walked: its histograms are zero), or one ``[1, 2]`` for all
+    (``shared``, global top-k: every group walked)."""
 
-    def histograms(at, prefixes, shared):
+    def histograms(at, prefixes, run, shared):
         out, start = [], 0
         for group, row_rank in zip(groups, row_ranks, strict=True):
             rows = _rows(group)
             if shared:
                 mine = tuple(jnp.broadcast_to(p, (rows, 2)) for p in prefixes)
+                out.append(_level_histograms(group, at, mine, key_dtype, row_rank))
             else:
                 mine = tuple(p[start : start + rows] for p in prefixes)
-            out.append(_level_histograms(group, at, mine, key_dtype, row_rank))
+                out.append(
+                    lax.cond(
+                        jnp.any(run[start : start + rows]),
+                        lambda g=group, m=mine, r=row_rank: _level_histograms(
+                            g, at, m, key_dtype, r
+                        ),
+                        lambda r=rows: jnp.zeros((r, 2, _BINS), jnp.int32),
+                    )
+                )
             start += rows
         return out
 
@@ -510,7 +529,7 @@ def leaf_thresholds(
         [[stacks[i] for i in m] for m in groups], key_dtype, [None] * len(groups)
     )
     selected = _radix_select(
-        lambda at, prefixes: jnp.concatenate(histograms(at, prefixes, False)),
+        lambda at, prefixes, run: jnp.concatenate(histograms(at, prefixes, run, False)),
         k_PxS,
         fields,
         key_dtype,
@@ -518,7 +537,7 @@ def leaf_thresholds(
     key_PxS = lax.bitcast_convert_type(selected.prefixes[0], key_dtype)
     size_Px1 = jnp.asarray(size_P)[:, None]
     ties = size_Px1 - selected.prefixes[2].astype(jnp.int32)  # just past the k-th's index
-    cut_PxS = jnp.where(selected.levels > fields.key, ties, size_Px1)
+    cut_PxS = jnp.where(selected.straddles, ties, size_Px1)
     out: list[SetThresholds | None] = [None] * len(xs)
     start = 0
     for i in order:
@@ -556,8 +575,8 @@ def global_thresholds(
     )
     histograms = _group_histograms([[stacks[i] for i in m] for m in groups], key_dtype, row_ranks)
 
-    def histogram(at, prefixes):
-        hists = histograms(at, prefixes, True)
+    def histogram(at, prefixes, run):
+        hists = histograms(at, prefixes, run, True)
         return sum(h.sum(axis=0, keepdims=True, dtype=jnp.int32) for h in hists)
 
     k_1xS = jnp.array([[k_forward, k_backward]], jnp.int32)
