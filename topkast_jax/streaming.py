@@ -10,10 +10,11 @@ the leaf once:
 2. the histograms of the next 16 bits inside the buckets of the ``k_A``-th and ``k_B``-th
    largest key (int32 keys; float64 leaves have int64 keys of their own bits,
    :func:`topkast_jax.selection.elementwise_magnitude_keys`, and take two more such passes);
-3. only when ties straddle a boundary (rare for trained weights): the same histograms over the
-   rank ``n − 1 − i`` of the flat index of the tied weights (one or two passes), so the result is
-   the ``k``-th largest *composite* key ``(key, n − 1 − i)`` — unique, ordered as a stable
-   argsort — and no pass depends on the order in which chunks are visited.
+3. only when ties straddle a boundary (rare for trained weights), and only over the slice
+   groups where they do: the same histograms over the rank ``n − 1 − i`` of the flat index of
+   the tied weights (one or two passes), so the result is the ``k``-th largest *composite* key
+   ``(key, n − 1 − i)`` — unique, ordered as a stable argsort — and no pass depends on the
+   order in which chunks are visited.
 
 Every pass is the same computation with the digit's level as a loop variable: one
 ``while_loop`` over the levels holds one histogram pass per group of stacks and one bucket
