@@ -447,6 +447,17 @@ def _get(nested: dict[str, Any], name: str) -> Any:
     return node
 
 
+def _local_checkpointer() -> Any:
+    """An orbax ``StandardCheckpointer`` that involves only this process: an export holds host
+    arrays, and in a multi-process run only one process writes or reads it (orbax's default
+    would wait at a barrier for every process)."""
+    import orbax.checkpoint as ocp
+
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.StandardCheckpointer(multiprocessing_options=options)
+
+
 def save(path: str, exported: Any) -> None:
     """Write an export to the directory ``path`` (created; it must not exist yet).
 
@@ -458,7 +469,6 @@ def save(path: str, exported: Any) -> None:
       FileExistsError: ``path`` exists.
       ValueError: two leaves with one path name.
     """
-    import orbax.checkpoint as ocp
 
     path = os.path.abspath(path)
     if os.path.exists(path):
@@ -468,7 +478,7 @@ def save(path: str, exported: Any) -> None:
     if len(set(names)) != len(names):
         raise ValueError(f"save: leaves share path names: {sorted(names)}")
     meta = {"format": FORMAT, "version": VERSION, "leaves": {n: _leaf_meta(x) for n, x in flat}}
-    checkpointer = ocp.StandardCheckpointer()
+    checkpointer = _local_checkpointer()
     try:
         checkpointer.save(os.path.join(path, _ARRAYS), _nest({n: _leaf_arrays(x) for n, x in flat}))
         checkpointer.wait_until_finished()
@@ -499,9 +509,8 @@ def _read_meta(path: str) -> dict[str, Any]:
 
 def _restore(path: str, meta: dict[str, Any]) -> dict[str, Any]:
     """Arrays of every leaf as host numpy, keyed by path name."""
-    import orbax.checkpoint as ocp
 
-    checkpointer = ocp.StandardCheckpointer()
+    checkpointer = _local_checkpointer()
     try:
         nested = checkpointer.restore(os.path.join(path, _ARRAYS))
     finally:
