@@ -510,8 +510,11 @@ def leaf_thresholds(
 
     ``k_forward[i]``, ``k_backward[i]`` are per slice of leaf ``i`` (its layer axis ``axes[i]``,
     ``None`` for a whole leaf): ``1 <= k_forward[i] <= k_backward[i] <= slice size``.  Slices of
-    equal shape share a chunk loop; one loop over the digits serves every pass.
+    equal shape share a chunk loop; one loop over the digits serves every pass.  No leaves
+    (``sparsify`` selected none): no thresholds.
     """
+    if not xs:
+        return []
     axes = list(axes) if axes is not None else [None] * len(xs)
     stacks = [stack_view(x, a) for x, a in zip(xs, axes, strict=True)]
     groups = _by_walk(stacks)
