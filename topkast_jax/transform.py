@@ -100,16 +100,15 @@ def zero_inner_state_outside(
 
     Leaves an inner ``optax.masked`` / ``optax.multi_transform`` (or ``optax.contrib.muon``)
     keeps no state for are ``optax.MaskedNode`` in it, kept as they are."""
-    if params is None:
-        paired = jax.tree.map(lambda v: _Fresh(v, None), inner_state)
-    else:
-        paired = jax.tree.map(_Fresh, inner_state, inner.init(params))
+    fresh = jax.tree.map(jnp.zeros_like, inner_state) if params is None else inner.init(params)
+    paired = jax.tree.map(_Fresh, inner_state, fresh)
 
     def reset(pair: Any, m: Any) -> Any:
-        if m is None or not _is_fresh(pair):  # a dense leaf, or an optax.MaskedNode
-            return pair.value if _is_fresh(pair) else pair
-        v, fresh = pair
-        return jnp.where(m, v, jnp.zeros((), v.dtype) if fresh is None else fresh.astype(v.dtype))
+        if not _is_fresh(pair):  # an optax.MaskedNode
+            return pair
+        if m is None:  # a dense leaf
+            return pair.value
+        return jnp.where(m, pair.value, pair.fresh.astype(pair.value.dtype))
 
     def unpair(tree: Any) -> Any:
         return jax.tree.map(lambda x: x.value if _is_fresh(x) else x, tree, is_leaf=_is_fresh)
