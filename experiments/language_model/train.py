@@ -405,6 +405,24 @@ DIVERGENCE_HINT = (
 )
 
 
+def config_and_corpus(
+    config: ml_collections.ConfigDict,
+) -> tuple[ml_collections.ConfigDict, input_pipeline.Corpus]:
+    """The config validated, its data checked present and loaded: ``(a copy of the config with
+    model.vocab_size set from the data, the corpus)``.
+
+    Raises:
+      FileNotFoundError: data missing (names the file and ``scripts/download_data.sh``).
+      ValueError: a bad config field.
+    """
+    validate_config(config)
+    input_pipeline.check_data_present(config.data)
+    corpus = input_pipeline.load_corpus(config.data)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.vocab_size = corpus.vocab_size
+    return config, corpus
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None = None
 ) -> dict[str, Any] | None:
@@ -431,10 +449,8 @@ def train_and_evaluate(
       checkpoint.CheckpointError: no checkpoint restores, or a save failed.
       signals.Interrupted: SIGTERM/SIGINT; a checkpoint of the current step was saved.
     """
-    validate_config(config)
-    input_pipeline.check_data_present(config.data)
     start_time = time.monotonic()
-    corpus = input_pipeline.load_corpus(config.data)
+    config, corpus = config_and_corpus(config)
     input_pipeline.check_split_lengths(
         corpus, config.batch_size, config.seq_len, config.eval_batch_size
     )
@@ -442,8 +458,6 @@ def train_and_evaluate(
         f"data {config.data.name}: train {len(corpus.train):,} valid {len(corpus.valid):,} "
         f"test {len(corpus.test):,} tokens, vocab {corpus.vocab_size:,}"
     )
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.model.vocab_size = corpus.vocab_size
     primary = mesh_lib.is_primary()
     with workdir_lib.session(workdir, config, primary, _log) as run:
         if run.finished is not None:
@@ -737,11 +751,7 @@ def evaluate_export(config: ml_collections.ConfigDict, workdir: str, path: str) 
     """
     import topkast_jax as tk
 
-    validate_config(config)
-    input_pipeline.check_data_present(config.data)
-    corpus = input_pipeline.load_corpus(config.data)
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.model.vocab_size = corpus.vocab_size
+    config, corpus = config_and_corpus(config)
     model = models.model_from_config(config.model)
     abstract = jax.eval_shape(lambda: init_params(config, model)[0])
     mesh = mesh_lib.make_data_mesh()
