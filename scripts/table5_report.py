@@ -8,10 +8,12 @@ A *setting* is (text, optimizer, learning rate, steps, refresh_every); a *row* i
 forward/backward sparsity, λ). For the runs ``b_s`` of a row (seed ``s``) and the mean dense BPC
 ``d`` of its setting, the row shows ``mean_s(b_s) / d`` ± the sample standard deviation of
 ``b_s / d`` (0 for one seed). A result name seen twice keeps its first line. Figures (with
-``--plots``): ``table5_relative.png``, Table 5's rows relative to dense per λ, one panel per text,
-the paper's figures as black marks; ``table5_dynamics.png``, for 90/0 and 90/80 at each λ (seed
-0, the first text): the mean per-layer forward-mask change per window, the exploration penalty's
-share of the training loss, and the reservoir activated (Fig. 3 of the paper).
+``--plots``): ``table5_relative.png``, Table 5's rows relative to dense per λ, one panel per
+setting (Adam, refresh every step) that has a dense run and all six pairs, the paper's figures
+as black marks; ``table5_dynamics.png``, for 90/0 and 90/80 at each λ (seed 0, the pystdlib
+setting among those, else the first): the mean per-layer forward-mask change per window, the
+exploration penalty's share of the training loss, and the reservoir activated (Fig. 3 of the
+paper).
 """
 
 from __future__ import annotations
@@ -148,14 +150,27 @@ def paper(k: tuple) -> str:
     return f"{PAPER[(f, b)]:.2f}" if (f, b) in PAPER else "–"
 
 
-def plot_relative(summary: dict, out: str) -> None:
-    """Table 5's rows relative to dense per λ, one panel per text (Adam, 1000 steps, refresh 1)."""
+def table5_settings(summary: dict) -> list[tuple]:
+    """The settings with a dense run and all six Top-KAST pairs at some λ (Adam, refresh every
+    step), sorted: those :func:`plot_relative` draws."""
+
+    def complete(rows: dict) -> bool:
+        lambdas = {k[3] for k in rows if k[0] == "topkast"}
+        full = any(all(("topkast", f, b, l2) in rows for f, b in ORDER) for l2 in lambdas)
+        return full and ("dense", 0.0, 0.0, None) in rows
+
+    return sorted(
+        s for s, rows in summary.items() if s[1] == "adam" and s[4] == 1 and complete(rows)
+    )
+
+
+def plot_relative(summary: dict, main: list[tuple], out: str) -> None:
+    """Table 5's rows relative to dense per λ, one panel per setting of ``main``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    main = sorted(s for s in summary if s[1:] == ("adam", 2e-3, 1000, 1))
     fig, axes = plt.subplots(1, len(main), figsize=(6 * len(main), 4), squeeze=False)
     for ax, s in zip(axes[0], main, strict=True):
         rows = summary[s]
@@ -173,7 +188,7 @@ def plot_relative(summary: dict, out: str) -> None:
         ax.set_xticks(list(xs), [f"{round(100 * f)}/{round(100 * b)}" for f, b in ORDER])
         ax.set_xlabel("forward / backward sparsity (%)")
         ax.set_ylabel("test BPC / dense")
-        ax.set_title(f"{s[0]}: Adam lr 2e-3, 1000 steps")
+        ax.set_title(f"{s[0]}: Adam lr {s[2]:g}, {s[3]} steps")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -195,14 +210,14 @@ def dynamics(r: dict) -> dict[str, list]:
     return series
 
 
-def plot_dynamics(runs: list[dict], out: str) -> None:
-    """Fig. 3's quantities for 90/0 and 90/80 per λ, seed 0, the first text (pystdlib)."""
+def plot_dynamics(runs: list[dict], chosen_setting: tuple, out: str) -> None:
+    """Fig. 3's quantities for 90/0 and 90/80 per λ, seed 0, in ``chosen_setting``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    chosen = [r for r in runs if setting(r) == ("pystdlib", "adam", 2e-3, 1000, 1)
+    chosen = [r for r in runs if setting(r) == chosen_setting
               and r["method"] == "topkast" and r["seed"] == 0 and r["forward"] == 0.9]  # fmt: skip
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     titles = ("forward-mask change per window (%)", "penalty / training loss (%)",
@@ -235,10 +250,14 @@ def main(argv: list[str]) -> None:
         sys.exit(f"{args.results}: no finished run")
     summary = summarize(runs)
     print(markdown(summary))
-    if args.plots:
+    main_settings = table5_settings(summary)
+    if args.plots and not main_settings:
+        print("no figures: no setting has a dense run and all six Top-KAST pairs")
+    elif args.plots:
         os.makedirs(args.plots, exist_ok=True)
-        plot_relative(summary, os.path.join(args.plots, "table5_relative.png"))
-        plot_dynamics(runs, os.path.join(args.plots, "table5_dynamics.png"))
+        plot_relative(summary, main_settings, os.path.join(args.plots, "table5_relative.png"))
+        dynamics_setting = max(main_settings, key=lambda s: s[0] == "pystdlib")
+        plot_dynamics(runs, dynamics_setting, os.path.join(args.plots, "table5_dynamics.png"))
         print(f"figures in {args.plots}")
 
 

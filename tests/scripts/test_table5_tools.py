@@ -87,3 +87,18 @@ def test_order_check_names_each_inverted_pair():
     got = report.order_check(_rows([1, 3, 2, 4, 5, 7, 6]), 0.0)
     assert got == "broken: 80/0 λ=0 ≥ 80/60 λ=0, 95/0 λ=0 ≥ 95/90 λ=0"
     assert report.order_check({}, 0.0).startswith("incomplete")
+
+
+def test_figures_only_for_complete_settings(tmp_path, capsys):
+    lines = [_result("dense", 0.0, 0.0, 0, 2.0)]
+    lines += [_result("topkast", f, b, 0, 2.1 + f) for f, b in report.ORDER]
+    lines += [_result("dense", 0.0, 0.0, 0, 2.0, text="/t/other.txt")]  # no Top-KAST rows
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    summary = report.summarize(report.load(str(path)))
+    assert report.table5_settings(summary) == [("pystdlib", "adam", 2e-3, 1000, 1)]
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("".join(json.dumps(r) + "\n" for r in lines[:3]))
+    report.main([str(partial), "--plots", str(tmp_path / "plots")])
+    assert "no figures" in capsys.readouterr().out
+    assert not (tmp_path / "plots").exists()
