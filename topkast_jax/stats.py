@@ -73,9 +73,11 @@ def init_set_stats(masks: Masks, track_reservoir: bool) -> SetStats:
     return SetStats(changed=full.changed, history=history)
 
 
-def packed_fraction_changed(old: PackedSets, new: PackedSets) -> jax.Array:
-    """``|A_new ∖ A_old| / |A_old|`` (0 when ``A_old`` is empty) on the packed bits, float32."""
-    entered, old_size = codes_lib.count_both(new.bits & ~old.bits, old.bits, codes_lib.IN_A)
+def packed_fraction_changed(old: PackedSets, new_code: jax.Array) -> jax.Array:
+    """``|A_new ∖ A_old| / |A_old|`` (0 when ``A_old`` is empty), float32, from the old packed
+    sets and the new sets' uint8 codes (leaf-shaped)."""
+    in_a_old = codes_lib.forward_of(old.codes())
+    entered, old_size = codes_lib.sum_both(codes_lib.forward_of(new_code) & ~in_a_old, in_a_old)
     return entered.astype(jnp.float32) / jnp.maximum(old_size, 1).astype(jnp.float32)
 
 
@@ -93,10 +95,15 @@ def _map_sets(fn, *trees: Any) -> Any:
     )
 
 
-def refresh_set_stats(stats: SetStats, old: Any, new: Any) -> SetStats:
-    """:class:`SetStats` after a refresh from the ``old`` to the ``new`` packed sets, computed
-    on the packed bytes (a quarter of a byte per weight is read, nothing is unpacked)."""
-    changed = boxes.strip(_map_sets(packed_fraction_changed, old, new))
+def sets_changed(old: Any, new_codes: Any) -> Any:
+    """Per sparse leaf, ``|A_new ∖ A_old| / |A_old|`` from the ``old`` packed sets and the new
+    sets' uint8 codes (:func:`packed_fraction_changed`); ``None`` on dense leaves."""
+    return boxes.strip(_map_sets(packed_fraction_changed, old, new_codes))
+
+
+def refreshed_stats(stats: SetStats, changed: Any, new: Any) -> SetStats:
+    """:class:`SetStats` after a refresh to the ``new`` packed sets, ``changed`` from
+    :func:`sets_changed`."""
     if stats.history is None:
         return SetStats(changed=changed, history=None)
     history = _map_sets(_mark_ever_active, stats.history, new)

@@ -27,12 +27,15 @@ A leaf with a layer axis (scan-stacked layers, :mod:`topkast_jax.layers`) is ``L
 selected as a leaf of its own: the walk reads the leaf as a *stack* ``(L, *slice)`` (the layer axis
 moved first; a leaf without one is a stack of one slice) and every slice is a *row* of the
 histograms.  Slices of equal shape — of one leaf or of several — are walked together (one chunk
-loop for the group, the histograms as rows of one scatter; on one device the group's chunks are
-joined so the loop body is one), so the compiled program grows with the number of distinct slice
-shapes by one chunk loop each, and no slice is copied out of its leaf (a layer axis other than
-0 is moved first, which XLA may copy).  The temporaries are two int32 histograms of 65,536 bins
-(512 KiB) per slice — those of all slices at once, as one bucket select serves them all — and
-one chunk of ``CHUNK`` keys per group.
+loop for the group, the histograms as rows of one buffer for all groups).  On one device every
+slice of ``n`` weights is first viewed as ``(n / c, c)`` rows, ``c = gcd(n, ROW)`` (a free
+reshape), so slices of equal *size* share a loop and a chunk holds about ``CHUNK`` weights
+whatever the leaf's leading axes; the group's loop then takes one slice's chunk per iteration
+through a ``lax.switch`` over its stacks, so its body is compiled once.  The compiled program
+grows with the number of distinct slice sizes (shapes, on a mesh) by one chunk loop each, and no
+slice is copied out of its leaf (a layer axis other than 0 is moved first, which XLA may copy).
+The temporaries are two int32 histograms of 65,536 bins (512 KiB) per slice — those of all
+slices at once, as one bucket select serves them all — and one chunk of ``CHUNK`` keys per group.
 
 Sharded leaves are selected per shard: a chunk never cuts across a device (:func:`_walk`) — runs
 of leading rows of the slice when its first axis is whole on every device, else strided rows
@@ -66,7 +69,7 @@ from jax import lax
 from topkast_jax import codes as codes_lib
 from topkast_jax import selection, sharding
 
-CHUNK = 1 << 16
+CHUNK = 1 << 17
 _BITS = 16
 _BINS = 1 << _BITS
 
@@ -84,7 +87,7 @@ class SetThresholds(NamedTuple):
     cut: jax.Array
 
 
-Body = Callable[[Sequence[jax.Array], jax.Array, object], object]
+Body = Callable[[Sequence[jax.Array], Sequence, jax.Array, object], object]
 
 
 class _Walk(NamedTuple):
@@ -142,11 +145,26 @@ def _walk(stack: jax.Array) -> _Walk:
     return _Walk(rows, d0 // rows, rows < d0)
 
 
+#: Row length of a slice walked on one device (:func:`stack_view`): ``gcd(n, ROW)``.
+ROW = 1024
+
+
 def stack_view(x: jax.Array, axis: int | None) -> jax.Array:
-    """The leaf as it is walked, ``(L, *slice)``: ``x[None]`` without a layer axis, else the layer
-    axis moved first (free for axis 0); ``(L, 1)`` for scalar slices.  Chunks never cross a
-    device boundary (:func:`_walk`), so every chunk keeps the leaf's sharding."""
+    """The leaf as it is walked: ``x[None]`` without a layer axis, else the layer axis moved first
+    (free for axis 0); ``(L, 1)`` for scalar slices.
+
+    On one device (no sharding to keep) every slice of ``n`` weights is viewed as
+    ``(n / c, c)`` rows with ``c = gcd(n, ROW)`` — a free reshape that keeps the row-major
+    index — so a chunk holds about ``CHUNK`` weights whatever the leaf's leading axes (a
+    3×3×512×512 kernel's first axis would make a chunk of 786,432), and slices of equal size
+    share a chunk loop whatever their shapes.  Otherwise the stack keeps the slice's axes,
+    ``(L, *slice)``: chunks never cross a device boundary (:func:`_walk`), so every chunk keeps
+    the leaf's sharding."""
     stack = jnp.expand_dims(x, 0) if axis is None else jnp.moveaxis(x, axis, 0)
+    if _axis_shards(stack)[1] == 1 and sharding.explicit_sharding(stack) is None:
+        n = math.prod(stack.shape[1:])
+        row = math.gcd(n, ROW) if n else 1
+        return stack.reshape(stack.shape[0], n // row, row)
     return sharding.flatten_rows(stack) if stack.ndim == 1 else stack
 
 
@@ -167,16 +185,23 @@ def _row_ranges(stacks: Sequence[jax.Array]) -> list[slice]:
 def _fold_chunks(
     stacks: Sequence[jax.Array], body: Body, init: object, key_dtype: np.dtype | None = None
 ) -> object:
-    """``carry ← body(parts, index_C…, carry)`` over the ``R`` slices of stacks walked alike
-    (:func:`_by_walk`), by the chunks of :func:`_walk`: runs of whole leading rows of the slice,
-    or strided sets of them, so a chunk keeps the leaf's sharding on every axis.
+    """``carry ← body(parts, starts, index_C…, carry)`` over the ``R`` slices of stacks walked
+    alike (:func:`_by_walk`), by the chunks of :func:`_walk`: runs of whole leading rows of the
+    slice, or strided sets of them, so a chunk keeps the leaf's sharding on every axis.
 
-    ``parts[i]`` are the magnitude keys of stack ``i``'s chunk (its slices first, the rows of
-    :func:`_row_ranges`), of ``key_dtype`` (default: :func:`_key_dtype` of the stacks: int64 when
-    one is float64); stacks are not concatenated, as their layouts may differ.  Chunks run
-    in one ``fori_loop`` for the whole group (dynamic slices, no copy); a run's remaining rows
-    form one last, shorter chunk.  ``index`` is the row-major flat index inside the slice of each
-    position of the chunk (broadcasts against every part).
+    ``parts[i]`` are magnitude keys (of ``key_dtype``; default :func:`_key_dtype` of the stacks:
+    int64 when one is float64) of a chunk of ``L_i`` slices whose first is the group's slice
+    ``starts[i]`` (an int, or traced).  ``index`` is the row-major flat index inside the slice of
+    each position of the chunk (broadcasts against every part).  Chunks run in one ``fori_loop``
+    for the whole group (dynamic slices, no copy); a run's remaining rows form one last, shorter
+    chunk.
+
+    Sharded stacks are walked together, one part per stack: their layouts may differ.  On one
+    device a group of several stacks is walked one slice at a time — iteration ``j`` takes chunk
+    ``j // R`` of slice ``j % R`` through a ``lax.switch`` over the stacks — so the loop body
+    (the caller's, with one part) is compiled once for the group and its kernels never see
+    several stacks at once (joining the stacks' chunks into one array inside the body, as this
+    did before, made XLA's CPU kernels 3–4× slower per weight).
     """
     shape = stacks[0].shape[1:]
     row_size = max(1, math.prod(shape[1:]))
@@ -191,34 +216,76 @@ def _fold_chunks(
         views = [sharding.split_axis(s, 1, walk.rows) for s in stacks]
         shape_C = (walk.rows, 1, *shape[1:])
         row_C = lax.broadcasted_iota(jnp.int32, shape_C, 0) * walk.chunks
+        starts = [r.start for r in _row_ranges(stacks)]
 
         def strided(j, carry):
             keys = keys_of([lax.dynamic_slice_in_dim(v, j, 1, axis=2) for v in views])
-            return body(keys, (row_C + j) * row_size + flat_index(shape_C, skip=0), carry)
+            return body(keys, starts, (row_C + j) * row_size + flat_index(shape_C, skip=0), carry)
 
         return lax.fori_loop(0, walk.chunks, strided, init)
 
-    def chunk(start, length):
-        keys = keys_of([lax.dynamic_slice_in_dim(s, start, length, axis=1) for s in stacks])
-        return keys, start * row_size + flat_index((length, *shape[1:]))
-
-    def step(r, carry):
-        return body(*chunk(r * walk.rows, walk.rows), carry)
+    def index(start, length):
+        return start * row_size + flat_index((length, *shape[1:]))
 
     full = shape[0] // walk.rows
-    carry = lax.fori_loop(0, full, step, init) if full > 1 else step(0, init)
-    if shape[0] > full * walk.rows:
-        carry = body(*chunk(full * walk.rows, shape[0] - full * walk.rows), carry)
+    rest = shape[0] - full * walk.rows
+    if len(stacks) > 1 and _devices() == 1:
+        return _fold_slices(stacks, body, init, keys_of, index, (full, walk.rows, rest))
+    starts = [r.start for r in _row_ranges(stacks)]
+
+    def chunk(start, length, carry):
+        parts = [lax.dynamic_slice_in_dim(s, start, length, axis=1) for s in stacks]
+        return body(keys_of(parts), starts, index(start, length), carry)
+
+    carry = (
+        lax.fori_loop(0, full, lambda r, c: chunk(r * walk.rows, walk.rows, c), init)
+        if full > 1
+        else chunk(0, walk.rows, init)
+    )
+    return chunk(full * walk.rows, rest, carry) if rest else carry
+
+
+def _fold_slices(stacks, body, init, keys_of, index, runs: tuple[int, int, int]) -> object:
+    """:func:`_fold_chunks` on one device for a group of several stacks: ``body`` sees one
+    slice's chunk at a time, the slice picked by a ``lax.switch`` over the stacks (a table maps
+    the group's slice ``g`` to its stack and its slice in that stack).  ``runs``: ``(full,
+    rows, rest)`` — ``full`` chunks of ``rows`` rows, then one of ``rest`` rows (if ``rest``)."""
+    full, rows, rest = runs
+    stack_G = np.concatenate([np.full(s.shape[0], i, np.int32) for i, s in enumerate(stacks)])
+    slice_G = np.concatenate([np.arange(s.shape[0], dtype=np.int32) for s in stacks])
+    slices = len(stack_G)
+
+    def run(start_row, length, g, carry):
+        def take(stack):
+            def keys_of_chunk(i):  # slice i of the stack, rows [start_row, start_row + length)
+                one = lax.dynamic_index_in_dim(stack, i, axis=0)
+                return keys_of([lax.dynamic_slice_in_dim(one, start_row, length, axis=1)])[0]
+
+            return keys_of_chunk
+
+        branches = [take(stack) for stack in stacks]  # keys: one dtype for all stacks
+        keys = lax.switch(jnp.asarray(stack_G)[g], branches, jnp.asarray(slice_G)[g])
+        return body([keys], [g], index(start_row, length), carry)
+
+    def step(j, carry):
+        return run((j // slices) * rows, rows, j % slices, carry)
+
+    carry = lax.fori_loop(0, full * slices, step, init)
+    if rest:
+        carry = lax.fori_loop(0, slices, lambda g, c: run(full * rows, rest, g, c), carry)
     return carry
 
 
-def _add_counts(hist_GxB: jax.Array, bins_Lx: jax.Array, first: int = 0) -> jax.Array:
-    """``hist[first + l, b] += #(bins[l] == b)`` (``bins`` of any shape after ``L``); bins
-    outside ``[0, B)`` are dropped."""
+def _add_counts(
+    hist_GxB: jax.Array, bins_Lx: jax.Array, first: int | jax.Array = 0, apart: bool = True
+) -> jax.Array:
+    """``hist[first + l, b] += #(bins[l] == b)`` (``bins`` of any shape after ``L``), or with
+    ``apart=False`` every ``l`` into row ``first``; bins outside ``[0, B)`` are dropped."""
     rows, num_bins = hist_GxB.shape
     valid = (bins_Lx >= 0) & (bins_Lx < num_bins)
-    row_start = ((first + jnp.arange(bins_Lx.shape[0], dtype=jnp.int32)) * num_bins).reshape(
-        (bins_Lx.shape[0],) + (1,) * (bins_Lx.ndim - 1)
+    row_L = first + jnp.arange(bins_Lx.shape[0], dtype=jnp.int32) if apart else first
+    row_start = (jnp.asarray(row_L, jnp.int32) * num_bins).reshape(
+        (-1,) + (1,) * (bins_Lx.ndim - 1)
     )
     # Invalid entries go past the end (a negative index would wrap around).
     flat = jnp.where(valid, row_start + bins_Lx, rows * num_bins)
@@ -333,16 +400,27 @@ def _level_digit(values, at: _Level) -> jax.Array:
     return out
 
 
+def _slices_of(value_G: jax.Array, start, like_Lx: jax.Array) -> jax.Array:
+    """The ``L`` entries of a per-slice ``value_G`` from slice ``start`` (an int or traced) on,
+    shaped to broadcast against ``like_Lx``."""
+    return _per_leaf(lax.dynamic_slice_in_dim(value_G, start, like_Lx.shape[0]), like_Lx)
+
+
 def _level_histograms(
     stacks: Sequence[jax.Array],
     at: _Level,
     prefixes_GxS: tuple[jax.Array, ...],
     key_dtype: np.dtype,
-    row_rank_G: jax.Array | None = None,
+    row_rank_G: jax.Array | None,
+    hist_Px2B: jax.Array,
+    first: int,
+    apart: bool = True,
 ) -> jax.Array:
-    """int32 ``[G, 2, 65536]``: per slice ``g`` and set ``s`` (``A``, ``B``), how many weights
-    whose composite key (:class:`_Fields`) has the digits of ``prefixes_GxS[:, g, s]`` above
-    the level ``at`` have each digit of that level (one pass over the stacks).
+    """``hist_Px2B`` (int32 ``[P, 2 · 65536]``, the histograms of every group's slices) plus, in
+    rows ``first + g``, per slice ``g`` of these stacks and set ``s`` (``A``, ``B``), how many
+    weights whose composite key (:class:`_Fields`) has the digits of ``prefixes_GxS[:, g, s]``
+    above the level ``at`` have each digit of that level (one pass over the stacks); with
+    ``apart=False`` all the slices' counts go to row ``first`` (global top-k).
 
     A weight is counted once: in ``A``'s histogram if it matches ``A``'s prefix, else in ``B``'s
     if it matches ``B``'s (two prefixes either agree on the digits above the level — then so do
@@ -351,29 +429,22 @@ def _level_histograms(
     in a histogram-sized all-reduce."""
     n = math.prod(stacks[0].shape[1:])
     no_row = jnp.zeros((), jnp.uint32)
-    # On one device the chunks of the group's stacks are one array (a chunk-sized copy), so the
-    # loop body is compiled once however many stacks share it; sharded stacks may be laid out
-    # differently and stay apart.
-    joined = len(stacks) > 1 and _devices() == 1
-    ranges = [slice(0, _rows(stacks))] if joined else _row_ranges(stacks)
 
-    def body(keys, index_x, hist_Gx2B):
-        keys = [jnp.concatenate(keys)] if joined else keys
+    def body(keys, starts, index_x, hist_Gx2B):
         rank_x = ((n - 1) - index_x).astype(jnp.uint32)  # larger for lower indices
-        for keys_Lx, rows in zip(keys, ranges, strict=True):
-            row_x = no_row if row_rank_G is None else _per_leaf(row_rank_G[rows], keys_Lx)
+        for keys_Lx, start in zip(keys, starts, strict=True):
+            row_x = no_row if row_rank_G is None else _slices_of(row_rank_G, start, keys_Lx)
             values = (_unsigned(keys_Lx), row_x, rank_x)
             digit_Lx = _level_digit(values, at)
             a, b = (
-                _matches(values, [_per_leaf(p[rows, s], keys_Lx) for p in prefixes_GxS], at)
+                _matches(values, [_slices_of(p[:, s], start, keys_Lx) for p in prefixes_GxS], at)
                 for s in (0, 1)
             )
             bins_Lx = jnp.where(a, digit_Lx, jnp.where(b, digit_Lx + _BINS, -1))
-            hist_Gx2B = _add_counts(hist_Gx2B, bins_Lx, rows.start)
+            hist_Gx2B = _add_counts(hist_Gx2B, bins_Lx, first + start if apart else first, apart)
         return hist_Gx2B
 
-    init = jnp.zeros((_rows(stacks), 2 * _BINS), jnp.int32)
-    return _fold_chunks(stacks, body, init, key_dtype).reshape(-1, 2, _BINS)
+    return _fold_chunks(stacks, body, hist_Px2B, key_dtype)
 
 
 def _histograms_of_sets(hist_Px2xB: jax.Array, prefixes_PxS: tuple[jax.Array, ...]) -> jax.Array:
@@ -470,32 +541,34 @@ def _group_histograms(
     groups: Sequence[Sequence[jax.Array]],
     key_dtype: np.dtype,
     row_ranks: Sequence[jax.Array | None],
-) -> Callable[[_Level, tuple[jax.Array, ...], jax.Array, bool], list[jax.Array]]:
-    """``histograms(at, prefixes, run, shared)``: each group's :func:`_level_histograms`, the
-    prefixes either ``[P, 2]`` over the groups' rows in order, with ``run`` ``[P]`` (a group
-    none of whose rows run is not walked: its histograms are zero), or one ``[1, 2]`` for all
-    (``shared``, global top-k: every group walked)."""
+) -> Callable[[_Level, tuple[jax.Array, ...], jax.Array, bool], jax.Array]:
+    """``histograms(at, prefixes, run, shared)``: int32 ``[P, 2, 65536]``, every group's
+    :func:`_level_histograms` in one buffer (no copy per group), the prefixes ``[P, 2]`` over
+    the groups' rows in order, with ``run`` ``[P]`` (a group none of whose rows run is not
+    walked: its histograms are zero); or ``[1, 2, 65536]`` summed over every group, the
+    prefixes one ``[1, 2]`` for all (``shared``, global top-k: every group walked)."""
 
     def histograms(at, prefixes, run, shared):
-        out, start = [], 0
+        total = sum(_rows(group) for group in groups)
+        hist = jnp.zeros((1 if shared else total, 2 * _BINS), jnp.int32)
+        start = 0
         for group, row_rank in zip(groups, row_ranks, strict=True):
             rows = _rows(group)
             if shared:
                 mine = tuple(jnp.broadcast_to(p, (rows, 2)) for p in prefixes)
-                out.append(_level_histograms(group, at, mine, key_dtype, row_rank))
+                hist = _level_histograms(group, at, mine, key_dtype, row_rank, hist, 0, False)
             else:
                 mine = tuple(p[start : start + rows] for p in prefixes)
-                out.append(
-                    lax.cond(
-                        jnp.any(run[start : start + rows]),
-                        lambda g=group, m=mine, r=row_rank: _level_histograms(
-                            g, at, m, key_dtype, r
-                        ),
-                        lambda r=rows: jnp.zeros((r, 2, _BINS), jnp.int32),
-                    )
+                hist = lax.cond(
+                    jnp.any(run[start : start + rows]),
+                    lambda h, g=group, m=mine, r=row_rank, f=start: _level_histograms(
+                        g, at, m, key_dtype, r, h, f
+                    ),
+                    lambda h: h,
+                    hist,
                 )
             start += rows
-        return out
+        return hist.reshape(-1, 2, _BINS)
 
     return histograms
 
@@ -533,7 +606,7 @@ def leaf_thresholds(
         [[stacks[i] for i in m] for m in groups], key_dtype, [None] * len(groups)
     )
     selected = _radix_select(
-        lambda at, prefixes, run: jnp.concatenate(histograms(at, prefixes, run, False)),
+        lambda at, prefixes, run: histograms(at, prefixes, run, False),
         k_PxS,
         fields,
         key_dtype,
@@ -579,12 +652,10 @@ def global_thresholds(
     )
     histograms = _group_histograms([[stacks[i] for i in m] for m in groups], key_dtype, row_ranks)
 
-    def histogram(at, prefixes, run):
-        hists = histograms(at, prefixes, run, True)
-        return sum(h.sum(axis=0, keepdims=True, dtype=jnp.int32) for h in hists)
-
     k_1xS = jnp.array([[k_forward, k_backward]], jnp.int32)
-    selected = _radix_select(histogram, k_1xS, fields, key_dtype)
+    selected = _radix_select(
+        lambda at, prefixes, run: histograms(at, prefixes, run, True), k_1xS, fields, key_dtype
+    )
     key_S = lax.bitcast_convert_type(selected.prefixes[0][0], key_dtype)
     row_S, index_S = (p[0].astype(jnp.int32) for p in selected.prefixes[1:])
     rank_Rx1 = jnp.asarray(rank_R, row_S.dtype)[:, None]

@@ -163,8 +163,8 @@ def _stop_exploration_sets(count: jax.Array, sets: Any, stop_step: int) -> Any:
     return jax.tree.map(lambda p: None if p is None else stop(p), sets, is_leaf=is_set_leaf)
 
 
-def _streaming_sets(params: Any, plan: list[LeafDensity], global_topk: bool) -> Any:
-    """Packed ``A``/``B`` of ``θ`` by :mod:`topkast_jax.streaming` (magnitude ``B``)."""
+def _streaming_codes(params: Any, plan: list[LeafDensity], global_topk: bool) -> Any:
+    """uint8 codes ``2·A + B`` of ``θ`` by :mod:`topkast_jax.streaming` (magnitude ``B``)."""
     xs = [p for p, leaf in zip(jax.tree.leaves(params), plan, strict=True) if leaf.sparse]
     sparse_plan = [leaf for leaf in plan if leaf.sparse]
     axes = [leaf.layer_axis for leaf in sparse_plan]
@@ -181,14 +181,14 @@ def _streaming_sets(params: Any, plan: list[LeafDensity], global_topk: bool) -> 
             [leaf.slice_k_backward for leaf in sparse_plan],
             axes,
         )
-    sets = [
-        PackedSets.from_codes(streaming.codes_from_thresholds(x, th, axis))
+    codes = [
+        streaming.codes_from_thresholds(x, th, axis)
         for x, th, axis in zip(xs, thresholds, axes, strict=True)
     ]
-    return unflatten_sparse(params, plan, sets)
+    return unflatten_sparse(params, plan, codes)
 
 
-def select_sets(
+def select_codes(
     params: Any,
     plan: list[LeafDensity],
     *,
@@ -197,13 +197,14 @@ def select_sets(
     rng: jax.Array,
     method: str,
 ) -> Any:
-    """``A`` and ``B`` of ``θ`` as :class:`PackedSets`.
+    """``A`` and ``B`` of ``θ`` as uint8 codes ``2·A + B`` of each sparse leaf's shape (``None``
+    on dense leaves; :func:`pack_sets` packs them).
 
     The paper's magnitude ``B`` with the histogram method streams (no leaf-sized temporaries);
     the other methods and the random-``B∖A`` ablation go through :func:`masks.topkast_masks`.
     """
     if backward_selection == "magnitude" and selection.resolve_method(method) == "histogram":
-        return _streaming_sets(params, plan, global_topk)
+        return _streaming_codes(params, plan, global_topk)
     masks = masks_lib.topkast_masks(
         params,
         plan,
@@ -212,8 +213,34 @@ def select_sets(
         rng=rng,
         method=method,
     )
+    return jax.tree.map(codes_lib.encode, masks.forward, masks.backward)
+
+
+def _after(codes: Any, changed: Any) -> Any:
+    """``codes``, unchanged, made to depend on the refresh's statistic ``changed`` (per leaf, a
+    select on ``changed >= 0``, always true), so that XLA packs them — into the donated buffers
+    of the old sets — only after the statistic has read the old sets.  (A data dependency is
+    the one order XLA's scheduler keeps; ``lax.optimization_barrier`` did not hold here.)"""
+    code_leaves, treedef = jax.tree.flatten(codes)  # the sparse leaves, out of any Flax box
+    changed_leaves = jax.tree.leaves(boxes.strip(changed))
+    return treedef.unflatten(
+        [
+            jnp.where(f >= 0, c, jnp.zeros((), c.dtype))
+            for c, f in zip(code_leaves, changed_leaves, strict=True)
+        ]
+    )
+
+
+def pack_sets(codes: Any, structures: Any = None) -> Any:
+    """:class:`PackedSets` of a codes tree (``None`` kept on dense leaves), each carrying its
+    leaf's N:M structure from ``structures`` (a tree like ``codes``; ``None``: unstructured)."""
+    if structures is None:
+        return jax.tree.map(PackedSets.from_codes, codes)
     return jax.tree.map(
-        lambda a, b: PackedSets.from_codes(codes_lib.encode(a, b)), masks.forward, masks.backward
+        lambda c, s: None if c is None else PackedSets.from_codes(c, s),
+        codes,
+        structures,
+        is_leaf=lambda x: x is None,
     )
 
 
@@ -356,10 +383,15 @@ def topkast(
             layer_axis=layer_axis,
         )
 
-    def compute_sets(params: Any, plan: list[LeafDensity], rng: jax.Array) -> Any:
+    def compute_codes(params: Any, plan: list[LeafDensity], rng: jax.Array) -> tuple[Any, Any]:
+        """``(codes, structures)``: the uint8 codes of ``A`` and ``B`` of every sparse leaf and
+        the N:M structure each set carries (``None``: unstructured)."""
         if structure is not None:
-            return nm_lib.select_sets(params, plan, nm_lib.resolve(structure, params, plan))
-        return select_sets(
+            leaves = nm_lib.resolve(structure, params, plan)
+            return nm_lib.select_codes(params, plan, leaves), unflatten_sparse(
+                params, plan, [s for s, leaf in zip(leaves, plan, strict=True) if leaf.sparse]
+            )
+        codes = select_codes(
             params,
             plan,
             global_topk=global_topk,
@@ -367,11 +399,12 @@ def topkast(
             rng=rng,
             method=selection_method,
         )
+        return codes, None
 
     def init_fn(params: Any) -> TopKastState:
         plan = plan_for(params)
         rng, mask_rng = jax.random.split(jax.random.PRNGKey(seed))
-        sets = compute_sets(params, plan, mask_rng)
+        sets = pack_sets(*compute_codes(params, plan, mask_rng))
         if stop_exploration_step is not None:
             sets = _stop_exploration_sets(jnp.zeros((), jnp.int32), sets, stop_exploration_step)
         masks = sets_masks(sets)
@@ -416,8 +449,15 @@ def topkast(
 
         def refresh():
             rng, mask_rng = jax.random.split(state.rng)
-            sets = compute_sets(new_params, plan, mask_rng)
-            return sets, stats_lib.refresh_set_stats(state.stats, state.sets, sets), rng
+            codes, structures = compute_codes(new_params, plan, mask_rng)
+            # The new packed sets are written into the donated buffers of the old ones, so the
+            # statistic reads the old sets and the new *codes*, and the packing waits for it:
+            # otherwise XLA keeps a copy of the old sets from the start of the step, through
+            # the backward pass (2 bits per weight: the Transformer-XL's refresh peak 1.101×).
+            changed = stats_lib.sets_changed(state.sets, codes)
+            sets = pack_sets(_after(codes, changed), structures)
+            stats = stats_lib.refreshed_stats(state.stats, changed, sets)
+            return sets, stats, rng
 
         def keep():
             return state.sets, state.stats, state.rng

@@ -234,3 +234,27 @@ def test_compiled_memory_stays_at_the_dense_floor(refresh_every):
     sparse_weights = 4 * width * width
     assert state - dense_state <= sparse_weights * 2 / 8 + 4096  # 2 bits each + scalars
     assert peak <= 1.10 * dense_peak, (peak / dense_peak, peak, dense_peak)
+
+
+def test_refresh_keeps_no_copy_of_the_donated_sets():
+    """The refresh writes the new packed sets into the donated old sets' buffers.  Its statistic
+    reads the new codes, so nothing reads the old sets after that write: XLA must not copy the
+    old sets at the start of the step (a copy lives through the backward pass — it put the
+    Transformer-XL's refresh step at 1.101× the dense peak)."""
+    width = 256
+    params, loss = _mlp(width)
+    x = jax.ShapeDtypeStruct((32, width), jnp.float32)
+    tx = tk.topkast(optax.adam(1e-3), forward_sparsity=0.8, backward_sparsity=0.5)
+    abstract = jax.eval_shape(lambda: params)
+
+    def step(params, state, x):
+        grads = jax.grad(loss)(tk.forward_params(params, state), x)
+        updates, state = tx.update(grads, state, params, refresh_masks=True)
+        return optax.apply_updates(params, updates), state
+
+    state = jax.eval_shape(tx.init, abstract)
+    hlo = jax.jit(step, donate_argnums=(0, 1)).lower(abstract, state, x).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY") :]
+    packed = "u8[" + ",".join(map(str, codes.packed_shape((width, width)))) + "]"
+    copies = [line for line in entry.splitlines() if f"= {packed}" in line and " copy(" in line]
+    assert not copies, copies

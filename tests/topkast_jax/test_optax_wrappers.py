@@ -409,13 +409,13 @@ def _count_refreshes(monkeypatch):
     from topkast_jax import transform
 
     calls = []
-    select = transform.select_sets
+    select = transform.select_codes
 
     def counted(*args, **kwargs):
         jax.debug.callback(lambda: calls.append(1))
         return select(*args, **kwargs)
 
-    monkeypatch.setattr(transform, "select_sets", counted)
+    monkeypatch.setattr(transform, "select_codes", counted)
     return calls
 
 

@@ -1,0 +1,66 @@
+"""The one-device walk of :mod:`topkast_jax.streaming`: every slice viewed as ``(n / c, c)``
+rows (``c = gcd(n, ROW)``), slices of equal size walked in one loop one slice at a time (a
+``lax.switch`` over the stacks), the histograms of every group in one buffer.
+
+Slices of 60 weights in four shapes — ``(6, 10)``, ``(10, 6)``, ``(60,)`` and the two layers of a
+``(2, 3, 4, 5)`` stack — share one loop; with ``ROW = 8`` (rows of 4) and ``CHUNK = 16`` (4 rows)
+each slice takes three full chunks and a shorter last one.  The sets must equal a stable argsort
+of each slice, ties included (values rounded to integers)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from topkast_jax import codes, streaming
+
+
+def stable_top_k(x: np.ndarray, k: int) -> np.ndarray:
+    mask = np.zeros(x.size, bool)
+    mask[np.argsort(-np.abs(x.ravel()), kind="stable")[:k]] = True
+    return mask.reshape(x.shape)
+
+
+@pytest.fixture
+def short_rows(monkeypatch):
+    monkeypatch.setattr(streaming, "CHUNK", 16)
+    monkeypatch.setattr(streaming, "ROW", 8)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("rounded", [False, True])
+def test_equal_size_slices_of_any_shape_share_one_walk(short_rows, seed, rounded):
+    rng = np.random.default_rng(seed)
+    shapes = [(6, 10), (10, 6), (60,), (2, 3, 4, 5)]
+    xs = [rng.normal(size=s).astype(np.float32) * 3 for s in shapes]
+    if rounded:  # many ties straddle the boundaries: the index digits run
+        xs = [np.round(x) for x in xs]
+    axes = [None, None, None, 0]
+    stacks = [streaming.stack_view(jnp.asarray(x), a) for x, a in zip(xs, axes, strict=True)]
+    assert {s.shape[1:] for s in stacks} == {(15, 4)}
+    assert len(streaming._by_walk(stacks)) == 1
+    k_a, k_b = [7, 1, 30, 12], [20, 1, 59, 30]
+    ths = streaming.leaf_thresholds([jnp.asarray(x) for x in xs], k_a, k_b, axes)
+    for x, th, axis, ka, kb in zip(xs, ths, axes, k_a, k_b, strict=True):
+        code = np.asarray(streaming.codes_from_thresholds(jnp.asarray(x), th, axis))
+        slices = [(x, code)] if axis is None else list(zip(x, code, strict=True))
+        for xi, ci in slices:
+            np.testing.assert_array_equal(codes.forward_of(ci), stable_top_k(xi, ka))
+            np.testing.assert_array_equal(codes.backward_of(ci), stable_top_k(xi, kb))
+
+
+def test_global_top_k_over_a_shared_walk(short_rows):
+    """Global top-k: one threshold over all slices, the groups' counts summed into one row."""
+    rng = np.random.default_rng(2)
+    xs = [np.round(rng.normal(size=s) * 2).astype(np.float32) for s in [(6, 10), (10, 6), (7, 3)]]
+    ths = streaming.global_thresholds([jnp.asarray(x) for x in xs], 50, 101)
+    got = np.concatenate(
+        [
+            np.asarray(streaming.codes_from_thresholds(jnp.asarray(x), t)).ravel()
+            for x, t in zip(xs, ths, strict=True)
+        ]
+    )
+    flat = np.concatenate([x.ravel() for x in xs])
+    np.testing.assert_array_equal(codes.forward_of(got), stable_top_k(flat, 50))
+    np.testing.assert_array_equal(codes.backward_of(got), stable_top_k(flat, 101))
