@@ -96,6 +96,11 @@ def count(packed: jax.Array, bit: int) -> jax.Array:
     return jnp.sum(lax.population_count(plane(packed, bit)), dtype=jnp.int32)
 
 
+def ones(packed: jax.Array, bit: int) -> jax.Array:
+    """int32 per packed byte: how many of its weights are in one set (``IN_A`` or ``IN_B``)."""
+    return lax.population_count(plane(packed, bit)).astype(jnp.int32)
+
+
 def sum_both(first: jax.Array, second: jax.Array) -> tuple[jax.Array, jax.Array]:
     """int32 sums of two arrays of one shape (bool or integer).
 

@@ -237,10 +237,10 @@ def test_compiled_memory_stays_at_the_dense_floor(refresh_every):
 
 
 def test_refresh_keeps_no_copy_of_the_donated_sets():
-    """The refresh writes the new packed sets into the donated old sets' buffers.  Its statistic
-    reads the new codes, so nothing reads the old sets after that write: XLA must not copy the
-    old sets at the start of the step (a copy lives through the backward pass — it put the
-    Transformer-XL's refresh step at 1.101× the dense peak)."""
+    """The refresh writes the new packed sets into the donated old sets' buffers after its
+    statistic has read the old ones, so XLA must not copy the old sets at the start of the step
+    (such a copy lives through the backward pass — it put the Transformer-XL's refresh step at
+    1.101× the dense peak)."""
     width = 256
     params, loss = _mlp(width)
     x = jax.ShapeDtypeStruct((32, width), jnp.float32)
