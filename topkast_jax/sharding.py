@@ -81,10 +81,23 @@ def split_axis(x: jax.Array, axis: int, outer: int) -> jax.Array:
     return jnp.reshape(x, shape, out_sharding=NamedSharding(explicit.mesh, split))
 
 
-def unsharded_axis(x: jax.Array) -> int:
-    """The first axis of ``x`` not explicitly sharded (0 when none is, or for scalars)."""
-    sharding = explicit_sharding(x)
-    if sharding is None or x.ndim == 0:
+def packing_axis(x: jax.Array, per_byte: int = 4) -> int:
+    """The axis to pack ``per_byte`` entries of ``x`` per byte along: of the axes not explicitly
+    sharded (so the packed array keeps the leaf's sharding), the one that pads least — an axis
+    of length ``n`` packs into ``⌈n / per_byte⌉`` bytes — the first of those on a tie; 0 for
+    scalars or when every axis is sharded.  (The first axis alone would cost a byte per weight
+    on a 1×1 convolution's ``(1, 1, I, O)`` kernel.)"""
+    if x.ndim == 0:
         return 0
-    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
-    return next((axis for axis, name in enumerate(spec) if name is None), 0)
+    sharding = explicit_sharding(x)
+    spec = () if sharding is None else tuple(sharding.spec)
+    spec = spec + (None,) * (x.ndim - len(spec))
+    free = [axis for axis, name in enumerate(spec) if name is None]
+    if not free:
+        return 0
+
+    def padded(axis: int) -> int:
+        n = x.shape[axis]
+        return -(-n // per_byte) * per_byte * (math.prod(x.shape) // n if n else 0)
+
+    return min(free, key=lambda axis: (padded(axis), axis))

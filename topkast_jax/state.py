@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -74,9 +74,10 @@ class PackedSets:
 
     @classmethod
     def from_codes(cls, code: jax.Array, structure: Any = None) -> PackedSets:
-        """Packs uint8 codes (values 0–3) of a leaf along its first axis that is not explicitly
-        sharded (so the packed array keeps the leaf's sharding)."""
-        axis = sharding.unsharded_axis(code)
+        """Packs uint8 codes (values 0–3) of a leaf along the axis of
+        :func:`topkast_jax.sharding.packing_axis`: not explicitly sharded (so the packed array
+        keeps the leaf's sharding), and padding least (two bits per weight whatever the shape)."""
+        axis = sharding.packing_axis(code, codes_lib.CODES_PER_BYTE)
         return cls(codes_lib.pack(code, axis), tuple(code.shape), axis, structure)
 
     def codes(self) -> jax.Array:
@@ -324,4 +325,33 @@ def legacy_format(saved_paths: Iterable[str], target_paths: Iterable[str]) -> st
         "it holds a Top-KAST optimizer state in the format of topkast-jax 0.1 (A and B as one "
         "bool per weight under 'masks', per-weight statistics); this version packs A and B into "
         "'sets' at two bits per weight. Resume it with the version that wrote it, or start anew."
+    )
+
+
+def packing_changed(
+    saved_shapes: Mapping[str, tuple[int, ...]], target_shapes: Mapping[str, tuple[int, ...]]
+) -> str | None:
+    """Why saved packed sets cannot restore into this version's :class:`PackedSets`, or ``None``.
+
+    Both map ``"a/b/c"`` key paths to shapes (e.g. an orbax checkpoint's metadata, the state to
+    restore into).  Earlier versions packed every leaf along its first axis not explicitly
+    sharded; this one packs along the one that pads least (:func:`topkast_jax.sharding.
+    packing_axis`), so the packed bytes of a leaf whose first axis is shorter than 4 (a 1×1 or
+    3×3 convolution's ``(H, W, I, O)`` kernel) have another shape."""
+    changed = sorted(
+        path
+        for path, shape in target_shapes.items()
+        if path.endswith("/bits")
+        and path in saved_shapes
+        and tuple(saved_shapes[path]) != tuple(shape)
+    )
+    if not changed:
+        return None
+    first = changed[0]
+    return (
+        "its packed sets were packed along each leaf's first axis by an earlier topkast-jax (a "
+        "byte per weight where that axis is shorter than 4, e.g. 1×1 convolutions; "
+        f"{len(changed)} leaves differ, e.g. {first}: {tuple(saved_shapes[first])}, here "
+        f"{tuple(target_shapes[first])}); this version packs along the axis that pads least, two "
+        "bits per weight. Resume it with the version that wrote it, or start anew."
     )

@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from experiments.common.guard import nonfinite_paths
-from topkast_jax.state import legacy_format
+from topkast_jax.state import legacy_format, packing_changed
 from topkast_jax.tree import path_name
 
 #: Suffix of a checkpoint directory moved aside because it does not restore.
@@ -162,7 +162,9 @@ class Checkpointer:
             return
         finally:
             reader.close()
-        problem = legacy_format(_paths(saved), _paths(target))
+        problem = legacy_format(_paths(saved), _paths(target)) or packing_changed(
+            _shapes(saved), _shapes(target)
+        )
         if problem:
             raise CheckpointError(
                 f"checkpoint {step} in {self.directory} cannot restore: {problem}"
@@ -257,6 +259,15 @@ def _paths(tree: Any) -> list[str]:
     """``"a/b/c"`` key paths of every leaf of ``tree``."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return [path_name(path) for path, _ in flat]
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """``"a/b/c"`` key path → shape of every leaf of ``tree`` that has one (arrays, abstract
+    arrays, orbax array metadata)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {
+        path_name(path): tuple(x.shape) for path, x in flat if getattr(x, "shape", None) is not None
+    }
 
 
 def _as_abstract(x: Any) -> Any:

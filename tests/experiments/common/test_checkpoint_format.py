@@ -12,7 +12,8 @@ import pytest
 
 import topkast_jax as tk
 from experiments.common.checkpoint import Checkpointer, CheckpointError
-from topkast_jax.state import legacy_format
+from topkast_jax import codes
+from topkast_jax.state import PackedSets, legacy_format, packing_changed
 
 
 class OldTopKastState(NamedTuple):
@@ -69,3 +70,30 @@ def test_legacy_format_flags_only_an_old_topkast_state():
     assert legacy_format(new, new) is None
     assert legacy_format(baseline, baseline) is None
     assert legacy_format(old, old) is None
+
+
+def test_sets_packed_along_another_axis_name_the_format(tmp_path):
+    """A state whose sets an earlier version packed along the first axis (a byte per weight on
+    a ``(1, 1, I, O)`` kernel) fails with an error that says so."""
+    params = {"conv": {"kernel": jnp.arange(1.0, 49.0).reshape(1, 1, 8, 6)}}
+    tx = tk.topkast(optax.sgd(0.1), forward_sparsity=0.8, backward_sparsity=0.5)
+    state = tx.init(params)
+    packed = state.sets["conv"]["kernel"]
+    old_sets = {"conv": {"kernel": PackedSets(codes.pack(packed.codes(), 0), packed.shape, 0)}}
+    old = state._replace(sets=old_sets)
+    directory = str(tmp_path / "checkpoints")
+    writer = Checkpointer(directory)
+    writer.save(3, {"params": params, "opt_state": old}, {"step": 3})
+    writer.close()
+    reader = Checkpointer(directory)
+    with pytest.raises(CheckpointError, match="packs along the axis that pads least"):
+        reader.restore_latest({"params": params, "opt_state": state}, log=lambda _: None)
+    assert reader.all_steps() == [3]
+
+
+def test_packing_changed_flags_only_other_packed_shapes():
+    saved = {"opt_state/sets/conv/kernel/bits": (1, 1, 8, 6), "params/conv/kernel": (1, 1, 8, 6)}
+    same = dict(saved)
+    now = {"opt_state/sets/conv/kernel/bits": (1, 1, 2, 6), "params/conv/kernel": (1, 1, 8, 6)}
+    assert "first axis" in packing_changed(saved, now)
+    assert packing_changed(same, saved) is None
