@@ -255,16 +255,22 @@ def _fold_slices(stacks, body, init, keys_of, index, runs: tuple[int, int, int])
     slice_G = np.concatenate([np.arange(s.shape[0], dtype=np.int32) for s in stacks])
     slices = len(stack_G)
 
+    # Stacks of one dtype: the branches only slice, and the keys are computed once after the
+    # switch (one kernel for the group instead of one per stack); mixed dtypes: in each branch.
+    one_dtype = len({s.dtype for s in stacks}) == 1
+
     def run(start_row, length, g, carry):
         def take(stack):
-            def keys_of_chunk(i):  # slice i of the stack, rows [start_row, start_row + length)
+            def chunk_of(i):  # slice i of the stack, rows [start_row, start_row + length)
                 one = lax.dynamic_index_in_dim(stack, i, axis=0)
-                return keys_of([lax.dynamic_slice_in_dim(one, start_row, length, axis=1)])[0]
+                chunk = lax.dynamic_slice_in_dim(one, start_row, length, axis=1)
+                return chunk if one_dtype else keys_of([chunk])[0]
 
-            return keys_of_chunk
+            return chunk_of
 
-        branches = [take(stack) for stack in stacks]  # keys: one dtype for all stacks
-        keys = lax.switch(jnp.asarray(stack_G)[g], branches, jnp.asarray(slice_G)[g])
+        branches = [take(stack) for stack in stacks]
+        part = lax.switch(jnp.asarray(stack_G)[g], branches, jnp.asarray(slice_G)[g])
+        keys = keys_of([part])[0] if one_dtype else part
         return body([keys], [g], index(start_row, length), carry)
 
     def step(j, carry):
