@@ -96,24 +96,22 @@ def count(packed: jax.Array, bit: int) -> jax.Array:
     return jnp.sum(lax.population_count(plane(packed, bit)), dtype=jnp.int32)
 
 
-def ones(packed: jax.Array, bit: int) -> jax.Array:
-    """int32 per packed byte: how many of its weights are in one set (``IN_A`` or ``IN_B``)."""
-    return lax.population_count(plane(packed, bit)).astype(jnp.int32)
-
-
-def sum_both(first: jax.Array, second: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """int32 sums of two arrays of one shape (bool or integer).
+def count_both(first: jax.Array, second: jax.Array, bit: int) -> tuple[jax.Array, jax.Array]:
+    """:func:`count` of two packed arrays of one shape (the same values).
 
     On one device in one (variadic) reduction: XLA's CPU backend splits each large sum into two
     reductions, each its own compiled kernel, and a variadic reduce is one (the refresh's
     statistics of a 30-leaf model compiled in a third of the time).  On several devices two
-    sums, which partition into all-reduces (a variadic reduce of sharded values gathers)."""
-    first, second = first.astype(jnp.int32), second.astype(jnp.int32)
+    sums, which partition into all-reduces (a variadic reduce of sharded bytes gathers)."""
+
+    def ones(packed):
+        return lax.population_count(plane(packed, bit)).astype(jnp.int32)
+
     if jax.device_count() > 1:
-        return jnp.sum(first, dtype=jnp.int32), jnp.sum(second, dtype=jnp.int32)
+        return count(first, bit), count(second, bit)
     zero = jnp.zeros((), jnp.int32)
     return lax.reduce(
-        (first, second),
+        (ones(first), ones(second)),
         (zero, zero),
         lambda x, y: (x[0] + y[0], x[1] + y[1]),
         tuple(range(first.ndim)),

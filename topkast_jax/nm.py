@@ -50,7 +50,7 @@ from topkast_jax import boxes, selection
 from topkast_jax import codes as codes_lib
 from topkast_jax import sharding as sharding_lib
 from topkast_jax.plan import LeafDensity, unflatten_sparse
-from topkast_jax.state import is_set_leaf, sparse_states
+from topkast_jax.state import PackedSets, is_set_leaf, sparse_states
 from topkast_jax.tree import merge_disjoint
 
 #: Largest group size: ``m`` comparisons per weight stay cheap elementwise work.
@@ -326,15 +326,15 @@ def nm_codes(x: jax.Array, leaf: LeafNM) -> jax.Array:
     return jnp.where(rank < leaf.n, in_a, in_b)
 
 
-def select_codes(params: Any, plan: list[LeafDensity], leaves: list[LeafNM | None]) -> Any:
-    """uint8 codes of the N:M ``A`` and ``B`` of ``θ`` (:func:`nm_codes`; ``None`` on dense
-    leaves); ``tk.transform.pack_sets`` packs them with their :class:`LeafNM`."""
-    codes = [
-        nm_codes(p, s)
+def select_sets(params: Any, plan: list[LeafDensity], leaves: list[LeafNM | None]) -> Any:
+    """``A`` and ``B`` of ``θ`` as :class:`PackedSets` carrying their :class:`LeafNM`
+    (``None`` on dense leaves)."""
+    sets = [
+        PackedSets.from_codes(nm_codes(p, s), structure=s)
         for p, leaf, s in zip(jax.tree.leaves(params), plan, leaves, strict=True)
         if leaf.sparse
     ]
-    return unflatten_sparse(params, plan, codes)
+    return unflatten_sparse(params, plan, sets)
 
 
 def structures(opt_state: optax.OptState) -> Any:

@@ -74,12 +74,8 @@ def init_set_stats(masks: Masks, track_reservoir: bool) -> SetStats:
 
 
 def packed_fraction_changed(old: PackedSets, new: PackedSets) -> jax.Array:
-    """``|A_new ∖ A_old| / |A_old|`` (0 when ``A_old`` is empty) on the packed bits, float32
-    (a quarter of a byte per weight read from each, nothing unpacked)."""
-    a = codes_lib.IN_A
-    entered, old_size = codes_lib.sum_both(
-        codes_lib.ones(new.bits & ~old.bits, a), codes_lib.ones(old.bits, a)
-    )
+    """``|A_new ∖ A_old| / |A_old|`` (0 when ``A_old`` is empty) on the packed bits, float32."""
+    entered, old_size = codes_lib.count_both(new.bits & ~old.bits, old.bits, codes_lib.IN_A)
     return entered.astype(jnp.float32) / jnp.maximum(old_size, 1).astype(jnp.float32)
 
 
@@ -98,8 +94,9 @@ def _map_sets(fn, *trees: Any) -> Any:
 
 
 def sets_changed(old: Any, new: Any) -> Any:
-    """Per sparse leaf, ``|A_new ∖ A_old| / |A_old|`` of the ``old`` and ``new`` packed sets
-    (:func:`packed_fraction_changed`); ``None`` on dense leaves."""
+    """Per sparse leaf, ``|A_new ∖ A_old| / |A_old|`` of the ``old`` and ``new`` packed sets,
+    computed on the packed bytes (a quarter of a byte per weight is read, nothing is unpacked);
+    ``None`` on dense leaves."""
     return boxes.strip(_map_sets(packed_fraction_changed, old, new))
 
 

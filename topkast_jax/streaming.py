@@ -161,7 +161,7 @@ def stack_view(x: jax.Array, axis: int | None) -> jax.Array:
     ``(L, *slice)``: chunks never cross a device boundary (:func:`_walk`), so every chunk keeps
     the leaf's sharding."""
     stack = jnp.expand_dims(x, 0) if axis is None else jnp.moveaxis(x, axis, 0)
-    if _axis_shards(stack)[1] == 1 and sharding.explicit_sharding(stack) is None:
+    if sharding.explicit_sharding(stack) is None and _devices() == 1:
         n = math.prod(stack.shape[1:])
         row = math.gcd(n, ROW) if n else 1
         return stack.reshape(stack.shape[0], n // row, row)

@@ -163,8 +163,8 @@ def _stop_exploration_sets(count: jax.Array, sets: Any, stop_step: int) -> Any:
     return jax.tree.map(lambda p: None if p is None else stop(p), sets, is_leaf=is_set_leaf)
 
 
-def _streaming_codes(params: Any, plan: list[LeafDensity], global_topk: bool) -> Any:
-    """uint8 codes ``2·A + B`` of ``θ`` by :mod:`topkast_jax.streaming` (magnitude ``B``)."""
+def _streaming_sets(params: Any, plan: list[LeafDensity], global_topk: bool) -> Any:
+    """Packed ``A``/``B`` of ``θ`` by :mod:`topkast_jax.streaming` (magnitude ``B``)."""
     xs = [p for p, leaf in zip(jax.tree.leaves(params), plan, strict=True) if leaf.sparse]
     sparse_plan = [leaf for leaf in plan if leaf.sparse]
     axes = [leaf.layer_axis for leaf in sparse_plan]
@@ -181,14 +181,14 @@ def _streaming_codes(params: Any, plan: list[LeafDensity], global_topk: bool) ->
             [leaf.slice_k_backward for leaf in sparse_plan],
             axes,
         )
-    codes = [
-        streaming.codes_from_thresholds(x, th, axis)
+    sets = [
+        PackedSets.from_codes(streaming.codes_from_thresholds(x, th, axis))
         for x, th, axis in zip(xs, thresholds, axes, strict=True)
     ]
-    return unflatten_sparse(params, plan, codes)
+    return unflatten_sparse(params, plan, sets)
 
 
-def select_codes(
+def select_sets(
     params: Any,
     plan: list[LeafDensity],
     *,
@@ -197,14 +197,13 @@ def select_codes(
     rng: jax.Array,
     method: str,
 ) -> Any:
-    """``A`` and ``B`` of ``θ`` as uint8 codes ``2·A + B`` of each sparse leaf's shape (``None``
-    on dense leaves; :func:`pack_sets` packs them).
+    """``A`` and ``B`` of ``θ`` as :class:`PackedSets`.
 
     The paper's magnitude ``B`` with the histogram method streams (no leaf-sized temporaries);
     the other methods and the random-``B∖A`` ablation go through :func:`masks.topkast_masks`.
     """
     if backward_selection == "magnitude" and selection.resolve_method(method) == "histogram":
-        return _streaming_codes(params, plan, global_topk)
+        return _streaming_sets(params, plan, global_topk)
     masks = masks_lib.topkast_masks(
         params,
         plan,
@@ -213,7 +212,9 @@ def select_codes(
         rng=rng,
         method=method,
     )
-    return jax.tree.map(codes_lib.encode, masks.forward, masks.backward)
+    return jax.tree.map(
+        lambda a, b: PackedSets.from_codes(codes_lib.encode(a, b)), masks.forward, masks.backward
+    )
 
 
 def _after(sets: Any, changed: Any) -> Any:
@@ -229,19 +230,6 @@ def _after(sets: Any, changed: Any) -> Any:
         return PackedSets(bits, p.shape, p.axis, p.structure)
 
     return treedef.unflatten([after(p, f) for p, f in zip(set_leaves, changed_leaves, strict=True)])
-
-
-def pack_sets(codes: Any, structures: Any = None) -> Any:
-    """:class:`PackedSets` of a codes tree (``None`` kept on dense leaves), each carrying its
-    leaf's N:M structure from ``structures`` (a tree like ``codes``; ``None``: unstructured)."""
-    if structures is None:
-        return jax.tree.map(PackedSets.from_codes, codes)
-    return jax.tree.map(
-        lambda c, s: None if c is None else PackedSets.from_codes(c, s),
-        codes,
-        structures,
-        is_leaf=lambda x: x is None,
-    )
 
 
 def slice_densities(leaf: LeafDensity) -> jax.Array:
@@ -383,15 +371,10 @@ def topkast(
             layer_axis=layer_axis,
         )
 
-    def compute_codes(params: Any, plan: list[LeafDensity], rng: jax.Array) -> tuple[Any, Any]:
-        """``(codes, structures)``: the uint8 codes of ``A`` and ``B`` of every sparse leaf and
-        the N:M structure each set carries (``None``: unstructured)."""
+    def compute_sets(params: Any, plan: list[LeafDensity], rng: jax.Array) -> Any:
         if structure is not None:
-            leaves = nm_lib.resolve(structure, params, plan)
-            return nm_lib.select_codes(params, plan, leaves), unflatten_sparse(
-                params, plan, [s for s, leaf in zip(leaves, plan, strict=True) if leaf.sparse]
-            )
-        codes = select_codes(
+            return nm_lib.select_sets(params, plan, nm_lib.resolve(structure, params, plan))
+        return select_sets(
             params,
             plan,
             global_topk=global_topk,
@@ -399,12 +382,11 @@ def topkast(
             rng=rng,
             method=selection_method,
         )
-        return codes, None
 
     def init_fn(params: Any) -> TopKastState:
         plan = plan_for(params)
         rng, mask_rng = jax.random.split(jax.random.PRNGKey(seed))
-        sets = pack_sets(*compute_codes(params, plan, mask_rng))
+        sets = compute_sets(params, plan, mask_rng)
         if stop_exploration_step is not None:
             sets = _stop_exploration_sets(jnp.zeros((), jnp.int32), sets, stop_exploration_step)
         masks = sets_masks(sets)
@@ -449,7 +431,7 @@ def topkast(
 
         def refresh():
             rng, mask_rng = jax.random.split(state.rng)
-            sets = pack_sets(*compute_codes(new_params, plan, mask_rng))
+            sets = compute_sets(new_params, plan, mask_rng)
             # The new packed sets go into the donated buffers of the old ones, and the
             # statistic reads both: the output is made to depend on the statistic, so XLA packs
             # into a temporary and writes the output after the statistic has read the old sets

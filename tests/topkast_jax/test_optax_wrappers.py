@@ -409,13 +409,13 @@ def _count_refreshes(monkeypatch):
     from topkast_jax import transform
 
     calls = []
-    select = transform.select_codes
+    select = transform.select_sets
 
     def counted(*args, **kwargs):
         jax.debug.callback(lambda: calls.append(1))
         return select(*args, **kwargs)
 
-    monkeypatch.setattr(transform, "select_codes", counted)
+    monkeypatch.setattr(transform, "select_sets", counted)
     return calls
 
 
