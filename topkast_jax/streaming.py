@@ -455,13 +455,14 @@ def _level_histograms(
 
 def _histograms_of_sets(hist_Px2xB: jax.Array, prefixes_PxS: tuple[jax.Array, ...]) -> jax.Array:
     """``B``'s histogram where ``B``'s prefix equals ``A``'s (the weights were counted in
-    ``A``'s only, :func:`_level_histograms`)."""
+    ``A``'s only, :func:`_level_histograms`).  One select over ``[P, 2, 65536]`` with a
+    ``[P, 2]`` condition (XLA's CPU backend writes it in one pass; a ``jnp.stack`` of the two
+    halves cost 3–4× as much, a third of a ResNet-50 selection)."""
     same_P = jnp.ones(hist_Px2xB.shape[0], bool)
     for p in prefixes_PxS:
         same_P = same_P & (p[:, 0] == p[:, 1])
-    return jnp.stack(
-        [hist_Px2xB[:, 0], jnp.where(same_P[:, None], hist_Px2xB[:, 0], hist_Px2xB[:, 1])], axis=1
-    )
+    from_A_Px2 = jnp.stack([jnp.zeros_like(same_P), same_P], axis=1)
+    return jnp.where(from_A_Px2[:, :, None], hist_Px2xB[:, :1], hist_Px2xB)
 
 
 class _Selected(NamedTuple):
