@@ -10,11 +10,14 @@ the leaf once:
 2. the histograms of the next 16 bits inside the buckets of the ``k_A``-th and ``k_B``-th
    largest key (int32 keys; float64 leaves have int64 keys of their own bits,
    :func:`topkast_jax.selection.elementwise_magnitude_keys`, and take two more such passes);
-3. only when ties straddle a boundary (rare for trained weights), and only over the slice
-   groups where they do: the same histograms over the rank ``n − 1 − i`` of the flat index of
-   the tied weights (one or two passes), so the result is the ``k``-th largest *composite* key
-   ``(key, n − 1 − i)`` — unique, ordered as a stable argsort — and no pass depends on the
-   order in which chunks are visited.
+3. only when ties straddle a boundary, and only over the slice groups where they do: the same
+   histograms over the rank ``n − 1 − i`` of the flat index of the tied weights (one or two
+   passes), so the result is the ``k``-th largest *composite* key ``(key, n − 1 − i)`` —
+   unique, ordered as a stable argsort — and no pass depends on the order in which chunks are
+   visited.  On one device, slices of at least ``TIE_WALK_MIN`` weights (whose float32
+   boundaries mostly straddle a few ties) take the *tie walk* instead: one pass that counts the
+   tied weights chunk by chunk in index order and finds the cut inside the chunk that holds it
+   (:func:`_count_ties`).
 
 Every pass is the same computation with the digit's level as a loop variable: one
 ``while_loop`` over the levels holds one histogram pass per group of stacks and one bucket
@@ -359,9 +362,12 @@ def _field_dtypes(key_dtype: np.dtype) -> tuple[np.dtype, np.dtype, np.dtype]:
     )
 
 
-def _level_tables(fields: _Fields, key_dtype: np.dtype) -> list[np.ndarray | None]:
+def _level_tables(
+    fields: _Fields, key_dtype: np.dtype, levels: int | None = None
+) -> list[np.ndarray | None]:
     """Per field, ``[levels, 3]`` of its dtype: ``(mask, shift, holds)`` of :class:`_Level` at
-    every level (computed here, so a level costs one lookup per field, not scalar kernels)."""
+    every level (computed here, so a level costs one lookup per field, not scalar kernels);
+    ``levels`` defaults to the fields' digits (a level past them holds no digit)."""
     tables: list[np.ndarray | None] = []
     for start, digits, dtype in zip(fields.starts(), fields, _field_dtypes(key_dtype), strict=True):
         if not digits:
@@ -369,7 +375,7 @@ def _level_tables(fields: _Fields, key_dtype: np.dtype) -> list[np.ndarray | Non
             continue
         width = _BITS * digits  # a rank of one digit lies in the low 16 bits
         rows = []
-        for level in range(sum(fields)):
+        for level in range(sum(fields) if levels is None else levels):
             kept = min(max(level - start, 0), digits) * _BITS
             mask = ((1 << kept) - 1) << (width - kept)
             holds = 0 <= level - start < digits
@@ -412,6 +418,97 @@ def _slices_of(value_G: jax.Array, start, like_Lx: jax.Array) -> jax.Array:
     return _per_leaf(lax.dynamic_slice_in_dim(value_G, start, like_Lx.shape[0]), like_Lx)
 
 
+class _Ties(NamedTuple):
+    """The tie walk of a per-leaf selection on one device (:func:`_count_ties`), per slice ``g``
+    and set ``s`` (``[G, 2]`` each): ``key`` the ``k``-th largest key ``t``; ``need`` how many of
+    the weights with key ``t`` the set takes, ``k − #(key > t)``, where they straddle the
+    boundary (0 elsewhere); ``seen`` how many weights with key ``t`` the chunks walked so far
+    hold; ``cut`` one past the index of the ``need``-th of them in row-major order (−1 until
+    the chunk that holds it is walked)."""
+
+    key: jax.Array
+    need: jax.Array
+    seen: jax.Array
+    cut: jax.Array
+
+
+def _sum_both(a: jax.Array, b: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``[..., 2]``: the int32 sums of two bool arrays of one shape over ``axes``, in one
+    variadic reduction (on XLA's CPU backend 15× faster than summing their stack)."""
+    zero = jnp.zeros((), jnp.int32)
+    sums = lax.reduce(
+        (a.astype(jnp.int32), b.astype(jnp.int32)),
+        (zero, zero),
+        lambda x, y: (x[0] + y[0], x[1] + y[1]),
+        axes,
+    )
+    return jnp.stack(sums, axis=-1)
+
+
+def _count_ties(keys_Lx: jax.Array, index_x: jax.Array, ties: _Ties, start) -> _Ties:
+    """``ties`` after one chunk of ``L`` slices from slice ``start`` (an int or traced).
+
+    The one-device walk visits the chunks of a slice in index order, each a run of consecutive
+    indices from ``index_x``'s first, so the ``need``-th weight with key ``t`` lies in the first
+    chunk where ``seen + #(key == t) >= need``.  Inside that chunk (a ``cond``: once per slice
+    and set) a bisection over positions ``p`` finds the least ``p`` with
+    ``#(key == t at positions < p) >= need − seen``; the cut is the chunk's first index plus
+    ``p``.  A pass costs one comparison and one count per weight and set, where the index
+    digits of :class:`_Fields` cost two histogram passes."""
+    length = keys_Lx.shape[0]
+    key_L2, need_L2, seen_L2, cut_L2 = (lax.dynamic_slice_in_dim(v, start, length) for v in ties)
+    tied_LxM = [(keys_Lx == _per_leaf(key_L2[:, s], keys_Lx)).reshape(length, -1) for s in (0, 1)]
+    count_L2 = _sum_both(*tied_LxM, (1,))
+    hit_L2 = (need_L2 > seen_L2) & (need_L2 <= seen_L2 + count_L2)
+
+    def locate(cut_L2):
+        size = tied_LxM[0].shape[1]
+        position_M = jnp.arange(size, dtype=jnp.int32)
+        wanted_L2 = need_L2 - seen_L2
+
+        def halve(_, bounds):  # invariant: the answer lies in [low, high]
+            low, high = bounds
+            middle = (low + high) // 2
+            before = [t & (position_M < middle[:, s, None]) for s, t in enumerate(tied_LxM)]
+            enough = _sum_both(*before, (1,)) >= wanted_L2
+            return jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high)
+
+        bounds = (jnp.zeros_like(wanted_L2), jnp.full_like(wanted_L2, size))
+        low, _ = lax.fori_loop(0, max(1, size.bit_length()), halve, bounds)
+        first_index = jnp.reshape(index_x, -1)[0]
+        return jnp.where(hit_L2, first_index + low, cut_L2)
+
+    cut_L2 = lax.cond(jnp.any(hit_L2), locate, lambda c: c, cut_L2)
+
+    def put(whole, part):
+        return lax.dynamic_update_slice_in_dim(whole, part, start, 0)
+
+    return ties._replace(seen=put(ties.seen, seen_L2 + count_L2), cut=put(ties.cut, cut_L2))
+
+
+#: Slices of at least this many weights resolve straddling ties with the tie walk
+#: (:func:`_count_ties`, one pass) instead of the index digits (two histogram passes); smaller
+#: ones rarely straddle (float32), and the walk compiles a chunk loop of its own.
+TIE_WALK_MIN = 1 << 22
+
+
+def _walks_ties(stack: jax.Array) -> bool:
+    """Whether the slices of a stack take the tie walk: on one device (its chunks come in index
+    order) and of at least ``TIE_WALK_MIN`` weights."""
+    return _devices() == 1 and math.prod(stack.shape[1:]) >= TIE_WALK_MIN
+
+
+def _tie_walk(stacks: Sequence[jax.Array], ties: _Ties, key_dtype: np.dtype) -> _Ties:
+    """:func:`_count_ties` over every chunk of a group of stacks (group-local ``ties``)."""
+
+    def body(keys, starts, index_x, ties):
+        for keys_Lx, start in zip(keys, starts, strict=True):
+            ties = _count_ties(keys_Lx, index_x, ties, start)
+        return ties
+
+    return _fold_chunks(stacks, body, ties, key_dtype)
+
+
 def _level_histograms(
     stacks: Sequence[jax.Array],
     at: _Level,
@@ -436,18 +533,21 @@ def _level_histograms(
     n = math.prod(stacks[0].shape[1:])
     no_row = jnp.zeros((), jnp.uint32)
 
-    def body(keys, starts, index_x, hist_Gx2B):
+    def count(hist_Gx2B, keys_Lx, start, index_x):
         rank_x = ((n - 1) - index_x).astype(jnp.uint32)  # larger for lower indices
+        row_x = no_row if row_rank_G is None else _slices_of(row_rank_G, start, keys_Lx)
+        values = (_unsigned(keys_Lx), row_x, rank_x)
+        digit_Lx = _level_digit(values, at)
+        a, b = (
+            _matches(values, [_slices_of(p[:, s], start, keys_Lx) for p in prefixes_GxS], at)
+            for s in (0, 1)
+        )
+        bins_Lx = jnp.where(a, digit_Lx, jnp.where(b, digit_Lx + _BINS, -1))
+        return _add_counts(hist_Gx2B, bins_Lx, first + start if apart else first, apart)
+
+    def body(keys, starts, index_x, hist_Gx2B):
         for keys_Lx, start in zip(keys, starts, strict=True):
-            row_x = no_row if row_rank_G is None else _slices_of(row_rank_G, start, keys_Lx)
-            values = (_unsigned(keys_Lx), row_x, rank_x)
-            digit_Lx = _level_digit(values, at)
-            a, b = (
-                _matches(values, [_slices_of(p[:, s], start, keys_Lx) for p in prefixes_GxS], at)
-                for s in (0, 1)
-            )
-            bins_Lx = jnp.where(a, digit_Lx, jnp.where(b, digit_Lx + _BINS, -1))
-            hist_Gx2B = _add_counts(hist_Gx2B, bins_Lx, first + start if apart else first, apart)
+            hist_Gx2B = count(hist_Gx2B, keys_Lx, start, index_x)
         return hist_Gx2B
 
     return _fold_chunks(stacks, body, hist_Px2B, key_dtype)
@@ -470,8 +570,9 @@ class _Selected(NamedTuple):
     found so far of the ``k``-th largest composite key (one array per field, unsigned, zeros
     below the digits found), how many keys are above them, how many share them, and whether
     the ties at the key straddle the boundary (``#(key == t) ≠ k − #(key > t)``, known after the
-    key's digits); ``levels``: how many levels run (the key's, plus the tie fields' when ties
-    straddle some boundary)."""
+    key's digits); ``levels``: how many levels run (the key's, plus the tie fields' — or the
+    tie walk's one — when ties straddle some boundary); ``cut``: the tie walk's cuts
+    (:class:`_Ties`; −1 where it did not run)."""
 
     level: jax.Array
     levels: jax.Array
@@ -479,29 +580,56 @@ class _Selected(NamedTuple):
     above: jax.Array
     tied: jax.Array
     straddles: jax.Array
+    cut: jax.Array
 
 
-#: ``histogram(at, prefixes_PxS, run_P)``: int32 ``[P, 2, 65536]`` of
-#: :func:`_level_histograms`; rows with ``run_P`` False may be left zero (their result is unused).
-LevelHistogram = Callable[[_Level, tuple[jax.Array, ...], jax.Array], jax.Array]
+#: ``histogram(at, prefixes_PxS, run_P, ties, tie_level)``: ``(hist, cut)``, int32
+#: ``[P, 2, 65536]`` of :func:`_level_histograms` (rows with ``run_P`` False may be left zero:
+#: their result is unused) and, with ``ties`` (:class:`_Ties` over all rows), the tie walk's
+#: cuts where ``tie_level`` (else ``None``).
+LevelHistogram = Callable[
+    [_Level, tuple[jax.Array, ...], jax.Array, _Ties | None, jax.Array],
+    tuple[jax.Array, jax.Array | None],
+]
 
 
 def _radix_select(
-    histogram: LevelHistogram, k_PxS: jax.Array, fields: _Fields, key_dtype: np.dtype
+    histogram: LevelHistogram,
+    k_PxS: jax.Array,
+    fields: _Fields,
+    key_dtype: np.dtype,
+    tie_rows_P: np.ndarray | None = None,
 ) -> _Selected:
     """Per row and set, the ``k``-th largest composite key, one 16-bit digit per level, in one
     ``while_loop`` whose body (one histogram pass and one bucket select) serves every level.
 
     The key's digits always run; the row and index fields only when some row's ties straddle
-    its boundary (``#(key == t) ≠ k − #(key > t)``), which is rare for trained weights, and
-    then only those rows need their histograms (``run_P``)."""
+    its boundary (``#(key == t) ≠ k − #(key > t)``), and then only those rows need their
+    histograms (``run_P``).  Rows flagged in ``tie_rows_P`` (per-leaf selection on one device,
+    slices of at least ``TIE_WALK_MIN`` weights) take the tie walk of :func:`_count_ties`
+    instead, at the first level after the key's: one pass where the index digits take two
+    (ties straddle most boundaries of float32 slices of about 10M weights or more: 9 of the 12
+    boundaries of the four 4096 × 4096 kernels of ``scripts/benchmark_step.py``), and no
+    histogram at any later level."""
     rows = k_PxS.shape[0]
-    tables = _level_tables(fields, key_dtype)
+    tie_walk = tie_rows_P is not None and bool(np.any(tie_rows_P))
+    straddled_levels = fields.key + max(fields.row + fields.index, int(tie_walk))
+    tables = _level_tables(fields, key_dtype, straddled_levels)
 
     def body(c: _Selected) -> _Selected:
         at = _at_level(tables, c.level)
-        run_P = (c.level < fields.key) | jnp.any(c.straddles, axis=1)
-        hist_Px2xB = _histograms_of_sets(histogram(at, c.prefixes, run_P), c.prefixes)
+        straddle_P = jnp.any(c.straddles, axis=1)
+        tie_level = c.level == fields.key
+        if tie_walk:  # tie rows walk their ties at the tie level only
+            straddle_P = straddle_P & (tie_level | ~jnp.asarray(tie_rows_P))
+        run_P = (c.level < fields.key) | straddle_P
+        ties = None
+        if tie_walk:
+            key_PxS = lax.bitcast_convert_type(c.prefixes[0], key_dtype)
+            need_PxS = jnp.where(c.straddles, k_PxS - c.above, 0)
+            ties = _Ties(key_PxS, need_PxS, jnp.zeros_like(need_PxS), c.cut)
+        hist, cut_PxS = histogram(at, c.prefixes, run_P, ties, tie_level)
+        hist_Px2xB = _histograms_of_sets(hist, c.prefixes)
         bucket, above, tied = selection.select_bucket(
             hist_Px2xB.reshape(-1, _BINS), (k_PxS - c.above).reshape(-1)
         )
@@ -510,16 +638,18 @@ def _radix_select(
             p if shift is None else p | (lax.shift_left(bucket_PxS.astype(p.dtype), shift) * holds)
             for p, shift, holds in zip(c.prefixes, at.shift, at.holds, strict=True)
         )
+        # (Past the key's digits a tie row's counts are unused: its cut comes from the walk.)
         above_PxS = c.above + above.reshape(rows, 2)
         tied_PxS = tied.reshape(rows, 2)
         last_key_digit = c.level == fields.key - 1
         straddles_PxS = jnp.where(last_key_digit, tied_PxS != k_PxS - above_PxS, c.straddles)
         levels = jnp.where(
             last_key_digit,
-            jnp.where(jnp.any(straddles_PxS), sum(fields), fields.key),
+            jnp.where(jnp.any(straddles_PxS), straddled_levels, fields.key),
             c.levels,
         )
-        return _Selected(c.level + 1, levels, prefixes, above_PxS, tied_PxS, straddles_PxS)
+        cut = c.cut if cut_PxS is None else cut_PxS
+        return _Selected(c.level + 1, levels, prefixes, above_PxS, tied_PxS, straddles_PxS, cut)
 
     zeros = jnp.zeros((rows, 2), jnp.int32)
     init = _Selected(
@@ -529,6 +659,7 @@ def _radix_select(
         zeros,
         zeros,
         jnp.zeros((rows, 2), bool),
+        jnp.full((rows, 2), -1, jnp.int32),
     )
     return lax.while_loop(lambda c: c.level < c.levels, body, init)
 
@@ -548,34 +679,54 @@ def _group_histograms(
     groups: Sequence[Sequence[jax.Array]],
     key_dtype: np.dtype,
     row_ranks: Sequence[jax.Array | None],
-) -> Callable[[_Level, tuple[jax.Array, ...], jax.Array, bool], jax.Array]:
-    """``histograms(at, prefixes, run, shared)``: int32 ``[P, 2, 65536]``, every group's
-    :func:`_level_histograms` in one buffer (no copy per group), the prefixes ``[P, 2]`` over
-    the groups' rows in order, with ``run`` ``[P]`` (a group none of whose rows run is not
-    walked: its histograms are zero); or ``[1, 2, 65536]`` summed over every group, the
-    prefixes one ``[1, 2]`` for all (``shared``, global top-k: every group walked)."""
+    tie_groups: Sequence[bool] | None = None,
+) -> Callable[..., tuple[jax.Array, jax.Array | None]]:
+    """``histograms(at, prefixes, run, shared, ties=None, tie_level=None)``: ``(hist, cut)``.
 
-    def histograms(at, prefixes, run, shared):
+    ``hist``: int32 ``[P, 2, 65536]``, every group's :func:`_level_histograms` in one buffer (no
+    copy per group), the prefixes ``[P, 2]`` over the groups' rows in order, with ``run``
+    ``[P]`` (a group none of whose rows run is not walked: its histograms are zero); or
+    ``[1, 2, 65536]`` summed over every group, the prefixes one ``[1, 2]`` for all (``shared``,
+    global top-k: every group walked).  ``cut``: with ``ties`` (:class:`_Ties` ``[P, 2]``), its
+    cuts after the tie walk (:func:`_tie_walk`) of the groups flagged in ``tie_groups`` where
+    ``tie_level`` (those groups histogram nothing at that level); else ``None``."""
+    tie_groups = list(tie_groups) if tie_groups is not None else [False] * len(groups)
+
+    def histograms(at, prefixes, run, shared, ties=None, tie_level=None):
         total = sum(_rows(group) for group in groups)
         hist = jnp.zeros((1 if shared else total, 2 * _BINS), jnp.int32)
+        cut = None if ties is None else ties.cut
         start = 0
-        for group, row_rank in zip(groups, row_ranks, strict=True):
+        for group, row_rank, tie_group in zip(groups, row_ranks, tie_groups, strict=True):
             rows = _rows(group)
+            span = slice(start, start + rows)
             if shared:
                 mine = tuple(jnp.broadcast_to(p, (rows, 2)) for p in prefixes)
                 hist = _level_histograms(group, at, mine, key_dtype, row_rank, hist, 0, False)
             else:
-                mine = tuple(p[start : start + rows] for p in prefixes)
-                hist = lax.cond(
-                    jnp.any(run[start : start + rows]),
-                    lambda h, g=group, m=mine, r=row_rank, f=start: _level_histograms(
-                        g, at, m, key_dtype, r, h, f
-                    ),
-                    lambda h: h,
-                    hist,
-                )
+                mine = tuple(p[span] for p in prefixes)
+
+                def walk(h, g=group, m=mine, r=row_rank, f=start):
+                    return _level_histograms(g, at, m, key_dtype, r, h, f)
+
+                runs = jnp.any(run[span])
+                if ties is not None and tie_group:
+                    mine_ties = _Ties(*(v[span] for v in ties))
+                    hist, group_cut = lax.switch(
+                        jnp.where(runs, jnp.where(tie_level, 2, 1), 0),
+                        [
+                            lambda h, t: (h, t.cut),
+                            lambda h, t, walk=walk: (walk(h), t.cut),
+                            lambda h, t, g=group: (h, _tie_walk(g, t, key_dtype).cut),
+                        ],
+                        hist,
+                        mine_ties,
+                    )
+                    cut = cut.at[span].set(group_cut)
+                else:
+                    hist = lax.cond(runs, walk, lambda h: h, hist)
             start += rows
-        return hist.reshape(-1, 2, _BINS)
+        return hist.reshape(-1, 2, _BINS), cut
 
     return histograms
 
@@ -608,19 +759,35 @@ def leaf_thresholds(
         np.int32,
     )
     key_dtype = _key_dtype(stacks)
-    fields = _Fields(selection.key_digits(key_dtype), 0, _digits_for(int(size_P.max())))
+    tie_groups = [_walks_ties(stacks[m[0]]) for m in groups]
+    tie_rows_P = np.array(
+        [
+            t
+            for m, t in zip(groups, tie_groups, strict=True)
+            for i in m
+            for _ in range(stacks[i].shape[0])
+        ],
+        bool,
+    )
+    digit_sizes = size_P[~tie_rows_P]  # slices whose ties take the index digits
+    index_digits = _digits_for(int(digit_sizes.max())) if digit_sizes.size else 0
+    fields = _Fields(selection.key_digits(key_dtype), 0, index_digits)
     histograms = _group_histograms(
-        [[stacks[i] for i in m] for m in groups], key_dtype, [None] * len(groups)
+        [[stacks[i] for i in m] for m in groups], key_dtype, [None] * len(groups), tie_groups
     )
     selected = _radix_select(
-        lambda at, prefixes, run: histograms(at, prefixes, run, False),
+        lambda at, prefixes, run, ties, tie_level: histograms(
+            at, prefixes, run, False, ties, tie_level
+        ),
         k_PxS,
         fields,
         key_dtype,
+        tie_rows_P,
     )
     key_PxS = lax.bitcast_convert_type(selected.prefixes[0], key_dtype)
     size_Px1 = jnp.asarray(size_P)[:, None]
-    ties = size_Px1 - selected.prefixes[2].astype(jnp.int32)  # just past the k-th's index
+    past_index = size_Px1 - selected.prefixes[2].astype(jnp.int32)  # just past the k-th's index
+    ties = jnp.where(jnp.asarray(tie_rows_P)[:, None], selected.cut, past_index)
     cut_PxS = jnp.where(selected.straddles, ties, size_Px1)
     out: list[SetThresholds | None] = [None] * len(xs)
     start = 0
@@ -661,7 +828,10 @@ def global_thresholds(
 
     k_1xS = jnp.array([[k_forward, k_backward]], jnp.int32)
     selected = _radix_select(
-        lambda at, prefixes, run: histograms(at, prefixes, run, True), k_1xS, fields, key_dtype
+        lambda at, prefixes, run, ties, tie_level: histograms(at, prefixes, run, True),
+        k_1xS,
+        fields,
+        key_dtype,
     )
     key_S = lax.bitcast_convert_type(selected.prefixes[0][0], key_dtype)
     row_S, index_S = (p[0].astype(jnp.int32) for p in selected.prefixes[1:])

@@ -16,16 +16,10 @@ import pytest
 import tk_harness
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from slice_sets import stable_top_k
 
 import topkast_jax as tk
 from topkast_jax import codes, streaming
-
-
-def stable_top_k(x: np.ndarray, k: int) -> np.ndarray:
-    """Reference: the ``k`` largest ``|x|`` by stable argsort (ties to the lower index)."""
-    mask = np.zeros(x.size, bool)
-    mask[np.argsort(-np.abs(x.ravel()), kind="stable")[:k]] = True
-    return mask.reshape(x.shape)
 
 
 @settings(max_examples=40, deadline=None)

@@ -12,14 +12,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from slice_sets import assert_slice_sets, stable_top_k
 
 from topkast_jax import codes, streaming
-
-
-def stable_top_k(x: np.ndarray, k: int) -> np.ndarray:
-    mask = np.zeros(x.size, bool)
-    mask[np.argsort(-np.abs(x.ravel()), kind="stable")[:k]] = True
-    return mask.reshape(x.shape)
 
 
 @pytest.fixture
@@ -40,14 +35,7 @@ def test_equal_size_slices_of_any_shape_share_one_walk(short_rows, seed, rounded
     stacks = [streaming.stack_view(jnp.asarray(x), a) for x, a in zip(xs, axes, strict=True)]
     assert {s.shape[1:] for s in stacks} == {(15, 4)}
     assert len(streaming._by_walk(stacks)) == 1
-    k_a, k_b = [7, 1, 30, 12], [20, 1, 59, 30]
-    ths = streaming.leaf_thresholds([jnp.asarray(x) for x in xs], k_a, k_b, axes)
-    for x, th, axis, ka, kb in zip(xs, ths, axes, k_a, k_b, strict=True):
-        code = np.asarray(streaming.codes_from_thresholds(jnp.asarray(x), th, axis))
-        slices = [(x, code)] if axis is None else list(zip(x, code, strict=True))
-        for xi, ci in slices:
-            np.testing.assert_array_equal(codes.forward_of(ci), stable_top_k(xi, ka))
-            np.testing.assert_array_equal(codes.backward_of(ci), stable_top_k(xi, kb))
+    assert_slice_sets(xs, axes, [7, 1, 30, 12], [20, 1, 59, 30])
 
 
 def test_global_top_k_over_a_shared_walk(short_rows):

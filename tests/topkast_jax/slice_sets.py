@@ -1,0 +1,36 @@
+"""Reference checks of :func:`topkast_jax.streaming.leaf_thresholds`: the sets of every slice
+must equal a stable argsort of ``−|x|`` (ties to the lower row-major index)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from topkast_jax import codes, streaming
+
+
+def stable_top_k(x: np.ndarray, k: int) -> np.ndarray:
+    """Reference: the ``k`` largest ``|x|`` by stable argsort (ties to the lower index)."""
+    mask = np.zeros(x.size, bool)
+    mask[np.argsort(-np.abs(x.ravel()), kind="stable")[:k]] = True
+    return mask.reshape(x.shape)
+
+
+def assert_slice_sets(
+    xs: Sequence[np.ndarray],
+    axes: Sequence[int | None],
+    k_a: Sequence[int],
+    k_b: Sequence[int],
+) -> None:
+    """Select ``A`` (``k_a`` per slice) and ``B`` (``k_b``) of every leaf in one call and compare
+    each slice (along the layer axis ``axes[i]``, which must be 0, or the whole leaf) with
+    :func:`stable_top_k`."""
+    ths = streaming.leaf_thresholds([jnp.asarray(x) for x in xs], k_a, k_b, axes)
+    for x, th, axis, ka, kb in zip(xs, ths, axes, k_a, k_b, strict=True):
+        code = np.asarray(streaming.codes_from_thresholds(jnp.asarray(x), th, axis))
+        slices = [(x, code)] if axis is None else list(zip(x, code, strict=True))
+        for xi, ci in slices:
+            np.testing.assert_array_equal(codes.forward_of(ci), stable_top_k(xi, ka))
+            np.testing.assert_array_equal(codes.backward_of(ci), stable_top_k(xi, kb))
