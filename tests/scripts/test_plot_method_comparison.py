@@ -20,9 +20,9 @@ def test_runs_from_the_recorded_table_of_the_docs():
     runs = plot_lib.runs_from_markdown(os.path.join(ROOT, "docs", "method_comparison.md"))
     assert len(runs) == 33  # dense once, 5 methods x 2 sparsities, 3 seeds each
     topkast_90 = [r for r in runs if r["method"] == "topkast" and r["sparsity"] == 0.9]
-    assert [r["test_bpc"] for r in topkast_90] == [3.232, 3.204, 3.273]
+    assert [r["test_bpc"] for r in topkast_90] == [3.216, 3.18, 3.258]
     assert {r["backward"] for r in topkast_90} == {0.8}
-    assert [r["test_bpc"] for r in runs if r["method"] == "dense"] == [2.823, 2.823, 2.832]
+    assert [r["test_bpc"] for r in runs if r["method"] == "dense"] == [2.817, 2.805, 2.842]
 
 
 def _write_run(root, name, method, forward, backward, seed, bpc):
