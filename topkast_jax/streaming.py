@@ -362,12 +362,10 @@ def _field_dtypes(key_dtype: np.dtype) -> tuple[np.dtype, np.dtype, np.dtype]:
     )
 
 
-def _level_tables(
-    fields: _Fields, key_dtype: np.dtype, levels: int | None = None
-) -> list[np.ndarray | None]:
+def _level_tables(fields: _Fields, key_dtype: np.dtype, levels: int) -> list[np.ndarray | None]:
     """Per field, ``[levels, 3]`` of its dtype: ``(mask, shift, holds)`` of :class:`_Level` at
-    every level (computed here, so a level costs one lookup per field, not scalar kernels);
-    ``levels`` defaults to the fields' digits (a level past them holds no digit)."""
+    every level (computed here, so a level costs one lookup per field, not scalar kernels); a
+    level past the fields' digits (the tie walk's) holds no digit."""
     tables: list[np.ndarray | None] = []
     for start, digits, dtype in zip(fields.starts(), fields, _field_dtypes(key_dtype), strict=True):
         if not digits:
@@ -375,7 +373,7 @@ def _level_tables(
             continue
         width = _BITS * digits  # a rank of one digit lies in the low 16 bits
         rows = []
-        for level in range(sum(fields) if levels is None else levels):
+        for level in range(levels):
             kept = min(max(level - start, 0), digits) * _BITS
             mask = ((1 << kept) - 1) << (width - kept)
             holds = 0 <= level - start < digits
@@ -432,16 +430,12 @@ class _Ties(NamedTuple):
     cut: jax.Array
 
 
-def _sum_both(a: jax.Array, b: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    """``[..., 2]``: the int32 sums of two bool arrays of one shape over ``axes``, in one
-    variadic reduction (on XLA's CPU backend 15× faster than summing their stack)."""
-    zero = jnp.zeros((), jnp.int32)
-    sums = lax.reduce(
-        (a.astype(jnp.int32), b.astype(jnp.int32)),
-        (zero, zero),
-        lambda x, y: (x[0] + y[0], x[1] + y[1]),
-        axes,
-    )
+def _sum_both(a_LxM: jax.Array, b_LxM: jax.Array) -> jax.Array:
+    """``[L, 2]``: the int32 sums of two bool arrays over their last axis, in one variadic
+    reduction (:func:`topkast_jax.selection._reduce_last`; on XLA's CPU backend 15× faster than
+    summing their stack)."""
+    ints = (a_LxM.astype(jnp.int32), b_LxM.astype(jnp.int32))
+    sums = selection._reduce_last(ints, (0, 0), lambda x, y: (x[0] + y[0], x[1] + y[1]))
     return jnp.stack(sums, axis=-1)
 
 
@@ -458,7 +452,7 @@ def _count_ties(keys_Lx: jax.Array, index_x: jax.Array, ties: _Ties, start) -> _
     length = keys_Lx.shape[0]
     key_L2, need_L2, seen_L2, cut_L2 = (lax.dynamic_slice_in_dim(v, start, length) for v in ties)
     tied_LxM = [(keys_Lx == _per_leaf(key_L2[:, s], keys_Lx)).reshape(length, -1) for s in (0, 1)]
-    count_L2 = _sum_both(*tied_LxM, (1,))
+    count_L2 = _sum_both(*tied_LxM)
     hit_L2 = (need_L2 > seen_L2) & (need_L2 <= seen_L2 + count_L2)
 
     def locate(cut_L2):
@@ -470,7 +464,7 @@ def _count_ties(keys_Lx: jax.Array, index_x: jax.Array, ties: _Ties, start) -> _
             low, high = bounds
             middle = (low + high) // 2
             before = [t & (position_M < middle[:, s, None]) for s, t in enumerate(tied_LxM)]
-            enough = _sum_both(*before, (1,)) >= wanted_L2
+            enough = _sum_both(*before) >= wanted_L2
             return jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high)
 
         bounds = (jnp.zeros_like(wanted_L2), jnp.full_like(wanted_L2, size))

@@ -26,7 +26,8 @@ def small_walk(monkeypatch):
 
 @pytest.fixture
 def walks(monkeypatch):
-    """How many chunks the tie walk counted while tracing (it runs only when traced)."""
+    """The shapes of the chunks the tie walk traced (``_count_ties`` is called only when
+    tracing)."""
     calls = []
     count_ties = streaming._count_ties
 
