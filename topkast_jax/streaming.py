@@ -14,8 +14,8 @@ the leaf once:
    histograms over the rank ``n − 1 − i`` of the flat index of the tied weights (one or two
    passes), so the result is the ``k``-th largest *composite* key ``(key, n − 1 − i)`` —
    unique, ordered as a stable argsort — and no pass depends on the order in which chunks are
-   visited.  On one device, slices of at least ``TIE_WALK_MIN`` weights (whose float32
-   boundaries mostly straddle a few ties) take the *tie walk* instead: one pass that counts the
+   visited.  On one device, slices of at least ``TIE_WALK_MIN`` weights (where float32
+   boundaries often straddle a few ties) take the *tie walk* instead: one pass that counts the
    tied weights chunk by chunk in index order and finds the cut inside the chunk that holds it
    (:func:`_count_ties`).
 
@@ -602,9 +602,8 @@ def _radix_select(
     histograms (``run_P``).  Rows flagged in ``tie_rows_P`` (per-leaf selection on one device,
     slices of at least ``TIE_WALK_MIN`` weights) take the tie walk of :func:`_count_ties`
     instead, at the first level after the key's: one pass where the index digits take two
-    (ties straddle most boundaries of float32 slices of about 10M weights or more: 9 of the 12
-    boundaries of the four 4096 × 4096 kernels of ``scripts/benchmark_step.py``), and no
-    histogram at any later level."""
+    (ties straddle 9 of the 12 boundaries of the four 4096 × 4096 float32 kernels of
+    ``scripts/benchmark_step.py``), and no histogram at any later level."""
     rows = k_PxS.shape[0]
     tie_walk = tie_rows_P is not None and bool(np.any(tie_rows_P))
     straddled_levels = fields.key + max(fields.row + fields.index, int(tie_walk))
