@@ -29,16 +29,20 @@ in ``B``'s — two prefixes either agree (then so do the histograms) or no key m
 A leaf with a layer axis (scan-stacked layers, :mod:`topkast_jax.layers`) is ``L`` slices, each
 selected as a leaf of its own: the walk reads the leaf as a *stack* ``(L, *slice)`` (the layer axis
 moved first; a leaf without one is a stack of one slice) and every slice is a *row* of the
-histograms.  Slices of equal shape — of one leaf or of several — are walked together (one chunk
-loop for the group, the histograms as rows of one buffer for all groups).  On one device every
-slice of ``n`` weights is first viewed as ``(n / c, c)`` rows, ``c = gcd(n, ROW)`` (a free
-reshape), so slices of equal *size* share a loop and a chunk holds about ``CHUNK`` weights
-whatever the leaf's leading axes; the group's loop then takes one slice's chunk per iteration
-through a ``lax.switch`` over its stacks, so its body is compiled once.  The compiled program
-grows with the number of distinct slice sizes (shapes, on a mesh) by one chunk loop each, and no
-slice is copied out of its leaf (a layer axis other than 0 is moved first, which XLA may copy).
-The temporaries are two int32 histograms of 65,536 bins (512 KiB) per slice — those of all
-slices at once, as one bucket select serves them all — and one chunk of ``CHUNK`` keys per group.
+histograms.  Slices walked alike — of one leaf or of several — form a group (one chunk loop for
+the group, the histograms as rows of one buffer for all groups).  On one device every slice of
+``n`` weights is first viewed as ``(n / c, c)`` rows, ``c = gcd(n, ROW)`` (a free reshape), and
+walked in chunks of ``r`` rows: ``r = CHUNK / c``, or for a slice of fewer rows the largest power
+of two not above its rows; a slice's last chunk ends at its last row, overlapping the one before
+(its rows counted there are masked).  Slices of one ``c`` and one ``r`` share a loop whatever
+their sizes — ResNet-50's 54 kernels of 15 sizes take 6 loops, the Transformer-XL's 43 sparse
+leaves of 5 sizes take 2 — which takes one slice's chunk per iteration through a ``lax.switch``
+over its stacks, so its body is compiled once; a pass that needs only some slices (the index
+digits, the tie walk) walks only theirs.  The compiled program grows by one chunk loop per
+group (per slice shape, on a mesh) and by one small slicing kernel per stack, and no slice is
+copied out of its leaf (a layer axis other than 0 is moved first, which XLA may copy).  The
+temporaries are two int32 histograms of 65,536 bins (512 KiB) per slice — those of all slices
+at once, as one bucket select serves them all — and one chunk of ``CHUNK`` keys per group.
 
 Sharded leaves are selected per shard: a chunk never cuts across a device (:func:`_walk`) — runs
 of leading rows of the slice when its first axis is whole on every device, else strided rows
@@ -90,7 +94,8 @@ class SetThresholds(NamedTuple):
     cut: jax.Array
 
 
-Body = Callable[[Sequence[jax.Array], Sequence, jax.Array, object], object]
+#: ``body(parts, starts, index, carry, valid) -> carry`` of :func:`_fold_chunks`.
+Body = Callable[[Sequence[jax.Array], Sequence, jax.Array, object, jax.Array | None], object]
 
 
 class _Walk(NamedTuple):
@@ -152,6 +157,21 @@ def _walk(stack: jax.Array) -> _Walk:
 ROW = 1024
 
 
+def _one_device(stack: jax.Array) -> bool:
+    """Whether the stack is walked as one device's: no explicit sharding and one device (its
+    slices are then viewed as rows of ``gcd(n, ROW)``, :func:`stack_view`)."""
+    return sharding.explicit_sharding(stack) is None and _devices() == 1
+
+
+def _chunk_rows(stack: jax.Array) -> int:
+    """Rows per chunk of a one-device stack ``(L, rows, c)``: ``CHUNK // c`` (at least 1), or for
+    slices of fewer rows the largest power of two not above ``rows`` — so stacks of one row
+    length share a walk whatever their row counts, in a few classes of chunk size."""
+    rows, width = stack.shape[1], stack.shape[2]
+    most = max(1, CHUNK // width)
+    return most if rows >= most else 1 << max(rows.bit_length() - 1, 0)
+
+
 def stack_view(x: jax.Array, axis: int | None) -> jax.Array:
     """The leaf as it is walked: ``x[None]`` without a layer axis, else the layer axis moved first
     (free for axis 0); ``(L, 1)`` for scalar slices.
@@ -159,12 +179,12 @@ def stack_view(x: jax.Array, axis: int | None) -> jax.Array:
     On one device (no sharding to keep) every slice of ``n`` weights is viewed as
     ``(n / c, c)`` rows with ``c = gcd(n, ROW)`` — a free reshape that keeps the row-major
     index — so a chunk holds about ``CHUNK`` weights whatever the leaf's leading axes (a
-    3×3×512×512 kernel's first axis would make a chunk of 786,432), and slices of equal size
-    share a chunk loop whatever their shapes.  Otherwise the stack keeps the slice's axes,
-    ``(L, *slice)``: chunks never cross a device boundary (:func:`_walk`), so every chunk keeps
-    the leaf's sharding."""
+    3×3×512×512 kernel's first axis would make a chunk of 786,432), and slices of one row
+    length share a chunk loop whatever their shapes (:func:`_by_walk`).  Otherwise the stack
+    keeps the slice's axes, ``(L, *slice)``: chunks never cross a device boundary
+    (:func:`_walk`), so every chunk keeps the leaf's sharding."""
     stack = jnp.expand_dims(x, 0) if axis is None else jnp.moveaxis(x, axis, 0)
-    if sharding.explicit_sharding(stack) is None and _devices() == 1:
+    if _one_device(stack):
         n = math.prod(stack.shape[1:])
         row = math.gcd(n, ROW) if n else 1
         return stack.reshape(stack.shape[0], n // row, row)
@@ -186,60 +206,59 @@ def _row_ranges(stacks: Sequence[jax.Array]) -> list[slice]:
 
 
 def _fold_chunks(
-    stacks: Sequence[jax.Array], body: Body, init: object, key_dtype: np.dtype | None = None
+    stacks: Sequence[jax.Array],
+    body: Body,
+    init: object,
+    key_dtype: np.dtype | None = None,
+    run_G: jax.Array | None = None,
 ) -> object:
-    """``carry ← body(parts, starts, index_C…, carry)`` over the ``R`` slices of stacks walked
-    alike (:func:`_by_walk`), by the chunks of :func:`_walk`: runs of whole leading rows of the
-    slice, or strided sets of them, so a chunk keeps the leaf's sharding on every axis.
+    """``carry ← body(parts, starts, index_C…, carry, valid_C…)`` over the ``R`` slices of stacks
+    walked alike (:func:`_by_walk`), by chunks that each hold about ``CHUNK`` weights.
 
     ``parts[i]`` are magnitude keys (of ``key_dtype``; default :func:`_key_dtype` of the stacks:
     int64 when one is float64) of a chunk of ``L_i`` slices whose first is the group's slice
     ``starts[i]`` (an int, or traced).  ``index`` is the row-major flat index inside the slice of
-    each position of the chunk (broadcasts against every part).  Chunks run in one ``fori_loop``
-    for the whole group (dynamic slices, no copy); a run's remaining rows form one last, shorter
-    chunk.
+    each position of the chunk (broadcasts against every part); ``valid`` (bool, like ``index``,
+    or ``None`` when every position counts) is False at positions an earlier chunk of the slice
+    held.  Chunks run in one ``fori_loop`` for the whole group (dynamic slices, no copy).
 
-    Sharded stacks are walked together, one part per stack: their layouts may differ.  On one
-    device a group of several stacks is walked one slice at a time — iteration ``j`` takes chunk
-    ``j // R`` of slice ``j % R`` through a ``lax.switch`` over the stacks — so the loop body
-    (the caller's, with one part) is compiled once for the group and its kernels never see
-    several stacks at once (joining the stacks' chunks into one array inside the body, as this
-    did before, made XLA's CPU kernels 3–4× slower per weight).
+    On one device the group is walked one slice at a time (:func:`_fold_slices`), only the
+    slices flagged in ``run_G`` (bool ``[R]``) when it is given; sharded stacks ignore it.  Sharded
+    stacks are walked together, one part per stack (their layouts may differ), by the chunks
+    of :func:`_walk`: runs of whole leading rows of the slice (the remaining rows form one last,
+    shorter chunk), or strided sets of them, so a chunk keeps the leaf's sharding on every axis.
     """
-    shape = stacks[0].shape[1:]
-    row_size = max(1, math.prod(shape[1:]))
-    walk = _walk(stacks[0])
-
     key_dtype = _key_dtype(stacks) if key_dtype is None else key_dtype
 
     def keys_of(parts):
         return [selection.elementwise_magnitude_keys(p, key_dtype) for p in parts]
 
+    if all(_one_device(s) for s in stacks):
+        return _fold_slices(stacks, body, init, keys_of, run_G)
+    shape = stacks[0].shape[1:]
+    row_size = max(1, math.prod(shape[1:]))
+    walk = _walk(stacks[0])
+    starts = [r.start for r in _row_ranges(stacks)]
+
     if walk.strided:  # chunk j: rows j, j + c, j + 2c, … of the slice
         views = [sharding.split_axis(s, 1, walk.rows) for s in stacks]
         shape_C = (walk.rows, 1, *shape[1:])
         row_C = lax.broadcasted_iota(jnp.int32, shape_C, 0) * walk.chunks
-        starts = [r.start for r in _row_ranges(stacks)]
 
         def strided(j, carry):
             keys = keys_of([lax.dynamic_slice_in_dim(v, j, 1, axis=2) for v in views])
-            return body(keys, starts, (row_C + j) * row_size + flat_index(shape_C, skip=0), carry)
+            index_C = (row_C + j) * row_size + flat_index(shape_C, skip=0)
+            return body(keys, starts, index_C, carry, None)
 
         return lax.fori_loop(0, walk.chunks, strided, init)
 
-    def index(start, length):
-        return start * row_size + flat_index((length, *shape[1:]))
+    def chunk(start, length, carry):
+        parts = [lax.dynamic_slice_in_dim(s, start, length, axis=1) for s in stacks]
+        index_C = start * row_size + flat_index((length, *shape[1:]))
+        return body(keys_of(parts), starts, index_C, carry, None)
 
     full = shape[0] // walk.rows
     rest = shape[0] - full * walk.rows
-    if len(stacks) > 1 and _devices() == 1:
-        return _fold_slices(stacks, body, init, keys_of, index, (full, walk.rows, rest))
-    starts = [r.start for r in _row_ranges(stacks)]
-
-    def chunk(start, length, carry):
-        parts = [lax.dynamic_slice_in_dim(s, start, length, axis=1) for s in stacks]
-        return body(keys_of(parts), starts, index(start, length), carry)
-
     carry = (
         lax.fori_loop(0, full, lambda r, c: chunk(r * walk.rows, walk.rows, c), init)
         if full > 1
@@ -248,41 +267,60 @@ def _fold_chunks(
     return chunk(full * walk.rows, rest, carry) if rest else carry
 
 
-def _fold_slices(stacks, body, init, keys_of, index, runs: tuple[int, int, int]) -> object:
-    """:func:`_fold_chunks` on one device for a group of several stacks: ``body`` sees one
-    slice's chunk at a time, the slice picked by a ``lax.switch`` over the stacks (a table maps
-    the group's slice ``g`` to its stack and its slice in that stack).  ``runs``: ``(full,
-    rows, rest)`` — ``full`` chunks of ``rows`` rows, then one of ``rest`` rows (if ``rest``)."""
-    full, rows, rest = runs
-    stack_G = np.concatenate([np.full(s.shape[0], i, np.int32) for i, s in enumerate(stacks)])
-    slice_G = np.concatenate([np.arange(s.shape[0], dtype=np.int32) for s in stacks])
-    slices = len(stack_G)
+def _slice_table(stacks: Sequence[jax.Array]) -> np.ndarray:
+    """int32 ``[G, 3]``, per slice of the group (in the group's order): its stack, its index in
+    that stack and its row count."""
+    return np.array(
+        [(i, layer, s.shape[1]) for i, s in enumerate(stacks) for layer in range(s.shape[0])],
+        np.int32,
+    ).reshape(-1, 3)
 
+
+def _fold_slices(stacks, body, init, keys_of, run_G: jax.Array | None = None) -> object:
+    """:func:`_fold_chunks` on one device: stacks ``(L, rows, c)`` of one row length ``c`` and
+    one :func:`_chunk_rows` ``r`` (their row counts may differ), walked one slice at a time —
+    an outer ``fori_loop`` over the group's slices (only those with ``run_G``, when given), an
+    inner one over the slice's chunks of ``r`` rows in index order (the tie walk relies on it),
+    the slice picked by a ``lax.switch`` over the stacks.  The loop body (the caller's, with one
+    part) is compiled once for the group and its kernels never see several stacks at once
+    (joining the stacks' chunks into one array inside the body made XLA's CPU kernels 3–4×
+    slower per weight).  A slice's last chunk ends at its last row: when ``r`` does not divide
+    its rows it starts inside the chunk before, whose rows it marks not ``valid``."""
+    rows, width = _chunk_rows(stacks[0]), stacks[0].shape[2]
+    table = jnp.asarray(_slice_table(stacks))
+    overlaps = any(s.shape[1] % rows for s in stacks)
     # Stacks of one dtype: the branches only slice, and the keys are computed once after the
     # switch (one kernel for the group instead of one per stack); mixed dtypes: in each branch.
     one_dtype = len({s.dtype for s in stacks}) == 1
 
-    def run(start_row, length, g, carry):
-        def take(stack):
-            def chunk_of(i):  # slice i of the stack, rows [start_row, start_row + length)
-                one = lax.dynamic_index_in_dim(stack, i, axis=0)
-                chunk = lax.dynamic_slice_in_dim(one, start_row, length, axis=1)
-                return chunk if one_dtype else keys_of([chunk])[0]
+    def take(stack):
+        def chunk_of(layer, first_row):
+            one = lax.dynamic_index_in_dim(stack, layer, axis=0)
+            chunk = lax.dynamic_slice_in_dim(one, first_row, rows, axis=1)
+            return chunk if one_dtype else keys_of([chunk])[0]
 
-            return chunk_of
+        return chunk_of
 
-        branches = [take(stack) for stack in stacks]
-        part = lax.switch(jnp.asarray(stack_G)[g], branches, jnp.asarray(slice_G)[g])
-        keys = keys_of([part])[0] if one_dtype else part
-        return body([keys], [g], index(start_row, length), carry)
+    branches = [take(stack) for stack in stacks]
 
-    def step(j, carry):
-        return run((j // slices) * rows, rows, j % slices, carry)
+    def one_slice(g, carry):
+        stack, layer, total = table[g, 0], table[g, 1], table[g, 2]
 
-    carry = lax.fori_loop(0, full * slices, step, init)
-    if rest:
-        carry = lax.fori_loop(0, slices, lambda g, c: run(full * rows, rest, g, c), carry)
-    return carry
+        def step(c, carry):
+            new_row = c * rows
+            first_row = jnp.minimum(new_row, total - rows)
+            part = lax.switch(stack, branches, layer, first_row)
+            keys = keys_of([part])[0] if one_dtype else part
+            index_C = first_row * width + flat_index((rows, width))
+            valid_C = index_C >= new_row * width if overlaps else None
+            return body([keys], [g], index_C, carry, valid_C)
+
+        chunks = (total + rows - 1) // rows
+        if run_G is not None:
+            chunks = jnp.where(run_G[g], chunks, 0)
+        return lax.fori_loop(0, chunks, step, carry)
+
+    return lax.fori_loop(0, table.shape[0], one_slice, init)
 
 
 def _add_counts(
@@ -439,8 +477,11 @@ def _sum_both(a_LxM: jax.Array, b_LxM: jax.Array) -> jax.Array:
     return jnp.stack(sums, axis=-1)
 
 
-def _count_ties(keys_Lx: jax.Array, index_x: jax.Array, ties: _Ties, start) -> _Ties:
-    """``ties`` after one chunk of ``L`` slices from slice ``start`` (an int or traced).
+def _count_ties(
+    keys_Lx: jax.Array, index_x: jax.Array, ties: _Ties, start, valid_x: jax.Array | None = None
+) -> _Ties:
+    """``ties`` after one chunk of ``L`` slices from slice ``start`` (an int or traced), counting
+    only the positions ``valid_x`` (bool like ``index_x``; ``None``: all).
 
     The one-device walk visits the chunks of a slice in index order, each a run of consecutive
     indices from ``index_x``'s first, so the ``need``-th weight with key ``t`` lies in the first
@@ -451,7 +492,11 @@ def _count_ties(keys_Lx: jax.Array, index_x: jax.Array, ties: _Ties, start) -> _
     digits of :class:`_Fields` cost two histogram passes."""
     length = keys_Lx.shape[0]
     key_L2, need_L2, seen_L2, cut_L2 = (lax.dynamic_slice_in_dim(v, start, length) for v in ties)
-    tied_LxM = [(keys_Lx == _per_leaf(key_L2[:, s], keys_Lx)).reshape(length, -1) for s in (0, 1)]
+    valid_x = True if valid_x is None else valid_x
+    tied_LxM = [
+        ((keys_Lx == _per_leaf(key_L2[:, s], keys_Lx)) & valid_x).reshape(length, -1)
+        for s in (0, 1)
+    ]
     count_L2 = _sum_both(*tied_LxM)
     hit_L2 = (need_L2 > seen_L2) & (need_L2 <= seen_L2 + count_L2)
 
@@ -493,14 +538,15 @@ def _walks_ties(stack: jax.Array) -> bool:
 
 
 def _tie_walk(stacks: Sequence[jax.Array], ties: _Ties, key_dtype: np.dtype) -> _Ties:
-    """:func:`_count_ties` over every chunk of a group of stacks (group-local ``ties``)."""
+    """:func:`_count_ties` over every chunk of the slices of a group of stacks whose ties
+    straddle a boundary (group-local ``ties``)."""
 
-    def body(keys, starts, index_x, ties):
+    def body(keys, starts, index_x, ties, valid_x):
         for keys_Lx, start in zip(keys, starts, strict=True):
-            ties = _count_ties(keys_Lx, index_x, ties, start)
+            ties = _count_ties(keys_Lx, index_x, ties, start, valid_x)
         return ties
 
-    return _fold_chunks(stacks, body, ties, key_dtype)
+    return _fold_chunks(stacks, body, ties, key_dtype, jnp.any(ties.need > 0, axis=1))
 
 
 def _level_histograms(
@@ -512,22 +558,28 @@ def _level_histograms(
     hist_Px2B: jax.Array,
     first: int,
     apart: bool = True,
+    run_G: jax.Array | None = None,
 ) -> jax.Array:
     """``hist_Px2B`` (int32 ``[P, 2 · 65536]``, the histograms of every group's slices) plus, in
     rows ``first + g``, per slice ``g`` of these stacks and set ``s`` (``A``, ``B``), how many
     weights whose composite key (:class:`_Fields`) has the digits of ``prefixes_GxS[:, g, s]``
-    above the level ``at`` have each digit of that level (one pass over the stacks); with
-    ``apart=False`` all the slices' counts go to row ``first`` (global top-k).
+    above the level ``at`` have each digit of that level (one pass over the stacks; on one
+    device only over the slices flagged in ``run_G``, when given); with ``apart=False`` all the
+    slices' counts go to row ``first`` (global top-k).
 
     A weight is counted once: in ``A``'s histogram if it matches ``A``'s prefix, else in ``B``'s
     if it matches ``B``'s (two prefixes either agree on the digits above the level — then so do
     their histograms, :func:`_histograms_of_sets` — or no key matches both).  ``row_rank_G``
     (uint32) is the row field of each slice (global top-k).  The counts of every device add up
     in a histogram-sized all-reduce."""
-    n = math.prod(stacks[0].shape[1:])
+    size_G = np.array([math.prod(s.shape[1:]) for s in stacks for _ in range(s.shape[0])])
     no_row = jnp.zeros((), jnp.uint32)
 
-    def count(hist_Gx2B, keys_Lx, start, index_x):
+    def count(hist_Gx2B, keys_Lx, start, index_x, valid_x):
+        if np.all(size_G == size_G[0]):
+            n = int(size_G[0])
+        else:  # slices of several sizes share the walk (one device)
+            n = _slices_of(jnp.asarray(size_G, jnp.int32), start, keys_Lx)
         rank_x = ((n - 1) - index_x).astype(jnp.uint32)  # larger for lower indices
         row_x = no_row if row_rank_G is None else _slices_of(row_rank_G, start, keys_Lx)
         values = (_unsigned(keys_Lx), row_x, rank_x)
@@ -536,15 +588,17 @@ def _level_histograms(
             _matches(values, [_slices_of(p[:, s], start, keys_Lx) for p in prefixes_GxS], at)
             for s in (0, 1)
         )
+        if valid_x is not None:
+            a, b = a & valid_x, b & valid_x
         bins_Lx = jnp.where(a, digit_Lx, jnp.where(b, digit_Lx + _BINS, -1))
         return _add_counts(hist_Gx2B, bins_Lx, first + start if apart else first, apart)
 
-    def body(keys, starts, index_x, hist_Gx2B):
+    def body(keys, starts, index_x, hist_Gx2B, valid_x):
         for keys_Lx, start in zip(keys, starts, strict=True):
-            hist_Gx2B = count(hist_Gx2B, keys_Lx, start, index_x)
+            hist_Gx2B = count(hist_Gx2B, keys_Lx, start, index_x, valid_x)
         return hist_Gx2B
 
-    return _fold_chunks(stacks, body, hist_Px2B, key_dtype)
+    return _fold_chunks(stacks, body, hist_Px2B, key_dtype, run_G)
 
 
 def _histograms_of_sets(hist_Px2xB: jax.Array, prefixes_PxS: tuple[jax.Array, ...]) -> jax.Array:
@@ -658,13 +712,19 @@ def _radix_select(
 
 
 def _by_walk(stacks: Sequence[jax.Array]) -> list[list[int]]:
-    """Indices of the stacks walked together (one loop per pass): same slice shape and same
-    :func:`_walk`; on an auto-axis mesh every stack alone (XLA would lay out the group's one
-    index like one of its stacks and move it for the others)."""
+    """Indices of the stacks walked together (one loop per pass).  On one device: the same row
+    length, the same :func:`_chunk_rows` and the same way of resolving ties
+    (:func:`_walks_ties`) — slices of several sizes share a loop (ResNet-50's 54 kernels, 15
+    sizes, take 6 loops).  Sharded: the same slice shape and the same :func:`_walk`; on an
+    auto-axis mesh every stack alone (XLA would lay out the group's one index like one of its
+    stacks and move it for the others)."""
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(stacks):
-        alone = (i,) if _layout_unknown(s) else ()
-        groups.setdefault((tuple(s.shape[1:]), _walk(s), *alone), []).append(i)
+        if _one_device(s):
+            key: tuple = ("rows", s.shape[2], _chunk_rows(s), _walks_ties(s))
+        else:
+            key = (tuple(s.shape[1:]), _walk(s), *((i,) if _layout_unknown(s) else ()))
+        groups.setdefault(key, []).append(i)
     return list(groups.values())
 
 
@@ -699,8 +759,8 @@ def _group_histograms(
             else:
                 mine = tuple(p[span] for p in prefixes)
 
-                def walk(h, g=group, m=mine, r=row_rank, f=start):
-                    return _level_histograms(g, at, m, key_dtype, r, h, f)
+                def walk(h, g=group, m=mine, r=row_rank, f=start, run_G=run[span]):
+                    return _level_histograms(g, at, m, key_dtype, r, h, f, run_G=run_G)
 
                 runs = jnp.any(run[span])
                 if ties is not None and tie_group:
@@ -733,9 +793,9 @@ def leaf_thresholds(
     """Per-leaf :class:`SetThresholds` for any leaves, all selected in one radix select.
 
     ``k_forward[i]``, ``k_backward[i]`` are per slice of leaf ``i`` (its layer axis ``axes[i]``,
-    ``None`` for a whole leaf): ``1 <= k_forward[i] <= k_backward[i] <= slice size``.  Slices of
-    equal shape share a chunk loop; one loop over the digits serves every pass.  No leaves
-    (``sparsify`` selected none): no thresholds.
+    ``None`` for a whole leaf): ``1 <= k_forward[i] <= k_backward[i] <= slice size``.  Slices
+    walked alike share a chunk loop (:func:`_by_walk`); one loop over the digits serves every
+    pass.  No leaves (``sparsify`` selected none): no thresholds.
     """
     if not xs:
         return []

@@ -9,6 +9,7 @@ boundaries.  The sets must equal a stable argsort of each slice."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from slice_sets import assert_slice_sets as check
@@ -59,12 +60,28 @@ def test_straddling_ties_are_cut_in_index_order(small_walk, walks, seed):
     assert walks, "the tie walk did not run"
 
 
-def test_one_stack_of_several_slices_per_chunk(small_walk, walks):
-    """A single stack whose chunks hold every slice at once (``L = 5``), float64 keys."""
+def test_one_stack_of_several_slices(small_walk, walks):
+    """A single stack of five slices (layer axis), float64 keys: walked one slice per chunk."""
     rng = np.random.default_rng(4)
     x = np.round(rng.normal(size=(5, 8, 6)) * 1.5).astype(np.float64)
     check([x], [0], [11], [25])
-    assert walks and walks[0][0] == 5
+    assert walks and all(shape[0] == 1 for shape in walks)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_slices_of_several_sizes_with_an_overlapping_last_chunk(small_walk, walks, seed):
+    """Slices of 60, 44 and 100 weights (rows of 4: 15, 11 and 25 rows, chunks of 4 rows) share
+    one walk; each slice's last chunk starts inside the one before, and the rows that chunk
+    held are not counted twice."""
+    rng = np.random.default_rng(seed)
+    xs = [np.round(rng.normal(size=s)).astype(np.float32) for s in [(6, 10), (4, 11), (10, 10)]]
+    stacks = [streaming.stack_view(jnp.asarray(x), None) for x in xs]
+    assert len(streaming._by_walk(stacks)) == 1
+    assert all(s.shape[1] % streaming._chunk_rows(s) for s in stacks)
+    k_a, k_b = [7, 20, 33], [30, 21, 70]
+    assert all(straddles(x, k) for x, k in zip(xs, k_a, strict=True))
+    check(xs, [None] * 3, k_a, k_b)
+    assert walks, "the tie walk did not run"
 
 
 @pytest.mark.parametrize("k", [1, 2, 47, 48])
