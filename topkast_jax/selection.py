@@ -171,6 +171,24 @@ def _reduce_last(operands, inits, combine) -> tuple[jax.Array, ...]:
     return lax.reduce(tuple(operands), inits, combine, (operands[0].ndim - 1,))
 
 
+def _gathers() -> bool:
+    """Whether :func:`_row_of` gathers (one device)."""
+    return jax.device_count() == 1
+
+
+def _row_of(hist_SxRxC: jax.Array, row_S: jax.Array) -> jax.Array:
+    """``hist[s, row[s], :]``, zeros where ``row[s] = −1`` (``k`` exceeds every count).  On one
+    device a gather, which reads ``S × C`` counts; on several a masked sum over every row (a
+    gather may partition into all-gathers there), which reads them all — twice the time of the
+    gather on XLA's CPU backend for ResNet-50's 108 rows."""
+    if _gathers():
+        index_Sx1x1 = jnp.clip(row_S, 0, hist_SxRxC.shape[1] - 1)[:, None, None]
+        row_SxC = jnp.take_along_axis(hist_SxRxC, index_Sx1x1, axis=1)[:, 0]
+        return jnp.where(row_S[:, None] >= 0, row_SxC, 0)
+    in_row = jnp.arange(hist_SxRxC.shape[1], dtype=jnp.int32)[None, :, None] == row_S[:, None, None]
+    return jnp.sum(jnp.where(in_row, hist_SxRxC, 0), axis=1, dtype=jnp.int32)
+
+
 def select_bucket(hist_SxD: jax.Array, k_S: jax.Array) -> tuple[jax.Array, ...]:
     """Per segment: the largest bucket ``b`` with ``#(digit >= b) >= k``, ``#(digit > b)`` and
     ``#(digit == b)``.
@@ -191,9 +209,7 @@ def select_bucket(hist_SxD: jax.Array, k_S: jax.Array) -> tuple[jax.Array, ...]:
         lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1])),
     )
     row_S = count_S - 1
-    in_row = jnp.arange(256, dtype=jnp.int32)[None, :, None] == row_S[:, None, None]
-    # A masked sum, not a gather (on a mesh a gather may partition into all-gathers).
-    row_hist_SxC = jnp.sum(jnp.where(in_row, hist_SxRxC, 0), axis=1, dtype=jnp.int32)
+    row_hist_SxC = _row_of(hist_SxRxC, row_S)
     at_least_SxC = _at_least(row_hist_SxC) + above_row_S[:, None]
     ok_SxC = at_least_SxC >= k_S[:, None]
     most = jnp.iinfo(jnp.int32).max

@@ -194,3 +194,40 @@ def test_magnitude_keys_rejects_integer_input():
 def test_unknown_method_is_rejected():
     with pytest.raises(ValueError, match="method"):
         selection.top_k_magnitude_mask(jnp.ones(3), 1, method="quickselect")
+
+
+def reference_bucket(hist: np.ndarray, k: int) -> tuple[int, int, int] | None:
+    """The largest ``b`` with ``#(digit >= b) >= k``, ``#(digit > b)`` and ``#(digit == b)``;
+    ``None`` when ``k`` exceeds every count."""
+    at_least = np.cumsum(hist[::-1])[::-1]
+    ok = np.nonzero(at_least >= k)[0]
+    if not ok.size:
+        return None
+    b = int(ok[-1])
+    return b, int(hist[b + 1 :].sum()), int(hist[b])
+
+
+@pytest.mark.parametrize("gathers", [True, False])
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_property_select_bucket_gather_and_masked_sum(gathers, data):
+    """``select_bucket`` picks the same bucket, counts above and ties whether the chosen row of
+    256 buckets is gathered (one device) or taken by a masked sum (a mesh): sparse histograms
+    of 65,536 buckets, ``k`` from 1 to past the total (then no bucket: a negative one, every
+    count above, no ties)."""
+    rows = data.draw(st.integers(1, 3))
+    hist = np.zeros((rows, 1 << 16), np.int32)
+    for r in range(rows):
+        for _ in range(data.draw(st.integers(1, 6))):
+            hist[r, data.draw(st.integers(0, (1 << 16) - 1))] += data.draw(st.integers(1, 5))
+    ks = [data.draw(st.integers(1, int(h.sum()) + 2)) for h in hist]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(selection, "_gathers", lambda: gathers)
+        got = selection.select_bucket(jnp.asarray(hist), jnp.asarray(ks, jnp.int32))
+    for r in range(rows):
+        bucket, above, tied = (int(g[r]) for g in got)
+        want = reference_bucket(hist[r], ks[r])
+        if want is None:
+            assert bucket < 0 and above == int(hist[r].sum()) and tied == 0, (r, ks[r])
+        else:
+            assert (bucket, above, tied) == want, (r, ks[r])
