@@ -106,10 +106,14 @@ def test_always_sparse_step_equals_the_masked_lm_step(grad_clip, steps, tol):
             want = float(metrics[name])
             np.testing.assert_allclose(float(got), want, rtol=rtol, err_msg=f"{name}, step {t}")
     assert _masks_equal(tk.get_masks(state["opt_state"]), sparse.masks(s_state))
+    # With clipping the two steps sum the global norm in different orders, and Adam's division
+    # by sqrt(v) amplifies that rounding where a weight's gradients stay near zero: after 100
+    # steps one of 256 weights of a 16 x 16 kernel (|θ| <= 0.18) differs by 1.06e-5 on a 2-core
+    # VM (2026-11-23; every other weight by at most 2.7e-6), so the params get 3x the tolerance.
     for a, b in zip(
         jax.tree.leaves(sparse.dense_params(s_state)), jax.tree.leaves(state["params"]), strict=True
     ):
-        np.testing.assert_allclose(a, np.asarray(b), rtol=tol, atol=tol)
+        np.testing.assert_allclose(a, np.asarray(b), rtol=tol, atol=3 * tol)
     np.testing.assert_allclose(np.asarray(mems), np.asarray(state["mems"]), rtol=tol, atol=tol)
 
 
