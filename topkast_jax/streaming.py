@@ -220,7 +220,7 @@ def _fold_chunks(
     ``starts[i]`` (an int, or traced).  ``index`` is the row-major flat index inside the slice of
     each position of the chunk (broadcasts against every part); ``valid`` (bool, like ``index``,
     or ``None`` when every position counts) is False at positions an earlier chunk of the slice
-    held.  Chunks run in one ``fori_loop`` for the whole group (dynamic slices, no copy).
+    held.  One loop walks the whole group (dynamic slices, no copy).
 
     On one device the group is walked one slice at a time (:func:`_fold_slices`), only the
     slices flagged in ``run_G`` (bool ``[R]``) when it is given; sharded stacks ignore it.  Sharded

@@ -34,3 +34,18 @@ def assert_slice_sets(
         for xi, ci in slices:
             np.testing.assert_array_equal(codes.forward_of(ci), stable_top_k(xi, ka))
             np.testing.assert_array_equal(codes.backward_of(ci), stable_top_k(xi, kb))
+
+
+def assert_global_sets(xs: Sequence[np.ndarray], k_a: int, k_b: int) -> None:
+    """Select ``A`` (``k_a`` weights) and ``B`` (``k_b``) over all leaves at once (global top-k)
+    and compare them with :func:`stable_top_k` of the leaves flattened and joined in order."""
+    ths = streaming.global_thresholds([jnp.asarray(x) for x in xs], k_a, k_b)
+    got = np.concatenate(
+        [
+            np.asarray(streaming.codes_from_thresholds(jnp.asarray(x), t)).ravel()
+            for x, t in zip(xs, ths, strict=True)
+        ]
+    )
+    flat = np.concatenate([x.ravel() for x in xs])
+    np.testing.assert_array_equal(codes.forward_of(got), stable_top_k(flat, k_a))
+    np.testing.assert_array_equal(codes.backward_of(got), stable_top_k(flat, k_b))

@@ -12,9 +12,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from slice_sets import assert_slice_sets, stable_top_k
+from slice_sets import assert_global_sets, assert_slice_sets
 
-from topkast_jax import codes, streaming
+from topkast_jax import streaming
 
 
 @pytest.fixture
@@ -42,16 +42,7 @@ def test_global_top_k_over_a_shared_walk(short_rows):
     """Global top-k: one threshold over all slices, the groups' counts summed into one row."""
     rng = np.random.default_rng(2)
     xs = [np.round(rng.normal(size=s) * 2).astype(np.float32) for s in [(6, 10), (10, 6), (7, 3)]]
-    ths = streaming.global_thresholds([jnp.asarray(x) for x in xs], 50, 101)
-    got = np.concatenate(
-        [
-            np.asarray(streaming.codes_from_thresholds(jnp.asarray(x), t)).ravel()
-            for x, t in zip(xs, ths, strict=True)
-        ]
-    )
-    flat = np.concatenate([x.ravel() for x in xs])
-    np.testing.assert_array_equal(codes.forward_of(got), stable_top_k(flat, 50))
-    np.testing.assert_array_equal(codes.backward_of(got), stable_top_k(flat, 101))
+    assert_global_sets(xs, 50, 101)
 
 
 @pytest.mark.parametrize("rounded", [False, True])
@@ -77,13 +68,4 @@ def test_global_top_k_over_slices_of_several_sizes(short_rows):
     rng = np.random.default_rng(4)
     xs = [np.round(rng.normal(size=s) * 2).astype(np.float32) for s in [(6, 10), (4, 11), (25, 4)]]
     assert len(streaming._by_walk([streaming.stack_view(jnp.asarray(x), None) for x in xs])) == 1
-    ths = streaming.global_thresholds([jnp.asarray(x) for x in xs], 61, 150)
-    got = np.concatenate(
-        [
-            np.asarray(streaming.codes_from_thresholds(jnp.asarray(x), t)).ravel()
-            for x, t in zip(xs, ths, strict=True)
-        ]
-    )
-    flat = np.concatenate([x.ravel() for x in xs])
-    np.testing.assert_array_equal(codes.forward_of(got), stable_top_k(flat, 61))
-    np.testing.assert_array_equal(codes.backward_of(got), stable_top_k(flat, 150))
+    assert_global_sets(xs, 61, 150)
