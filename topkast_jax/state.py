@@ -141,6 +141,13 @@ class TopKastState(NamedTuple):
       count: int32 number of updates applied.
       sets: per sparse leaf a :class:`PackedSets` holding ``A`` and ``B`` (2 bits per weight),
         ``None`` on dense leaves; :attr:`masks` unpacks them.
+      key_history: the magnitude keys of ``A``'s and ``B``'s thresholds at the last two
+        refreshes, int32 ``[2, R, 2]`` (latest first; ``R`` rows: every slice of every sparse
+        leaf in tree order, a leaf without a layer axis one slice — one row with
+        ``global_topk``; int64 when a sparse leaf is float64), from which the next refresh
+        guesses (:mod:`topkast_jax.warm_start`); ``None`` where the sets are not selected by
+        magnitude thresholds (N:M structure, the random-``B∖A`` ablation, a selection method
+        other than the histogram).
       densities: per sparse leaf, float32 forward density ``D`` (for the penalty): a scalar, or
         for a leaf with a layer axis ``D`` of each slice along that axis, size 1 on the other
         axes (it broadcasts against the leaf).  Stored without the params' Flax boxes, so a
@@ -153,6 +160,7 @@ class TopKastState(NamedTuple):
 
     count: jax.Array
     sets: Any
+    key_history: Any
     densities: Any
     exploration_l2: jax.Array
     stats: SetStats
@@ -325,6 +333,30 @@ def legacy_format(saved_paths: Iterable[str], target_paths: Iterable[str]) -> st
         "it holds a Top-KAST optimizer state in the format of topkast-jax 0.1 (A and B as one "
         "bool per weight under 'masks', per-weight statistics); this version packs A and B into "
         "'sets' at two bits per weight. Resume it with the version that wrote it, or start anew."
+    )
+
+
+def without_key_history(saved_paths: Iterable[str], target_paths: Iterable[str]) -> str | None:
+    """Why a saved optimizer state cannot restore into this version's :class:`TopKastState`
+    for want of its ``key_history`` (the thresholds' keys the warm start guesses from), or
+    ``None``.  Both are ``"a/b/c"`` key paths, as for :func:`legacy_format`."""
+    saved = {f"/{p}" for p in saved_paths}
+    target = {f"/{p}" for p in target_paths}
+    wanted = sorted({p.rsplit("/key_history", 1)[0] for p in target if p.endswith("/key_history")})
+    missing = [
+        prefix
+        for prefix in wanted
+        if any(p.startswith(f"{prefix}/sets/") for p in saved)
+        and f"{prefix}/key_history" not in saved
+    ]
+    if not missing:
+        return None
+    where = missing[0].lstrip("/") or "the top level"
+    return (
+        f"its Top-KAST state at '{where}' was written by a topkast-jax without "
+        "'key_history' (the thresholds' keys of the last two refreshes, from which a refresh "
+        "guesses where to look first); this version keeps them. Resume it with the version that "
+        "wrote it, or start anew."
     )
 
 

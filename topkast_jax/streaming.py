@@ -549,6 +549,81 @@ def _tie_walk(stacks: Sequence[jax.Array], ties: _Ties, key_dtype: np.dtype) -> 
     return _fold_chunks(stacks, body, ties, key_dtype, jnp.any(ties.need > 0, axis=1))
 
 
+#: The keys a guessed window (:class:`_Window`) resolves, one per bin: ``base … base + 65023``,
+#: ``base = guess − WINDOW_HALF``; ``_SPREAD`` bins below and above it count the keys below and
+#: above (:func:`_window_bins`).
+_SPREAD = 256
+_WINDOW = _BINS - 2 * _SPREAD
+WINDOW_HALF = _WINDOW // 2
+
+
+class _Window(NamedTuple):
+    """A pass that finds the whole key of the ``k``-th largest weight at once when it lies near a
+    guess (a *warm start*, :func:`leaf_thresholds`): per row and set, bin ``256 + j`` counts the
+    keys equal to ``base + j`` (``j < 65024``) and the 256 bins below and above the window the
+    keys below and above it, spread by their low bits (:func:`_window_bins`).  ``on`` (traced
+    bool) says whether this pass is the window's; ``base_GxS`` (unsigned, like the keys) starts
+    each row's windows — ``A``'s and ``B``'s are either the same or ``A``'s lies wholly above
+    ``B``'s (:func:`_window_bases`)."""
+
+    on: jax.Array
+    base_GxS: jax.Array
+
+
+def _window_bases(guess_PxS: jax.Array, key_dtype: np.dtype) -> jax.Array:
+    """Unsigned ``[P, 2]`` window starts centred on the guessed keys (non-negative, of
+    ``key_dtype``): ``A``'s and ``B``'s apart
+    when ``A``'s lies at or above the end of ``B``'s (each weight is then counted in one
+    window: ``A``'s takes every key from its base up, :func:`_window_histograms` adds them to
+    ``B``'s top bin), else one window centred between the two guesses."""
+    guess_PxS = guess_PxS.astype(key_dtype)
+
+    def start(center):
+        return jnp.maximum(center - WINDOW_HALF, 0)
+
+    base_a, base_b = start(guess_PxS[:, 0]), start(guess_PxS[:, 1])
+    apart = base_a - base_b >= _WINDOW
+    shared = start(guess_PxS[:, 1] + (guess_PxS[:, 0] - guess_PxS[:, 1]) // 2)
+    base_PxS = jnp.stack([jnp.where(apart, base_a, shared), jnp.where(apart, base_b, shared)], 1)
+    return _unsigned(base_PxS)
+
+
+def _window_bins(key_x: jax.Array, base_a, base_b, valid_x: jax.Array | None) -> jax.Array:
+    """int32 bins of the window pass, every weight in one: a key at or above ``A``'s base in
+    ``A``'s half, else in ``B``'s; in a half, ``256 + key − base`` inside the window, above it
+    ``65280 + key mod 256``, and (``B``'s half) below ``B``'s base ``key mod 256`` — so XLA's
+    CPU scatter drops no weight but those not ``valid_x`` (a scatter that drops half its
+    entries at random ran 3× slower than one that drops none: each drop is a mispredicted
+    branch) and the bins outside the window stay few (one bin: every add waits on the last)."""
+    spread = (key_x & (_SPREAD - 1)).astype(jnp.int32)
+
+    def digit(base):  # for keys at or above base
+        offset = key_x - base
+        return jnp.where(
+            offset < _WINDOW, offset.astype(jnp.int32) + _SPREAD, spread + _BINS - _SPREAD
+        )
+
+    bins = jnp.where(
+        key_x >= base_a, digit(base_a), jnp.where(key_x >= base_b, digit(base_b), spread) + _BINS
+    )
+    return bins if valid_x is None else jnp.where(valid_x, bins, -1)
+
+
+def _window_histograms(hist_Px2xB: jax.Array, base_PxS: jax.Array) -> jax.Array:
+    """The window pass's histograms completed: ``B``'s is ``A``'s where the two windows are one,
+    else gets every key ``A``'s counted (all at or above ``A``'s base, so above ``B``'s window)
+    in its top bin."""
+    same_P = base_PxS[:, 0] == base_PxS[:, 1]
+    ones_B = np.ones(_BINS, np.int32)  # a sum as a product: a library call, not a kernel
+    total_P = jnp.matmul(hist_Px2xB[:, 0], ones_B, preferred_element_type=jnp.int32)
+    in_b_1x2x1 = (np.arange(2) == 1)[None, :, None]
+    top_1x1xB = (np.arange(_BINS) == _BINS - 1)[None, None, :]
+    added = jnp.where(in_b_1x2x1 & top_1x1xB, total_P[:, None, None], 0)
+    # one elementwise pass over [P, 2, 65536] (a stack of the two halves costs 3-4x as much)
+    copy_Px2x1 = in_b_1x2x1 & same_P[:, None, None]
+    return jnp.where(copy_Px2x1, hist_Px2xB[:, :1], hist_Px2xB + added)
+
+
 def _level_histograms(
     stacks: Sequence[jax.Array],
     at: _Level,
@@ -559,6 +634,7 @@ def _level_histograms(
     first: int,
     apart: bool = True,
     run_G: jax.Array | None = None,
+    window: _Window | None = None,
 ) -> jax.Array:
     """``hist_Px2B`` (int32 ``[P, 2 · 65536]``, the histograms of every group's slices) plus, in
     rows ``first + g``, per slice ``g`` of these stacks and set ``s`` (``A``, ``B``), how many
@@ -570,8 +646,9 @@ def _level_histograms(
     A weight is counted once: in ``A``'s histogram if it matches ``A``'s prefix, else in ``B``'s
     if it matches ``B``'s (two prefixes either agree on the digits above the level — then so do
     their histograms, :func:`_histograms_of_sets` — or no key matches both).  ``row_rank_G``
-    (uint32) is the row field of each slice (global top-k).  The counts of every device add up
-    in a histogram-sized all-reduce."""
+    (uint32) is the row field of each slice (global top-k).  With a ``window`` that is ``on``,
+    the bins are the window's (:func:`_window_bins`) instead.  The counts of every device add
+    up in a histogram-sized all-reduce."""
     size_G = np.array([math.prod(s.shape[1:]) for s in stacks for _ in range(s.shape[0])])
     no_row = jnp.zeros((), jnp.uint32)
 
@@ -591,6 +668,11 @@ def _level_histograms(
         if valid_x is not None:
             a, b = a & valid_x, b & valid_x
         bins_Lx = jnp.where(a, digit_Lx, jnp.where(b, digit_Lx + _BINS, -1))
+        if window is not None:
+            base_a, base_b = (_slices_of(window.base_GxS[:, s], start, keys_Lx) for s in (0, 1))
+            bins_Lx = jnp.where(
+                window.on, _window_bins(values[0], base_a, base_b, valid_x), bins_Lx
+            )
         return _add_counts(hist_Gx2B, bins_Lx, first + start if apart else first, apart)
 
     def body(keys, starts, index_x, hist_Gx2B, valid_x):
@@ -620,7 +702,9 @@ class _Selected(NamedTuple):
     the ties at the key straddle the boundary (``#(key == t) ≠ k − #(key > t)``, known after the
     key's digits); ``levels``: how many levels run (the key's, plus the tie fields' — or the
     tie walk's one — when ties straddle some boundary); ``cut``: the tie walk's cuts
-    (:class:`_Ties`; −1 where it did not run)."""
+    (:class:`_Ties`; −1 where it did not run); ``search``: per row, whether its key's digits
+    are still to be found (a row whose guessed windows held both keys skips them).  Level −1
+    is the window pass (:class:`_Window`), when there are guesses."""
 
     level: jax.Array
     levels: jax.Array
@@ -629,14 +713,15 @@ class _Selected(NamedTuple):
     tied: jax.Array
     straddles: jax.Array
     cut: jax.Array
+    search: jax.Array
 
 
-#: ``histogram(at, prefixes_PxS, run_P, ties, tie_level)``: ``(hist, cut)``, int32
+#: ``histogram(at, prefixes_PxS, run_P, ties, tie_level, window)``: ``(hist, cut)``, int32
 #: ``[P, 2, 65536]`` of :func:`_level_histograms` (rows with ``run_P`` False may be left zero:
-#: their result is unused) and, with ``ties`` (:class:`_Ties` over all rows), the tie walk's
-#: cuts where ``tie_level`` (else ``None``).
+#: their result is unused; the window's bins when ``window`` is on) and, with ``ties``
+#: (:class:`_Ties` over all rows), the tie walk's cuts where ``tie_level`` (else ``None``).
 LevelHistogram = Callable[
-    [_Level, tuple[jax.Array, ...], jax.Array, _Ties | None, jax.Array],
+    [_Level, tuple[jax.Array, ...], jax.Array, _Ties | None, jax.Array, _Window | None],
     tuple[jax.Array, jax.Array | None],
 ]
 
@@ -647,6 +732,7 @@ def _radix_select(
     fields: _Fields,
     key_dtype: np.dtype,
     tie_rows_P: np.ndarray | None = None,
+    guess_PxS: jax.Array | None = None,
 ) -> _Selected:
     """Per row and set, the ``k``-th largest composite key, one 16-bit digit per level, in one
     ``while_loop`` whose body (one histogram pass and one bucket select) serves every level.
@@ -657,56 +743,121 @@ def _radix_select(
     slices of at least ``TIE_WALK_MIN`` weights) take the tie walk of :func:`_count_ties`
     instead, at the first level after the key's: one pass where the index digits take two
     (ties straddle 9 of the 12 boundaries of the four 4096 × 4096 float32 kernels of
-    ``scripts/benchmark_step.py``), and no histogram at any later level."""
+    ``scripts/benchmark_step.py``), and no histogram at any later level.
+
+    With ``guess_PxS`` (int32 keys only), a first pass (level −1) histograms a window of 65,535
+    keys centred on each guess (:class:`_Window`); a row whose ``k``-th keys of both sets lie
+    inside their windows has its whole key then, and only the other rows search the key's
+    digits — one histogram pass instead of two when the guesses are close (a refresh guessing
+    from the last ones, :func:`leaf_thresholds`)."""
     rows = k_PxS.shape[0]
     tie_walk = tie_rows_P is not None and bool(np.any(tie_rows_P))
     straddled_levels = fields.key + max(fields.row + fields.index, int(tie_walk))
     tables = _level_tables(fields, key_dtype, straddled_levels)
+    guessed = guess_PxS is not None and fields.key == 2  # a window spans 16 bits of an int32 key
+    base_PxS = _window_bases(guess_PxS, key_dtype) if guessed else None
 
-    def body(c: _Selected) -> _Selected:
-        at = _at_level(tables, c.level)
-        straddle_P = jnp.any(c.straddles, axis=1)
-        tie_level = c.level == fields.key
-        if tie_walk:  # tie rows walk their ties at the tie level only
-            straddle_P = straddle_P & (tie_level | ~jnp.asarray(tie_rows_P))
-        run_P = (c.level < fields.key) | straddle_P
-        ties = None
-        if tie_walk:
-            key_PxS = lax.bitcast_convert_type(c.prefixes[0], key_dtype)
-            need_PxS = jnp.where(c.straddles, k_PxS - c.above, 0)
-            ties = _Ties(key_PxS, need_PxS, jnp.zeros_like(need_PxS), c.cut)
-        hist, cut_PxS = histogram(at, c.prefixes, run_P, ties, tie_level)
-        hist_Px2xB = _histograms_of_sets(hist, c.prefixes)
-        bucket, above, tied = selection.select_bucket(
-            hist_Px2xB.reshape(-1, _BINS), (k_PxS - c.above).reshape(-1)
+    def after_window(c: _Selected, bucket_PxS, above_PxS, tied_PxS) -> _Selected:
+        """The state after the window pass: rows whose windows held both keys have them."""
+        # Inside the window iff the bucket is: a k-th key below it lands in B's bins below the
+        # window, or (A's half, or one shared window: no such bins) past every count, where
+        # select_bucket returns a negative bucket.
+        bucket_PxS = bucket_PxS - _SPREAD
+        inside_PxS = (bucket_PxS >= 0) & (bucket_PxS < _WINDOW)
+        found_Px1 = jnp.all(inside_PxS, axis=1, keepdims=True)
+        key_PxS = base_PxS + bucket_PxS.astype(base_PxS.dtype)
+        prefixes = (jnp.where(found_Px1, key_PxS, 0), *c.prefixes[1:])
+        above_PxS, tied_PxS = (jnp.where(found_Px1, v, 0) for v in (above_PxS, tied_PxS))
+        straddles_PxS = found_Px1 & (tied_PxS != k_PxS - above_PxS)
+        search_P = ~found_Px1[:, 0]
+        done = ~jnp.any(search_P)
+        straddled = jnp.where(jnp.any(straddles_PxS), straddled_levels, fields.key)
+        return c._replace(
+            level=jnp.where(done, fields.key, 0),
+            levels=jnp.where(done, straddled, fields.key),
+            prefixes=prefixes,
+            above=above_PxS,
+            tied=tied_PxS,
+            straddles=straddles_PxS,
+            search=search_P,
         )
-        bucket_PxS = bucket.reshape(rows, 2)
+
+    def after_digit(c: _Selected, at: _Level, run_P, bucket_PxS, above_PxS, tied_PxS):
+        """The state after one digit's pass (rows with ``run_P`` take the digit)."""
+        run_Px1 = run_P[:, None]
         prefixes = tuple(
-            p if shift is None else p | (lax.shift_left(bucket_PxS.astype(p.dtype), shift) * holds)
+            p
+            if shift is None
+            else jnp.where(
+                run_Px1, p | (lax.shift_left(bucket_PxS.astype(p.dtype), shift) * holds), p
+            )
             for p, shift, holds in zip(c.prefixes, at.shift, at.holds, strict=True)
         )
         # (Past the key's digits a tie row's counts are unused: its cut comes from the walk.)
-        above_PxS = c.above + above.reshape(rows, 2)
-        tied_PxS = tied.reshape(rows, 2)
+        above_PxS = jnp.where(run_Px1, c.above + above_PxS, c.above)
+        tied_PxS = jnp.where(run_Px1, tied_PxS, c.tied)
         last_key_digit = c.level == fields.key - 1
-        straddles_PxS = jnp.where(last_key_digit, tied_PxS != k_PxS - above_PxS, c.straddles)
+        straddles_PxS = jnp.where(
+            last_key_digit & run_Px1, tied_PxS != k_PxS - above_PxS, c.straddles
+        )
         levels = jnp.where(
             last_key_digit,
             jnp.where(jnp.any(straddles_PxS), straddled_levels, fields.key),
             c.levels,
         )
-        cut = c.cut if cut_PxS is None else cut_PxS
-        return _Selected(c.level + 1, levels, prefixes, above_PxS, tied_PxS, straddles_PxS, cut)
+        return c._replace(
+            level=c.level + 1,
+            levels=levels,
+            prefixes=prefixes,
+            above=above_PxS,
+            tied=tied_PxS,
+            straddles=straddles_PxS,
+        )
+
+    def body(c: _Selected) -> _Selected:
+        at = _at_level(tables, jnp.maximum(c.level, 0))
+        straddle_P = jnp.any(c.straddles, axis=1)
+        tie_level = c.level == fields.key
+        if tie_walk:  # tie rows walk their ties at the tie level only
+            straddle_P = straddle_P & (tie_level | ~jnp.asarray(tie_rows_P))
+        run_P = jnp.where(c.level < fields.key, c.search, straddle_P)
+        ties = None
+        if tie_walk:
+            key_PxS = lax.bitcast_convert_type(c.prefixes[0], key_dtype)
+            need_PxS = jnp.where(c.straddles, k_PxS - c.above, 0)
+            ties = _Ties(key_PxS, need_PxS, jnp.zeros_like(need_PxS), c.cut)
+        window = None if base_PxS is None else _Window(c.level < 0, base_PxS)
+        hist, cut_PxS = histogram(at, c.prefixes, run_P, ties, tie_level, window)
+        c = c if cut_PxS is None else c._replace(cut=cut_PxS)
+        k_left_PxS = k_PxS - c.above  # the window's rows start with nothing above
+        if window is None:
+            hist_Px2xB = _histograms_of_sets(hist, c.prefixes)
+        else:  # one bucket select for both kinds of pass (its kernels are compiled once)
+            hist_Px2xB = lax.cond(
+                window.on,
+                lambda h: _window_histograms(h, base_PxS),
+                lambda h: _histograms_of_sets(h, c.prefixes),
+                hist,
+            )
+        bucket, above, tied = selection.select_bucket(
+            hist_Px2xB.reshape(-1, _BINS), k_left_PxS.reshape(-1)
+        )
+        found = tuple(v.reshape(rows, 2) for v in (bucket, above, tied))
+        digit = after_digit(c, at, run_P, *found)
+        if window is None:
+            return digit
+        return jax.tree.map(lambda w, d: jnp.where(window.on, w, d), after_window(c, *found), digit)
 
     zeros = jnp.zeros((rows, 2), jnp.int32)
     init = _Selected(
-        jnp.zeros((), jnp.int32),
+        jnp.full((), -1 if guessed else 0, jnp.int32),
         jnp.full((), fields.key, jnp.int32),
         tuple(jnp.zeros((rows, 2), d) for d in _field_dtypes(key_dtype)),
         zeros,
         zeros,
         jnp.zeros((rows, 2), bool),
         jnp.full((rows, 2), -1, jnp.int32),
+        jnp.ones(rows, bool),
     )
     return lax.while_loop(lambda c: c.level < c.levels, body, init)
 
@@ -734,7 +885,8 @@ def _group_histograms(
     row_ranks: Sequence[jax.Array | None],
     tie_groups: Sequence[bool] | None = None,
 ) -> Callable[..., tuple[jax.Array, jax.Array | None]]:
-    """``histograms(at, prefixes, run, shared, ties=None, tie_level=None)``: ``(hist, cut)``.
+    """``histograms(at, prefixes, run, shared, ties=None, tie_level=None, window=None)``:
+    ``(hist, cut)``.
 
     ``hist``: int32 ``[P, 2, 65536]``, every group's :func:`_level_histograms` in one buffer (no
     copy per group), the prefixes ``[P, 2]`` over the groups' rows in order, with ``run``
@@ -742,10 +894,12 @@ def _group_histograms(
     ``[1, 2, 65536]`` summed over every group, the prefixes one ``[1, 2]`` for all (``shared``,
     global top-k: every group walked).  ``cut``: with ``ties`` (:class:`_Ties` ``[P, 2]``), its
     cuts after the tie walk (:func:`_tie_walk`) of the groups flagged in ``tie_groups`` where
-    ``tie_level`` (those groups histogram nothing at that level); else ``None``."""
+    ``tie_level`` (those groups histogram nothing at that level); else ``None``.  ``window``
+    (:class:`_Window`, bases ``[P, 2]``, or one ``[1, 2]`` when ``shared``) goes to every
+    group's pass."""
     tie_groups = list(tie_groups) if tie_groups is not None else [False] * len(groups)
 
-    def histograms(at, prefixes, run, shared, ties=None, tie_level=None):
+    def histograms(at, prefixes, run, shared, ties=None, tie_level=None, window=None):
         total = sum(_rows(group) for group in groups)
         hist = jnp.zeros((1 if shared else total, 2 * _BINS), jnp.int32)
         cut = None if ties is None else ties.cut
@@ -755,12 +909,22 @@ def _group_histograms(
             span = slice(start, start + rows)
             if shared:
                 mine = tuple(jnp.broadcast_to(p, (rows, 2)) for p in prefixes)
-                hist = _level_histograms(group, at, mine, key_dtype, row_rank, hist, 0, False)
+                mine_window = None
+                if window is not None:
+                    mine_window = window._replace(
+                        base_GxS=jnp.broadcast_to(window.base_GxS, (rows, 2))
+                    )
+                hist = _level_histograms(
+                    group, at, mine, key_dtype, row_rank, hist, 0, False, window=mine_window
+                )
             else:
                 mine = tuple(p[span] for p in prefixes)
+                mine_window = None
+                if window is not None:
+                    mine_window = window._replace(base_GxS=window.base_GxS[span])
 
-                def walk(h, g=group, m=mine, r=row_rank, f=start, run_G=run[span]):
-                    return _level_histograms(g, at, m, key_dtype, r, h, f, run_G=run_G)
+                def walk(h, g=group, m=mine, r=row_rank, f=start, run_G=run[span], w=mine_window):
+                    return _level_histograms(g, at, m, key_dtype, r, h, f, run_G=run_G, window=w)
 
                 runs = jnp.any(run[span])
                 if ties is not None and tie_group:
@@ -784,11 +948,27 @@ def _group_histograms(
     return histograms
 
 
+def _guess_rows(
+    guess_RxS: jax.Array, stacks: Sequence[jax.Array], order: Sequence[int]
+) -> jax.Array:
+    """``[P, 2]``: the guessed keys ``guess_RxS`` (the slices of every leaf, in leaf order) in
+    the selection's row order (the leaves of each walk group together, ``order``)."""
+    first = np.cumsum([0] + [s.shape[0] for s in stacks])
+    rows = np.concatenate([np.arange(first[i], first[i + 1]) for i in order])
+    if tuple(guess_RxS.shape) != (int(first[-1]), 2):
+        raise ValueError(
+            f"guess must have shape ({int(first[-1])}, 2) — two keys per slice of every leaf, in "
+            f"leaf order — got {tuple(guess_RxS.shape)}."
+        )
+    return guess_RxS if np.array_equal(rows, np.arange(rows.size)) else guess_RxS[rows]
+
+
 def leaf_thresholds(
     xs: Sequence[jax.Array],
     k_forward: Sequence[int],
     k_backward: Sequence[int],
     axes: Sequence[int | None] | None = None,
+    guess: jax.Array | None = None,
 ) -> list[SetThresholds]:
     """Per-leaf :class:`SetThresholds` for any leaves, all selected in one radix select.
 
@@ -796,6 +976,14 @@ def leaf_thresholds(
     ``None`` for a whole leaf): ``1 <= k_forward[i] <= k_backward[i] <= slice size``.  Slices
     walked alike share a chunk loop (:func:`_by_walk`); one loop over the digits serves every
     pass.  No leaves (``sparsify`` selected none): no thresholds.
+
+    ``guess`` (optional, int ``[R, 2]``: the keys of ``A`` and ``B`` of every slice of every
+    leaf, leaves in order — a leaf without a layer axis is one slice) are keys the thresholds
+    are expected near, e.g. extrapolated from the last selections (a *warm start*,
+    :mod:`topkast_jax.warm_start`): with int32 keys a first pass looks for each ``k``-th largest
+    key within ``±WINDOW_HALF`` of its guess and only the rows it misses search the key's
+    digits, so a refresh whose thresholds moved by less than that costs one histogram pass
+    instead of two.  The result does not depend on the guesses.
     """
     if not xs:
         return []
@@ -829,13 +1017,14 @@ def leaf_thresholds(
         [[stacks[i] for i in m] for m in groups], key_dtype, [None] * len(groups), tie_groups
     )
     selected = _radix_select(
-        lambda at, prefixes, run, ties, tie_level: histograms(
-            at, prefixes, run, False, ties, tie_level
+        lambda at, prefixes, run, ties, tie_level, window: histograms(
+            at, prefixes, run, False, ties, tie_level, window
         ),
         k_PxS,
         fields,
         key_dtype,
         tie_rows_P,
+        None if guess is None else _guess_rows(jnp.asarray(guess), stacks, order),
     )
     key_PxS = lax.bitcast_convert_type(selected.prefixes[0], key_dtype)
     size_Px1 = jnp.asarray(size_P)[:, None]
@@ -853,15 +1042,25 @@ def leaf_thresholds(
     return out
 
 
+def leaf_keys(thresholds: Sequence[SetThresholds]) -> jax.Array:
+    """``[R, 2]``: the keys of ``A`` and ``B`` of every slice of :func:`leaf_thresholds`'
+    result, leaves in order (the layout of its ``guess``)."""
+    if not thresholds:
+        return jnp.zeros((0, 2), jnp.int32)
+    return jnp.concatenate([jnp.reshape(t.key, (-1, 2)) for t in thresholds])
+
+
 def global_thresholds(
     xs: Sequence[jax.Array],
     k_forward: int,
     k_backward: int,
     axes: Sequence[int | None] | None = None,
+    guess: jax.Array | None = None,
 ) -> list[SetThresholds]:
     """One pair of thresholds over all leaves (global top-k): the keys are shared, the cuts are
     per slice — ties are kept in leaf order, then slice order (along the layer axis ``axes[i]``),
-    then row-major order inside a slice (the row field of :class:`_Fields`)."""
+    then row-major order inside a slice (the row field of :class:`_Fields`).  ``guess`` (``[2]``,
+    or ``[1, 2]``, optional): the keys expected, as in :func:`leaf_thresholds`."""
     axes = list(axes) if axes is not None else [None] * len(xs)
     stacks = [stack_view(x, a) for x, a in zip(xs, axes, strict=True)]
     key_dtype = _key_dtype(stacks)  # one key for all leaves: float64 bits when one is float64
@@ -881,10 +1080,13 @@ def global_thresholds(
 
     k_1xS = jnp.array([[k_forward, k_backward]], jnp.int32)
     selected = _radix_select(
-        lambda at, prefixes, run, ties, tie_level: histograms(at, prefixes, run, True),
+        lambda at, prefixes, run, ties, tie_level, window: histograms(
+            at, prefixes, run, True, window=window
+        ),
         k_1xS,
         fields,
         key_dtype,
+        guess_PxS=None if guess is None else jnp.reshape(guess, (1, 2)),
     )
     key_S = lax.bitcast_convert_type(selected.prefixes[0][0], key_dtype)
     row_S, index_S = (p[0].astype(jnp.int32) for p in selected.prefixes[1:])

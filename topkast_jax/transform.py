@@ -22,8 +22,10 @@ Cost.  The state holds ``A`` and ``B`` at two bits per weight
 (:class:`~topkast_jax.state.PackedSets`) and the statistics at no per-weight cost unless
 ``track_reservoir``; unpacking fuses into the elementwise passes that read the masks.  A refresh
 selects with :mod:`topkast_jax.streaming` (a few chunked passes over ``θ + u``, no leaf-sized
-temporaries).  With ``refresh_every > 1`` the
-refresh sits in a ``lax.cond``, whose compiled program holds both branches; a training loop that
+temporaries), first near the thresholds extrapolated from the last two refreshes
+(:mod:`topkast_jax.warm_start`: one histogram pass instead of two where they hold).  With
+``refresh_every > 1`` the refresh sits in a ``lax.cond``, whose compiled program holds both
+branches; a training loop that
 knows its step can pass ``refresh_masks=True/False`` (a Python bool) to ``update`` and compile the
 two cases apart, so non-refresh steps contain no selection at all.
 """
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 import optax
 from optax import tree_utils as otu
 
-from topkast_jax import boxes, distributions, selection, streaming
+from topkast_jax import boxes, distributions, selection, streaming, warm_start
 from topkast_jax import codes as codes_lib
 from topkast_jax import masks as masks_lib
 from topkast_jax import nm as nm_lib
@@ -163,29 +165,48 @@ def _stop_exploration_sets(count: jax.Array, sets: Any, stop_step: int) -> Any:
     return jax.tree.map(lambda p: None if p is None else stop(p), sets, is_leaf=is_set_leaf)
 
 
-def _streaming_sets(params: Any, plan: list[LeafDensity], global_topk: bool) -> Any:
-    """Packed ``A``/``B`` of ``θ`` by :mod:`topkast_jax.streaming` (magnitude ``B``)."""
+def _streaming_sets(
+    params: Any, plan: list[LeafDensity], global_topk: bool, history: jax.Array | None = None
+) -> tuple[Any, jax.Array]:
+    """Packed ``A``/``B`` of ``θ`` by :mod:`topkast_jax.streaming` (magnitude ``B``) and the
+    thresholds' keys history after this selection (:mod:`topkast_jax.warm_start`; ``history``,
+    the one before, gives the guesses — ``None``: no guesses, a new history)."""
     xs = [p for p, leaf in zip(jax.tree.leaves(params), plan, strict=True) if leaf.sparse]
     sparse_plan = [leaf for leaf in plan if leaf.sparse]
     axes = [leaf.layer_axis for leaf in sparse_plan]
+    guess = None if history is None else warm_start.guess(history)
     if global_topk and xs:
         first = sparse_plan[0]
         k_fwd, k_bwd = distributions.mask_counts(
             first.forward, first.backward, sum(leaf.size for leaf in sparse_plan)
         )
-        thresholds = streaming.global_thresholds(xs, k_fwd, k_bwd, axes)
+        thresholds = streaming.global_thresholds(xs, k_fwd, k_bwd, axes, guess)
+        keys = jnp.reshape(thresholds[0].key, (1, 2))  # one key pair for every leaf
     else:
         thresholds = streaming.leaf_thresholds(
             xs,
             [leaf.slice_k_forward for leaf in sparse_plan],
             [leaf.slice_k_backward for leaf in sparse_plan],
             axes,
+            guess,
         )
+        keys = streaming.leaf_keys(thresholds)
     sets = [
         PackedSets.from_codes(streaming.codes_from_thresholds(x, th, axis))
         for x, th, axis in zip(xs, thresholds, axes, strict=True)
     ]
-    return unflatten_sparse(params, plan, sets)
+    history = warm_start.start(keys) if history is None else warm_start.push(history, keys)
+    return unflatten_sparse(params, plan, sets), history
+
+
+def streams(backward_selection: str, method: str, structure: Any = None) -> bool:
+    """Whether the sets are selected by :mod:`topkast_jax.streaming` (the paper's magnitude
+    ``B``, unstructured, the histogram method), which keeps the thresholds' keys history."""
+    return (
+        structure is None
+        and backward_selection == "magnitude"
+        and selection.resolve_method(method) == "histogram"
+    )
 
 
 def select_sets(
@@ -196,14 +217,17 @@ def select_sets(
     backward_selection: str,
     rng: jax.Array,
     method: str,
-) -> Any:
-    """``A`` and ``B`` of ``θ`` as :class:`PackedSets`.
+    history: Any = None,
+) -> tuple[Any, Any]:
+    """``A`` and ``B`` of ``θ`` as :class:`PackedSets`, and the thresholds' keys history.
 
-    The paper's magnitude ``B`` with the histogram method streams (no leaf-sized temporaries);
-    the other methods and the random-``B∖A`` ablation go through :func:`masks.topkast_masks`.
+    The paper's magnitude ``B`` with the histogram method streams (no leaf-sized temporaries),
+    guessing from ``history`` (:mod:`topkast_jax.warm_start`) when given; the other methods and
+    the random-``B∖A`` ablation go through :func:`masks.topkast_masks` and keep no history
+    (``None``).
     """
-    if backward_selection == "magnitude" and selection.resolve_method(method) == "histogram":
-        return _streaming_sets(params, plan, global_topk)
+    if streams(backward_selection, method):
+        return _streaming_sets(params, plan, global_topk, history)
     masks = masks_lib.topkast_masks(
         params,
         plan,
@@ -212,9 +236,10 @@ def select_sets(
         rng=rng,
         method=method,
     )
-    return jax.tree.map(
+    sets = jax.tree.map(
         lambda a, b: PackedSets.from_codes(codes_lib.encode(a, b)), masks.forward, masks.backward
     )
+    return sets, None
 
 
 def _after(sets: Any, changed: Any) -> Any:
@@ -371,9 +396,12 @@ def topkast(
             layer_axis=layer_axis,
         )
 
-    def compute_sets(params: Any, plan: list[LeafDensity], rng: jax.Array) -> Any:
+    def compute_sets(
+        params: Any, plan: list[LeafDensity], rng: jax.Array, history: Any = None
+    ) -> tuple[Any, Any]:
         if structure is not None:
-            return nm_lib.select_sets(params, plan, nm_lib.resolve(structure, params, plan))
+            nm_sets = nm_lib.select_sets(params, plan, nm_lib.resolve(structure, params, plan))
+            return nm_sets, None
         return select_sets(
             params,
             plan,
@@ -381,12 +409,13 @@ def topkast(
             backward_selection=backward_selection,
             rng=rng,
             method=selection_method,
+            history=history,
         )
 
     def init_fn(params: Any) -> TopKastState:
         plan = plan_for(params)
         rng, mask_rng = jax.random.split(jax.random.PRNGKey(seed))
-        sets = compute_sets(params, plan, mask_rng)
+        sets, history = compute_sets(params, plan, mask_rng)
         if stop_exploration_step is not None:
             sets = _stop_exploration_sets(jnp.zeros((), jnp.int32), sets, stop_exploration_step)
         masks = sets_masks(sets)
@@ -396,6 +425,7 @@ def topkast(
         return TopKastState(
             count=jnp.zeros((), jnp.int32),
             sets=sets,
+            key_history=history,
             densities=densities,
             exploration_l2=jnp.asarray(exploration_l2, jnp.float32),
             stats=stats_lib.init_set_stats(masks, track_reservoir),
@@ -431,7 +461,7 @@ def topkast(
 
         def refresh():
             rng, mask_rng = jax.random.split(state.rng)
-            sets = compute_sets(new_params, plan, mask_rng)
+            sets, history = compute_sets(new_params, plan, mask_rng, state.key_history)
             # The new packed sets go into the donated buffers of the old ones, and the
             # statistic reads both: the output is made to depend on the statistic, so XLA packs
             # into a temporary and writes the output after the statistic has read the old sets
@@ -441,22 +471,25 @@ def topkast(
             changed = stats_lib.sets_changed(state.sets, sets)
             sets = _after(sets, changed)
             stats = stats_lib.refreshed_stats(state.stats, changed, sets)
-            return sets, stats, rng
+            return sets, history, stats, rng
 
         def keep():
-            return state.sets, state.stats, state.rng
+            return state.sets, state.key_history, state.stats, state.rng
 
         if refresh_masks is True or (refresh_masks is None and refresh_every == 1):
-            new_sets, new_stats, rng = refresh()
+            new_sets, history, new_stats, rng = refresh()
         elif refresh_masks is False:  # also at refresh_every 1: e.g. a discarded micro-step
-            new_sets, new_stats, rng = keep()
+            new_sets, history, new_stats, rng = keep()
         else:
-            new_sets, new_stats, rng = jax.lax.cond(count % refresh_every == 0, refresh, keep)
+            new_sets, history, new_stats, rng = jax.lax.cond(
+                count % refresh_every == 0, refresh, keep
+            )
         if stop_exploration_step is not None:
             new_sets = _stop_exploration_sets(count, new_sets, stop_exploration_step)
         new_state = TopKastState(
             count=count,
             sets=new_sets,
+            key_history=history,
             densities=state.densities,
             exploration_l2=l2,
             stats=new_stats,

@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from experiments.common.guard import nonfinite_paths
-from topkast_jax.state import legacy_format, packing_changed
+from topkast_jax.state import legacy_format, packing_changed, without_key_history
 from topkast_jax.tree import path_name
 
 #: Suffix of a checkpoint directory moved aside because it does not restore.
@@ -162,8 +162,11 @@ class Checkpointer:
             return
         finally:
             reader.close()
-        problem = legacy_format(_paths(saved), _paths(target)) or packing_changed(
-            _shapes(saved), _shapes(target)
+        saved_paths, target_paths = _paths(saved), _paths(target)
+        problem = (
+            legacy_format(saved_paths, target_paths)
+            or without_key_history(saved_paths, target_paths)
+            or packing_changed(_shapes(saved), _shapes(target))
         )
         if problem:
             raise CheckpointError(

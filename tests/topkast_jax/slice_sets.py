@@ -23,11 +23,14 @@ def assert_slice_sets(
     axes: Sequence[int | None],
     k_a: Sequence[int],
     k_b: Sequence[int],
+    guess: np.ndarray | None = None,
 ) -> None:
-    """Select ``A`` (``k_a`` per slice) and ``B`` (``k_b``) of every leaf in one call and compare
-    each slice (along the layer axis ``axes[i]``, which must be 0, or the whole leaf) with
+    """Select ``A`` (``k_a`` per slice) and ``B`` (``k_b``) of every leaf in one call (warm
+    started from ``guess``, ``[slices, 2]`` in leaf order, when given) and compare each slice
+    (along the layer axis ``axes[i]``, which must be 0, or the whole leaf) with
     :func:`stable_top_k`."""
-    ths = streaming.leaf_thresholds([jnp.asarray(x) for x in xs], k_a, k_b, axes)
+    guess = None if guess is None else jnp.asarray(guess)
+    ths = streaming.leaf_thresholds([jnp.asarray(x) for x in xs], k_a, k_b, axes, guess)
     for x, th, axis, ka, kb in zip(xs, ths, axes, k_a, k_b, strict=True):
         code = np.asarray(streaming.codes_from_thresholds(jnp.asarray(x), th, axis))
         slices = [(x, code)] if axis is None else list(zip(x, code, strict=True))
@@ -36,10 +39,14 @@ def assert_slice_sets(
             np.testing.assert_array_equal(codes.backward_of(ci), stable_top_k(xi, kb))
 
 
-def assert_global_sets(xs: Sequence[np.ndarray], k_a: int, k_b: int) -> None:
-    """Select ``A`` (``k_a`` weights) and ``B`` (``k_b``) over all leaves at once (global top-k)
-    and compare them with :func:`stable_top_k` of the leaves flattened and joined in order."""
-    ths = streaming.global_thresholds([jnp.asarray(x) for x in xs], k_a, k_b)
+def assert_global_sets(
+    xs: Sequence[np.ndarray], k_a: int, k_b: int, guess: np.ndarray | None = None
+) -> None:
+    """Select ``A`` (``k_a`` weights) and ``B`` (``k_b``) over all leaves at once (global top-k;
+    warm started from ``guess``, when given) and compare them with :func:`stable_top_k` of the
+    leaves flattened and joined in order."""
+    guess = None if guess is None else jnp.asarray(guess)
+    ths = streaming.global_thresholds([jnp.asarray(x) for x in xs], k_a, k_b, None, guess)
     got = np.concatenate(
         [
             np.asarray(streaming.codes_from_thresholds(jnp.asarray(x), t)).ravel()

@@ -13,7 +13,19 @@ import pytest
 import topkast_jax as tk
 from experiments.common.checkpoint import Checkpointer, CheckpointError
 from topkast_jax import codes
-from topkast_jax.state import PackedSets, legacy_format, packing_changed
+from topkast_jax.state import PackedSets, legacy_format, packing_changed, without_key_history
+
+
+class UnguessedTopKastState(NamedTuple):
+    """The state before the warm start: packed sets, no ``key_history``."""
+
+    count: Any
+    sets: Any
+    densities: Any
+    exploration_l2: Any
+    stats: Any
+    rng: Any
+    inner_state: Any
 
 
 class OldTopKastState(NamedTuple):
@@ -97,3 +109,32 @@ def test_packing_changed_flags_only_other_packed_shapes():
     now = {"opt_state/sets/conv/kernel/bits": (1, 1, 2, 6), "params/conv/kernel": (1, 1, 8, 6)}
     assert "first axis" in packing_changed(saved, now)
     assert packing_changed(same, saved) is None
+
+
+def test_state_without_key_history_names_the_format(tmp_path):
+    """A checkpoint of the packed-sets state written before the warm start (no
+    ``key_history``) fails with an error that names the missing field, and is kept."""
+    params = _params()
+    tx = tk.topkast(optax.sgd(0.1), forward_sparsity=0.8, backward_sparsity=0.5)
+    state = tx.init(params)
+    fields = {k: v for k, v in state._asdict().items() if k != "key_history"}
+    directory = str(tmp_path / "checkpoints")
+    writer = Checkpointer(directory)
+    writer.save(5, {"params": params, "opt_state": UnguessedTopKastState(**fields)}, {"step": 5})
+    writer.close()
+    reader = Checkpointer(directory)
+    with pytest.raises(CheckpointError, match="without 'key_history'") as error:
+        reader.restore_latest({"params": params, "opt_state": state}, log=lambda _: None)
+    assert "'opt_state'" in str(error.value) and "checkpoint 5" in str(error.value)
+    assert reader.all_steps() == [5]
+
+
+def test_without_key_history_flags_only_a_state_that_lacks_it():
+    before = ["opt_state/0/sets/w/bits", "opt_state/0/count", "params/w"]
+    now = ["opt_state/0/sets/w/bits", "opt_state/0/key_history", "params/w"]
+    top_level = ["sets/w/bits", "key_history"]
+    assert "opt_state/0" in without_key_history(before, now)
+    assert "the top level" in without_key_history(["sets/w/bits"], top_level)
+    assert without_key_history(now, now) is None
+    assert without_key_history(before, before) is None  # N:M or random B∖A: no history wanted
+    assert without_key_history(["params/w"], now) is None  # no Top-KAST state saved
