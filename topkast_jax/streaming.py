@@ -19,6 +19,10 @@ the leaf once:
    tied weights chunk by chunk in index order and finds the cut inside the chunk that holds it
    (:func:`_count_ties`).
 
+With a guess of every key (a refresh extrapolating from the last two,
+:mod:`topkast_jax.warm_start`), a first pass histograms a window of 65,024 keys around each guess
+(:class:`_Window`); the slices whose two keys lie inside skip passes 1 and 2.
+
 Every pass is the same computation with the digit's level as a loop variable: one
 ``while_loop`` over the levels holds one histogram pass per group of stacks and one bucket
 select for all rows, so the compiled program does not grow with the number of passes (what
