@@ -215,6 +215,7 @@ def _fold_chunks(
     init: object,
     key_dtype: np.dtype | None = None,
     run_G: jax.Array | None = None,
+    done: Callable[[object, jax.Array], jax.Array] | None = None,
 ) -> object:
     """``carry ← body(parts, starts, index_C…, carry, valid_C…)`` over the ``R`` slices of stacks
     walked alike (:func:`_by_walk`), by chunks that each hold about ``CHUNK`` weights.
@@ -227,7 +228,9 @@ def _fold_chunks(
     held.  One loop walks the whole group (dynamic slices, no copy).
 
     On one device the group is walked one slice at a time (:func:`_fold_slices`), only the
-    slices flagged in ``run_G`` (bool ``[R]``) when it is given; sharded stacks ignore it.  Sharded
+    slices flagged in ``run_G`` (bool ``[R]``) when it is given, and a slice's walk ends early
+    once ``done(carry, g)`` (a traced bool, when given) holds for it; sharded stacks ignore
+    both.  Sharded
     stacks are walked together, one part per stack (their layouts may differ), by the chunks
     of :func:`_walk`: runs of whole leading rows of the slice (the remaining rows form one last,
     shorter chunk), or strided sets of them, so a chunk keeps the leaf's sharding on every axis.
@@ -238,7 +241,7 @@ def _fold_chunks(
         return [selection.elementwise_magnitude_keys(p, key_dtype) for p in parts]
 
     if all(_one_device(s) for s in stacks):
-        return _fold_slices(stacks, body, init, keys_of, run_G)
+        return _fold_slices(stacks, body, init, keys_of, run_G, done)
     shape = stacks[0].shape[1:]
     row_size = max(1, math.prod(shape[1:]))
     walk = _walk(stacks[0])
@@ -280,7 +283,7 @@ def _slice_table(stacks: Sequence[jax.Array]) -> np.ndarray:
     ).reshape(-1, 3)
 
 
-def _fold_slices(stacks, body, init, keys_of, run_G: jax.Array | None = None) -> object:
+def _fold_slices(stacks, body, init, keys_of, run_G: jax.Array | None = None, done=None) -> object:
     """:func:`_fold_chunks` on one device: stacks ``(L, rows, c)`` of one row length ``c`` and
     one :func:`_chunk_rows` ``r`` (their row counts may differ), walked one slice at a time —
     an outer ``fori_loop`` over the group's slices (only those with ``run_G``, when given), an
@@ -289,7 +292,8 @@ def _fold_slices(stacks, body, init, keys_of, run_G: jax.Array | None = None) ->
     part) is compiled once for the group and its kernels never see several stacks at once
     (joining the stacks' chunks into one array inside the body made XLA's CPU kernels 3–4×
     slower per weight).  A slice's last chunk ends at its last row: when ``r`` does not divide
-    its rows it starts inside the chunk before, whose rows it marks not ``valid``."""
+    its rows it starts inside the chunk before, whose rows it marks not ``valid``.  With
+    ``done``, a slice's chunks are walked while ``done(carry, g)`` does not hold."""
     rows, width = _chunk_rows(stacks[0]), stacks[0].shape[2]
     table = jnp.asarray(_slice_table(stacks))
     overlaps = any(s.shape[1] % rows for s in stacks)
@@ -322,7 +326,14 @@ def _fold_slices(stacks, body, init, keys_of, run_G: jax.Array | None = None) ->
         chunks = (total + rows - 1) // rows
         if run_G is not None:
             chunks = jnp.where(run_G[g], chunks, 0)
-        return lax.fori_loop(0, chunks, step, carry)
+        if done is None:
+            return lax.fori_loop(0, chunks, step, carry)
+        _, carry = lax.while_loop(
+            lambda cc: (cc[0] < chunks) & ~done(cc[1], g),
+            lambda cc: (cc[0] + 1, step(cc[0], cc[1])),
+            (jnp.zeros((), jnp.int32), carry),
+        )
+        return carry
 
     return lax.fori_loop(0, table.shape[0], one_slice, init)
 
@@ -542,15 +553,19 @@ def _walks_ties(stack: jax.Array) -> bool:
 
 
 def _tie_walk(stacks: Sequence[jax.Array], ties: _Ties, key_dtype: np.dtype) -> _Ties:
-    """:func:`_count_ties` over every chunk of the slices of a group of stacks whose ties
-    straddle a boundary (group-local ``ties``)."""
+    """:func:`_count_ties` over the chunks of the slices of a group of stacks whose ties
+    straddle a boundary (group-local ``ties``), each slice's only until both its cuts are found
+    (the chunks come in index order: the rest hold no cut)."""
 
     def body(keys, starts, index_x, ties, valid_x):
         for keys_Lx, start in zip(keys, starts, strict=True):
             ties = _count_ties(keys_Lx, index_x, ties, start, valid_x)
         return ties
 
-    return _fold_chunks(stacks, body, ties, key_dtype, jnp.any(ties.need > 0, axis=1))
+    def found(ties: _Ties, g: jax.Array) -> jax.Array:
+        return jnp.all((ties.need[g] == 0) | (ties.cut[g] >= 0))
+
+    return _fold_chunks(stacks, body, ties, key_dtype, jnp.any(ties.need > 0, axis=1), found)
 
 
 #: The keys a guessed window (:class:`_Window`) resolves, one per bin: ``base … base + 65023``,

@@ -9,6 +9,7 @@ boundaries.  The sets must equal a stable argsort of each slice."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -133,3 +134,44 @@ def test_default_sizes_take_the_walk_on_a_large_leaf(walks):
     assert straddles(x, k_a) and straddles(x, k_b)
     check([x], [None], [k_a], [k_b])
     assert walks
+
+
+@pytest.fixture
+def chunks_walked(monkeypatch):
+    """How many chunks the tie walk counted at run time (a host callback per chunk)."""
+    walked = []
+    count_ties = streaming._count_ties
+
+    def counted(*args):
+        jax.debug.callback(lambda: walked.append(1), ordered=True)
+        return count_ties(*args)
+
+    monkeypatch.setattr(streaming, "_count_ties", counted)
+    return walked
+
+
+@pytest.mark.parametrize(("first", "chunks"), [(0, 1), (20, 2), (40, 3)])
+def test_walk_ends_at_the_chunk_that_holds_both_cuts(small_walk, chunks_walked, first, chunks):
+    """A 60-weight slice (four chunks of 16 weights, the last overlapping) whose tied weights
+    all lie in positions ``first … first + 7``: the walk stops after the chunk holding both
+    cuts, so it counts ``chunks`` chunks, not four."""
+    x = np.arange(60, dtype=np.float32).reshape(6, 10) + 10
+    x.reshape(-1)[first : first + 8] = 5.0  # below every other weight: both boundaries on ties
+    check([x], [None], [54], [56])
+    assert len(chunks_walked) == chunks
+
+
+def test_walk_reads_every_chunk_when_a_cut_is_last(small_walk, chunks_walked):
+    """The tied weights at the very end: every chunk is counted."""
+    x = np.arange(60, dtype=np.float32).reshape(6, 10) + 10
+    x.reshape(-1)[52:] = 5.0
+    check([x], [None], [54], [57])
+    assert len(chunks_walked) == 4
+
+
+def test_walk_ends_at_the_one_cut_when_one_set_does_not_straddle(small_walk, chunks_walked):
+    """Only ``A``'s boundary straddles (``B`` takes all 60): the walk stops after ``A``'s cut."""
+    x = np.arange(60, dtype=np.float32).reshape(6, 10) + 10
+    x.reshape(-1)[:8] = 5.0
+    check([x], [None], [54], [60])
+    assert len(chunks_walked) == 1
