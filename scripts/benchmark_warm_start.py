@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import topkast_jax as tk  # noqa: E402
-from topkast_jax import streaming, warm_start  # noqa: E402
+from topkast_jax import distributions, streaming, warm_start  # noqa: E402
 
 FLAGS = flags.FLAGS
 # --models (mlp, txl) and --pairs (timed pairs per model) are benchmark_step's flags.
@@ -58,16 +58,11 @@ def trained_params(problem: benchmark_step.Problem, steps: int) -> list:
     )
     step = jax.jit(benchmark_step.topkast_step(problem, tx))
     params, state = problem.params, tx.init(problem.params)
-    taken = []
-    for i in range(steps + 2):
+    taken = [params]
+    for _ in range(steps + 2):
         params, state, _ = step(params, state, problem.batch)
-        if i >= steps - 1:
-            taken.append(params)
-    return taken[-3:] if len(taken) >= 3 else [problem.params, *taken]
-
-
-def counts(xs: list[jax.Array], fraction: float) -> list[int]:
-    return [max(1, round(fraction * x.size)) for x in xs]
+        taken = [*taken[-2:], params]
+    return taken
 
 
 def ulps(a, b) -> np.ndarray:
@@ -77,15 +72,15 @@ def ulps(a, b) -> np.ndarray:
 def run(name: str) -> None:
     problem = benchmark_step.mlp_problem(4096) if name == "mlp" else benchmark_step.txl_problem()
     first, second, third = (kernels(p) for p in trained_params(problem, FLAGS.steps))
-    k_a, k_b = counts(third, 0.2), counts(third, 0.5)
-    select = jax.jit(lambda xs, g: streaming.leaf_thresholds(xs, k_a, k_b, None, g))
+    k_a, k_b = zip(*(distributions.mask_counts(0.2, 0.5, x.size) for x in third), strict=True)
+    select = jax.jit(lambda xs, g: streaming.leaf_thresholds(xs, list(k_a), list(k_b), None, g))
     older, latest = (streaming.leaf_keys(select(xs, None)) for xs in (first, second))
     guess = warm_start.guess(warm_start.push(warm_start.start(older), latest))
     cold = streaming.leaf_keys(select(third, None))
     for c, w in zip(select(third, None), select(third, guess), strict=True):
         assert np.array_equal(c.key, w.key) and np.array_equal(c.cut, w.cut), "thresholds differ"
     moved, missed = ulps(cold, latest), ulps(cold, guess)
-    held = np.mean(np.all(ulps(cold, guess).reshape(-1, 2) <= streaming.WINDOW_HALF, axis=1))
+    held = np.mean(np.all(missed.reshape(-1, 2) <= streaming.WINDOW_HALF, axis=1))
 
     def timed(args) -> float:
         start = time.perf_counter()

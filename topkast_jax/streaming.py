@@ -591,10 +591,10 @@ class _Window(NamedTuple):
 
 def _window_bases(guess_PxS: jax.Array, key_dtype: np.dtype) -> jax.Array:
     """Unsigned ``[P, 2]`` window starts centred on the guessed keys (non-negative, of
-    ``key_dtype``): ``A``'s and ``B``'s apart
-    when ``A``'s lies at or above the end of ``B``'s (each weight is then counted in one
-    window: ``A``'s takes every key from its base up, :func:`_window_histograms` adds them to
-    ``B``'s top bin), else one window centred between the two guesses."""
+    ``key_dtype``): ``A``'s and ``B``'s apart when ``A``'s lies at or above the end of ``B``'s
+    (each weight is then counted in one window: ``A``'s takes every key from its base up,
+    :func:`_window_histograms` adds them to ``B``'s top bin), else one window centred between
+    the two guesses."""
     guess_PxS = guess_PxS.astype(key_dtype)
 
     def start(center):
@@ -764,7 +764,7 @@ def _radix_select(
     (ties straddle 9 of the 12 boundaries of the four 4096 × 4096 float32 kernels of
     ``scripts/benchmark_step.py``), and no histogram at any later level.
 
-    With ``guess_PxS`` (int32 keys only), a first pass (level −1) histograms a window of 65,535
+    With ``guess_PxS`` (int32 keys only), a first pass (level −1) histograms a window of 65,024
     keys centred on each guess (:class:`_Window`); a row whose ``k``-th keys of both sets lie
     inside their windows has its whole key then, and only the other rows search the key's
     digits — one histogram pass instead of two when the guesses are close (a refresh guessing
@@ -775,6 +775,10 @@ def _radix_select(
     tables = _level_tables(fields, key_dtype, straddled_levels)
     guessed = guess_PxS is not None and fields.key == 2  # a window spans 16 bits of an int32 key
     base_PxS = _window_bases(guess_PxS, key_dtype) if guessed else None
+
+    def levels_after_key(straddles_PxS: jax.Array) -> jax.Array:
+        """How many levels run once every key is found: the tie levels too if a tie straddles."""
+        return jnp.where(jnp.any(straddles_PxS), straddled_levels, fields.key)
 
     def after_window(c: _Selected, bucket_PxS, above_PxS, tied_PxS) -> _Selected:
         """The state after the window pass: rows whose windows held both keys have them."""
@@ -790,10 +794,9 @@ def _radix_select(
         straddles_PxS = found_Px1 & (tied_PxS != k_PxS - above_PxS)
         search_P = ~found_Px1[:, 0]
         done = ~jnp.any(search_P)
-        straddled = jnp.where(jnp.any(straddles_PxS), straddled_levels, fields.key)
         return c._replace(
             level=jnp.where(done, fields.key, 0),
-            levels=jnp.where(done, straddled, fields.key),
+            levels=jnp.where(done, levels_after_key(straddles_PxS), fields.key),
             prefixes=prefixes,
             above=above_PxS,
             tied=tied_PxS,
@@ -819,11 +822,7 @@ def _radix_select(
         straddles_PxS = jnp.where(
             last_key_digit & run_Px1, tied_PxS != k_PxS - above_PxS, c.straddles
         )
-        levels = jnp.where(
-            last_key_digit,
-            jnp.where(jnp.any(straddles_PxS), straddled_levels, fields.key),
-            c.levels,
-        )
+        levels = jnp.where(last_key_digit, levels_after_key(straddles_PxS), c.levels)
         return c._replace(
             level=c.level + 1,
             levels=levels,
@@ -926,21 +925,19 @@ def _group_histograms(
         for group, row_rank, tie_group in zip(groups, row_ranks, tie_groups, strict=True):
             rows = _rows(group)
             span = slice(start, start + rows)
+
+            def of_group(per_row, rows=rows, span=span):  # this group's rows of a [P, 2] value
+                return jnp.broadcast_to(per_row, (rows, 2)) if shared else per_row[span]
+
+            mine = tuple(of_group(p) for p in prefixes)
+            mine_window = None
+            if window is not None:
+                mine_window = window._replace(base_GxS=of_group(window.base_GxS))
             if shared:
-                mine = tuple(jnp.broadcast_to(p, (rows, 2)) for p in prefixes)
-                mine_window = None
-                if window is not None:
-                    mine_window = window._replace(
-                        base_GxS=jnp.broadcast_to(window.base_GxS, (rows, 2))
-                    )
                 hist = _level_histograms(
                     group, at, mine, key_dtype, row_rank, hist, 0, False, window=mine_window
                 )
             else:
-                mine = tuple(p[span] for p in prefixes)
-                mine_window = None
-                if window is not None:
-                    mine_window = window._replace(base_GxS=window.base_GxS[span])
 
                 def walk(h, g=group, m=mine, r=row_rank, f=start, run_G=run[span], w=mine_window):
                     return _level_histograms(g, at, m, key_dtype, r, h, f, run_G=run_G, window=w)

@@ -199,16 +199,6 @@ def _streaming_sets(
     return unflatten_sparse(params, plan, sets), history
 
 
-def streams(backward_selection: str, method: str, structure: Any = None) -> bool:
-    """Whether the sets are selected by :mod:`topkast_jax.streaming` (the paper's magnitude
-    ``B``, unstructured, the histogram method), which keeps the thresholds' keys history."""
-    return (
-        structure is None
-        and backward_selection == "magnitude"
-        and selection.resolve_method(method) == "histogram"
-    )
-
-
 def select_sets(
     params: Any,
     plan: list[LeafDensity],
@@ -226,7 +216,7 @@ def select_sets(
     the random-``B∖A`` ablation go through :func:`masks.topkast_masks` and keep no history
     (``None``).
     """
-    if streams(backward_selection, method):
+    if backward_selection == "magnitude" and selection.resolve_method(method) == "histogram":
         return _streaming_sets(params, plan, global_topk, history)
     masks = masks_lib.topkast_masks(
         params,
