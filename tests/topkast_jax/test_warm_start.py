@@ -265,3 +265,13 @@ def test_strided_walk_with_guesses(monkeypatch, offset):
     k_a, k_b = [19, 30], [48, 90]
     keys = np.concatenate([true_keys(x, None, a, b) for x, a, b in zip(xs, k_a, k_b, strict=True)])
     assert_slice_sets(xs, [None, None], k_a, k_b, moved(keys, offset))
+
+
+def test_float64_keys_take_no_window(short_rows, passes):
+    """float64 leaves have int64 keys, where a window of 65,024 keys would span 1e-11 of a
+    magnitude: the guess is ignored, the key's four 16-bit digits run, the sets stay exact."""
+    with jax.enable_x64(True):
+        x = np.random.default_rng(8).normal(size=(6, 10))
+        guess = np.zeros((1, 2), np.int64)
+        assert_slice_sets([x], [None], [12], [30], guess)
+    assert passes == [False] * 4
