@@ -172,26 +172,43 @@ def _reduce_last(operands, inits, combine) -> tuple[jax.Array, ...]:
 
 
 def _gathers() -> bool:
-    """Whether :func:`_row_of` gathers (one device)."""
+    """Whether :func:`rows_of` gathers (one device)."""
     return jax.device_count() == 1
 
 
-def _row_of(hist_SxRxC: jax.Array, row_S: jax.Array) -> jax.Array:
-    """``hist[s, row[s], :]``, zeros where ``row[s] = −1`` (``k`` exceeds every count).  On one
-    device a gather, which reads ``S × C`` counts; on several a masked sum over every row (a
-    gather may partition into all-gathers there), which reads them all — twice the time of the
-    gather on XLA's CPU backend for ResNet-50's 108 rows."""
+def rows_of(hist_SxRxC: jax.Array, row_SxJ: jax.Array) -> jax.Array:
+    """``[S, J, C]``: ``hist[s, row[s, j], :]``, zeros where ``row[s, j] < 0`` (``k`` exceeds
+    every count).  On one device a gather, which reads ``S × J × C`` counts; on several a
+    masked sum over every row (a gather may partition into all-gathers there), which reads them
+    all ``J`` times — twice the time of the gather on XLA's CPU backend for ResNet-50's 108
+    rows."""
     if _gathers():
-        index_Sx1x1 = jnp.clip(row_S, 0, hist_SxRxC.shape[1] - 1)[:, None, None]
-        row_SxC = jnp.take_along_axis(hist_SxRxC, index_Sx1x1, axis=1)[:, 0]
-        return jnp.where(row_S[:, None] >= 0, row_SxC, 0)
-    in_row = jnp.arange(hist_SxRxC.shape[1], dtype=jnp.int32)[None, :, None] == row_S[:, None, None]
-    return jnp.sum(jnp.where(in_row, hist_SxRxC, 0), axis=1, dtype=jnp.int32)
+        index_SxJ = jnp.clip(row_SxJ, 0, hist_SxRxC.shape[1] - 1)
+        row_SxJxC = jnp.take_along_axis(hist_SxRxC, index_SxJ[:, :, None], axis=1)
+        return jnp.where(row_SxJ[:, :, None] >= 0, row_SxJxC, 0)
+    rows_R = jnp.arange(hist_SxRxC.shape[1], dtype=jnp.int32)
+    in_row_SxJxRx1 = rows_R[:, None] == row_SxJ[:, :, None, None]
+    hist_Sx1xRxC = hist_SxRxC[:, None]
+    return jnp.sum(jnp.where(in_row_SxJxRx1, hist_Sx1xRxC, 0), axis=2, dtype=jnp.int32)
 
 
 def select_bucket(hist_SxD: jax.Array, k_S: jax.Array) -> tuple[jax.Array, ...]:
     """Per segment: the largest bucket ``b`` with ``#(digit >= b) >= k``, ``#(digit > b)`` and
-    ``#(digit == b)``.
+    ``#(digit == b)`` (:func:`select_bucket_in_rows` over the histograms ``[S, 65536]``)."""
+    hist_SxRxC = hist_SxD.reshape(-1, 256, 256)
+    row_total_SxR = hist_SxRxC.sum(axis=-1, dtype=jnp.int32)  # int32 also under jax_enable_x64
+    return select_bucket_in_rows(
+        row_total_SxR, lambda row_S: rows_of(hist_SxRxC, row_S[:, None])[:, 0], k_S
+    )
+
+
+def select_bucket_in_rows(
+    row_total_SxR: jax.Array, row_of: Callable[[jax.Array], jax.Array], k_S: jax.Array
+) -> tuple[jax.Array, ...]:
+    """:func:`select_bucket` of histograms of 65,536 buckets given as 256 rows of 256: their row
+    totals ``[S, 256]`` and ``row_of(row_S) -> [S, 256]``, the counts of row ``row_S[s]`` of
+    segment ``s`` (zeros where ``row_S[s] = −1``).  The histograms need not exist as one array
+    (:func:`topkast_jax.streaming` reads each set's from one of two halves).
 
     Two levels of 256 (rows of 256 buckets, then the buckets of one row), so the scan costs
     2 × 256 instead of 65,536 sequential additions.  ``at_least[j] = #(digit >= j)`` does not
@@ -199,8 +216,6 @@ def select_bucket(hist_SxD: jax.Array, k_S: jax.Array) -> tuple[jax.Array, ...]:
     ``at_least[j] >= k``, less one), ``#(digit > b)`` (the largest ``at_least`` below ``k``)
     and ``#(digit >= b)`` (the smallest at or above ``k``).
     """
-    hist_SxRxC = hist_SxD.reshape(-1, 256, 256)
-    row_total_SxR = hist_SxRxC.sum(axis=-1, dtype=jnp.int32)  # int32 also under jax_enable_x64
     at_least_SxR = _at_least(row_total_SxR)
     ok_SxR = at_least_SxR >= k_S[:, None]
     count_S, above_row_S = _reduce_last(
@@ -209,7 +224,7 @@ def select_bucket(hist_SxD: jax.Array, k_S: jax.Array) -> tuple[jax.Array, ...]:
         lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1])),
     )
     row_S = count_S - 1
-    row_hist_SxC = _row_of(hist_SxRxC, row_S)
+    row_hist_SxC = row_of(row_S)
     at_least_SxC = _at_least(row_hist_SxC) + above_row_S[:, None]
     ok_SxC = at_least_SxC >= k_S[:, None]
     most = jnp.iinfo(jnp.int32).max

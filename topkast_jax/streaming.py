@@ -593,7 +593,7 @@ def _window_bases(guess_PxS: jax.Array, key_dtype: np.dtype) -> jax.Array:
     """Unsigned ``[P, 2]`` window starts centred on the guessed keys (non-negative, of
     ``key_dtype``): ``A``'s and ``B``'s apart when ``A``'s lies at or above the end of ``B``'s
     (each weight is then counted in one window: ``A``'s takes every key from its base up,
-    :func:`_window_histograms` adds them to ``B``'s top bin), else one window centred between
+    :func:`_select_sets` counts them above ``B``'s keys), else one window centred between
     the two guesses."""
     guess_PxS = guess_PxS.astype(key_dtype)
 
@@ -628,21 +628,6 @@ def _window_bins(key_x: jax.Array, base_a, base_b, valid_x: jax.Array | None) ->
     return bins if valid_x is None else jnp.where(valid_x, bins, -1)
 
 
-def _window_histograms(hist_Px2xB: jax.Array, base_PxS: jax.Array) -> jax.Array:
-    """The window pass's histograms completed: ``B``'s is ``A``'s where the two windows are one,
-    else gets every key ``A``'s counted (all at or above ``A``'s base, so above ``B``'s window)
-    in its top bin."""
-    same_P = base_PxS[:, 0] == base_PxS[:, 1]
-    ones_B = np.ones(_BINS, np.int32)  # a sum as a product: a library call, not a kernel
-    total_P = jnp.matmul(hist_Px2xB[:, 0], ones_B, preferred_element_type=jnp.int32)
-    in_b_1x2x1 = (np.arange(2) == 1)[None, :, None]
-    top_1x1xB = (np.arange(_BINS) == _BINS - 1)[None, None, :]
-    added = jnp.where(in_b_1x2x1 & top_1x1xB, total_P[:, None, None], 0)
-    # one elementwise pass over [P, 2, 65536] (a stack of the two halves costs 3-4x as much)
-    copy_Px2x1 = in_b_1x2x1 & same_P[:, None, None]
-    return jnp.where(copy_Px2x1, hist_Px2xB[:, :1], hist_Px2xB + added)
-
-
 def _level_histograms(
     stacks: Sequence[jax.Array],
     at: _Level,
@@ -664,7 +649,7 @@ def _level_histograms(
 
     A weight is counted once: in ``A``'s histogram if it matches ``A``'s prefix, else in ``B``'s
     if it matches ``B``'s (two prefixes either agree on the digits above the level — then so do
-    their histograms, :func:`_histograms_of_sets` — or no key matches both).  ``row_rank_G``
+    their histograms, :func:`_select_sets` — or no key matches both).  ``row_rank_G``
     (uint32) is the row field of each slice (global top-k).  With a ``window`` that is ``on``,
     the bins are the window's (:func:`_window_bins`) instead.  The counts of every device add
     up in a histogram-sized all-reduce."""
@@ -702,16 +687,48 @@ def _level_histograms(
     return _fold_chunks(stacks, body, hist_Px2B, key_dtype, run_G)
 
 
-def _histograms_of_sets(hist_Px2xB: jax.Array, prefixes_PxS: tuple[jax.Array, ...]) -> jax.Array:
-    """``B``'s histogram where ``B``'s prefix equals ``A``'s (the weights were counted in
-    ``A``'s only, :func:`_level_histograms`).  One select over ``[P, 2, 65536]`` with a
-    ``[P, 2]`` condition (XLA's CPU backend writes it in one pass; a ``jnp.stack`` of the two
-    halves cost 3–4× as much, a third of a ResNet-50 selection)."""
-    same_P = jnp.ones(hist_Px2xB.shape[0], bool)
-    for p in prefixes_PxS:
-        same_P = same_P & (p[:, 0] == p[:, 1])
-    from_A_Px2 = jnp.stack([jnp.zeros_like(same_P), same_P], axis=1)
-    return jnp.where(from_A_Px2[:, :, None], hist_Px2xB[:, :1], hist_Px2xB)
+def _select_sets(
+    hist_Px2xB: jax.Array, own_PxS: jax.Array, add_a_PxS: jax.Array, k_PxS: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`topkast_jax.selection.select_bucket` of every set's histogram, ``[P, 2]`` each,
+    without writing those histograms: set ``s`` of row ``p`` has the counts of half
+    ``own[p, s]`` of ``hist_Px2xB`` (0: ``A``'s, 1: ``B``'s) and, where ``add_a[p, s]``, every
+    weight ``A``'s half counted lies above all of them.
+
+    A pass counts each weight once (:func:`_level_histograms`): where ``B``'s prefix equals
+    ``A``'s, ``B``'s histogram is ``A``'s half; where the window pass's two windows are apart,
+    ``B``'s ``k``-th largest key is the ``(k − total_A)``-th of its own half, with ``total_A``
+    more above it (a ``k − total_A <= 0`` selects the top bucket, outside the window).  Reading
+    the halves in place costs one reduction of ``[P, 2, 65536]`` to row totals and a gather of
+    one row of 256 per set, where writing the sets' histograms first cost a pass over
+    ``[P, 2, 65536]`` at every level (a tenth of a ResNet-50 selection)."""
+    rows = hist_Px2xB.shape[0]
+    hist_Px2xRxC = hist_Px2xB.reshape(rows, 2, 256, 256)
+    total_Px2xR = hist_Px2xRxC.sum(axis=-1, dtype=jnp.int32)
+    ones_R = np.ones(256, np.int32)  # a sum as a product: a library call, not two kernels
+    total_a_Px1 = jnp.matmul(total_Px2xR[:, 0], ones_R, preferred_element_type=jnp.int32)[:, None]
+    above_a_PxS = jnp.where(add_a_PxS, total_a_Px1, 0)
+    total_PxSxR = jnp.where(own_PxS[:, :, None] == 0, total_Px2xR[:, :1], total_Px2xR[:, 1:])
+
+    def row_of(row_S: jax.Array) -> jax.Array:
+        row_PxS = row_S.reshape(rows, 2)
+        in_halves_PxS = jnp.where(row_PxS >= 0, own_PxS * 256 + row_PxS, -1)
+        row_PxSxC = selection.rows_of(hist_Px2xRxC.reshape(rows, 512, 256), in_halves_PxS)
+        return row_PxSxC.reshape(rows * 2, 256)
+
+    bucket, above, tied = (
+        v.reshape(rows, 2)
+        for v in selection.select_bucket_in_rows(
+            total_PxSxR.reshape(rows * 2, 256), row_of, (k_PxS - above_a_PxS).reshape(-1)
+        )
+    )
+    return bucket, above + above_a_PxS, tied
+
+
+def _own_halves(same_P: jax.Array) -> jax.Array:
+    """int32 ``[P, 2]``: the half of the pass's histograms each set reads (:func:`_select_sets`):
+    ``A`` its own; ``B`` ``A``'s where ``same_P`` (one prefix, or one window), else its own."""
+    return jnp.stack([jnp.zeros_like(same_P), same_P == 0], axis=1).astype(jnp.int32)
 
 
 class _Selected(NamedTuple):
@@ -848,19 +865,15 @@ def _radix_select(
         hist, cut_PxS = histogram(at, c.prefixes, run_P, ties, tie_level, window)
         c = c if cut_PxS is None else c._replace(cut=cut_PxS)
         k_left_PxS = k_PxS - c.above  # the window's rows start with nothing above
-        if window is None:
-            hist_Px2xB = _histograms_of_sets(hist, c.prefixes)
-        else:  # one bucket select for both kinds of pass (its kernels are compiled once)
-            hist_Px2xB = lax.cond(
-                window.on,
-                lambda h: _window_histograms(h, base_PxS),
-                lambda h: _histograms_of_sets(h, c.prefixes),
-                hist,
-            )
-        bucket, above, tied = selection.select_bucket(
-            hist_Px2xB.reshape(-1, _BINS), k_left_PxS.reshape(-1)
-        )
-        found = tuple(v.reshape(rows, 2) for v in (bucket, above, tied))
+        same_P = jnp.ones(rows, bool)
+        for p in c.prefixes:
+            same_P = same_P & (p[:, 0] == p[:, 1])
+        add_a_PxS = jnp.zeros((rows, 2), bool)
+        if window is not None:  # one bucket select for both kinds of pass
+            same_window_P = base_PxS[:, 0] == base_PxS[:, 1]
+            same_P = jnp.where(window.on, same_window_P, same_P)
+            add_a_PxS = window.on & (_own_halves(same_P) == 1)
+        found = _select_sets(hist, _own_halves(same_P), add_a_PxS, k_left_PxS)
         digit = after_digit(c, at, run_P, *found)
         if window is None:
             return digit

@@ -9,7 +9,7 @@ import reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from topkast_jax import selection
+from topkast_jax import selection, streaming
 
 # "auto" resolves to one of the others; it gets its own cheap test below.
 METHODS = tuple(m for m in selection.METHODS if m != "auto")
@@ -231,3 +231,47 @@ def test_property_select_bucket_gather_and_masked_sum(gathers, data):
             assert bucket < 0 and above == int(hist[r].sum()) and tied == 0, (r, ks[r])
         else:
             assert (bucket, above, tied) == want, (r, ks[r])
+
+
+@pytest.mark.parametrize("gathers", [True, False])
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_property_select_sets_reads_the_halves_in_place(gathers, data):
+    """``streaming._select_sets`` equals ``select_bucket`` of each set's histogram written out:
+    the half it owns, and where ``A``'s total is added (the window pass, windows apart), the
+    ``(k − total_A)``-th of its own half with ``total_A`` more above; a ``k`` within
+    ``total_A`` selects the top bucket (outside any window)."""
+    rows = data.draw(st.integers(1, 3))
+    hist = np.zeros((rows, 2, 1 << 16), np.int32)
+    for r in range(rows):
+        for half in (0, 1):
+            for _ in range(data.draw(st.integers(0, 5))):
+                bucket = data.draw(st.integers(0, (1 << 16) - 1))
+                hist[r, half, bucket] += data.draw(st.integers(1, 5))
+    own = np.array([[0, data.draw(st.integers(0, 1))] for _ in range(rows)], np.int32)
+    add_a = np.array([[False, bool(o) and data.draw(st.booleans())] for _, o in own])
+    total_a = hist[:, 0].sum(axis=1)
+    mine = hist[np.arange(rows)[:, None], own]  # [rows, 2, 65536]
+    extra = np.where(add_a, total_a[:, None], 0)
+    ks = np.array(
+        [
+            [data.draw(st.integers(1, int(mine[r, s].sum() + extra[r, s]) + 2)) for s in (0, 1)]
+            for r in range(rows)
+        ],
+        np.int32,
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(selection, "_gathers", lambda: gathers)
+        got = streaming._select_sets(*map(jnp.asarray, (hist, own, add_a, ks)))
+    for r in range(rows):
+        for s in (0, 1):
+            bucket, above, tied = (int(g[r, s]) for g in got)
+            k_own = int(ks[r, s] - extra[r, s])
+            if k_own <= 0:
+                assert bucket == (1 << 16) - 1, (r, s)
+                continue
+            want = reference_bucket(mine[r, s], k_own)
+            if want is None:
+                assert bucket < 0 and above == mine[r, s].sum() + extra[r, s] and tied == 0
+            else:
+                assert (bucket, above - extra[r, s], tied) == want, (r, s, ks[r, s])
