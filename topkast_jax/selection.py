@@ -208,7 +208,7 @@ def select_bucket_in_rows(
     """:func:`select_bucket` of histograms of 65,536 buckets given as 256 rows of 256: their row
     totals ``[S, 256]`` and ``row_of(row_S) -> [S, 256]``, the counts of row ``row_S[s]`` of
     segment ``s`` (zeros where ``row_S[s] = −1``).  The histograms need not exist as one array
-    (:func:`topkast_jax.streaming` reads each set's from one of two halves).
+    (:func:`topkast_jax.streaming._select_sets` reads each set's from one of two halves).
 
     Two levels of 256 (rows of 256 buckets, then the buckets of one row), so the scan costs
     2 × 256 instead of 65,536 sequential additions.  ``at_least[j] = #(digit >= j)`` does not
