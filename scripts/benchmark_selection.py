@@ -25,6 +25,9 @@ Usage::
   python scripts/benchmark_selection.py                      # full run, ~2-3 min on 2 CPU cores
   python scripts/benchmark_selection.py --quick              # smoke run, keep 0.5 only
   python scripts/benchmark_selection.py --methods=histogram,bisect --repeats=20
+  python scripts/benchmark_selection.py --methods=streaming,sort --repeats=5 --budget_s=16
+      # the ResNet-50 sort timed 3-4 times, not once: a steadier ratio (one sort call
+      # moves by about 20% between runs on a shared machine)
 
 On a GPU or TPU host the same command measures that backend (``JAX_PLATFORMS=cuda`` or ``tpu``
 picks it explicitly).
