@@ -868,12 +868,13 @@ def _radix_select(
         same_P = jnp.ones(rows, bool)
         for p in c.prefixes:
             same_P = same_P & (p[:, 0] == p[:, 1])
-        add_a_PxS = jnp.zeros((rows, 2), bool)
         if window is not None:  # one bucket select for both kinds of pass
             same_window_P = base_PxS[:, 0] == base_PxS[:, 1]
             same_P = jnp.where(window.on, same_window_P, same_P)
-            add_a_PxS = window.on & (_own_halves(same_P) == 1)
-        found = _select_sets(hist, _own_halves(same_P), add_a_PxS, k_left_PxS)
+        own_PxS = _own_halves(same_P)
+        # the window pass's apart windows: A's keys all lie above B's
+        add_a_PxS = (own_PxS == 1) & (False if window is None else window.on)
+        found = _select_sets(hist, own_PxS, add_a_PxS, k_left_PxS)
         digit = after_digit(c, at, run_P, *found)
         if window is None:
             return digit
