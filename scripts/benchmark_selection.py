@@ -20,14 +20,19 @@ only, no mask) and two memory-read floors for the same bytes: a jitted one-pass
 ``jnp.sum`` over a 256 MiB array that does not fit in cache.  All methods must return identical
 masks (asserted), and the single-tensor masks must equal ``np.argsort(-|x|, kind="stable")[:k]``.
 
+The "sort/this" column divides medians timed one method after the other, minutes apart on a
+machine whose load moves.  With both ``streaming`` and ``sort`` among the methods each table
+also prints the *paired* ratio, the measure of the "≥ 40× an argsort" goal: ``--pairs`` times,
+three streaming calls and then one sort call, the sort's time over the median of those three;
+the median of the pairs with their min–max (``tx.init`` against the argsort of both masks alike).
+
 Usage::
 
   python scripts/benchmark_selection.py                      # full run, ~2-3 min on 2 CPU cores
   python scripts/benchmark_selection.py --quick              # smoke run, keep 0.5 only
   python scripts/benchmark_selection.py --methods=histogram,bisect --repeats=20
-  python scripts/benchmark_selection.py --methods=streaming,sort --repeats=5 --budget_s=16
-      # the ResNet-50 sort timed 3-4 times, not once: a steadier ratio (one sort call
-      # moves by about 20% between runs on a shared machine)
+  python scripts/benchmark_selection.py --methods=streaming,sort --repeats=7 --pairs=5
+      # the goal's paired ratios, 5 pairs per case (the ResNet-50 sort takes ~5 s a call)
 
 On a GPU or TPU host the same command measures that backend (``JAX_PLATFORMS=cuda`` or ``tpu``
 picks it explicitly).
@@ -161,6 +166,39 @@ def time_call(
     return Timing(compile_s=compile_s, samples_ms=tuple(samples)), result
 
 
+@dataclasses.dataclass(frozen=True)
+class Paired:
+    """``slow / fast`` wall-time ratios measured in alternation (both already compiled): per
+    pair, one ``slow`` call over the median of the ``fast`` calls made just before it, so both
+    sides of a ratio see the same load on a shared machine."""
+
+    ratios: tuple[float, ...]
+
+    def describe(self) -> str:
+        r = self.ratios
+        return f"{statistics.median(r):.1f}x (min-max {min(r):.1f}-{max(r):.1f}x, {len(r)} pairs)"
+
+
+def paired(fast: Callable[[], object], slow: Callable[[], object], pairs: int) -> Paired:
+    """:class:`Paired` ratios of ``pairs`` pairs, each ``FAST_CALLS_PER_PAIR`` calls of ``fast``
+    then one of ``slow`` (the functions must block until their results are ready)."""
+    ratios = []
+    for _ in range(pairs):
+        fast_ms = []
+        for _ in range(FAST_CALLS_PER_PAIR):
+            start = time.perf_counter()
+            fast()
+            fast_ms.append((time.perf_counter() - start) * 1e3)
+        start = time.perf_counter()
+        slow()
+        ratios.append((time.perf_counter() - start) * 1e3 / statistics.median(fast_ms))
+    return Paired(tuple(ratios))
+
+
+#: ``fast`` calls per pair of :func:`paired` (their median is the pair's denominator).
+FAST_CALLS_PER_PAIR = 3
+
+
 #: Benchmark-only variant: the histogram method through ``selection.top_k_masks``, which stacks
 #: kernels of equal size as rows of one selection — the path ``tk.topkast`` takes at each refresh.
 BATCHED = "histogram-rows"
@@ -268,8 +306,10 @@ def run_case(
     reference: list[np.ndarray] | None = None
     if exact_reference:
         reference = [reference_mask(x, k) for x, k in zip(kernels_host, ks, strict=True)]
+    calls: dict[str, Callable[[], object]] = {}
     for method in methods:
-        timing, out = time_call(blocking(masks_fn(ks, method), kernels), args.repeats, slow_budget)
+        calls[method] = blocking(masks_fn(ks, method), kernels)
+        timing, out = time_call(calls[method], args.repeats, slow_budget)
         rows.append(Row(method, timing))
         masks = [np.asarray(m) for m in out]
         if reference is None:
@@ -284,6 +324,9 @@ def run_case(
     )
     floor, _ = time_call(blocking(one_pass_read_fn(), kernels), max(args.repeats, 10), slow_budget)
     bandwidth_floor_ms = num_bytes / (bandwidth_gbs * 1e9) * 1e3
+    pair = None
+    if STREAMING in calls and "sort" in calls and args.pairs:
+        pair = paired(calls[STREAMING], calls["sort"], args.pairs)
     print_table(
         f"{title}: {num_weights:,} weights ({num_bytes / 2**20:.1f} MiB), keep {keep}, "
         f"k = {sum(ks):,}",
@@ -292,6 +335,8 @@ def run_case(
         floor,
         bandwidth_floor_ms,
     )
+    if pair is not None:
+        print(f"{'sort/streaming, paired':<26} {pair.describe()}")
 
 
 def print_table(
@@ -342,10 +387,9 @@ def run_init_case(kernels_host: Sequence[np.ndarray], args: argparse.Namespace) 
         ]
 
     leaves = jax.tree.leaves(params)
-    init_timing, state = time_call(blocking(init, params), args.repeats, args.budget_s)
-    sort_timing, sorted_masks = time_call(
-        blocking(jax.jit(argsort_masks), leaves), args.repeats, args.budget_s
-    )
+    init_call, sort_call = blocking(init, params), blocking(jax.jit(argsort_masks), leaves)
+    init_timing, state = time_call(init_call, args.repeats, args.budget_s)
+    sort_timing, sorted_masks = time_call(sort_call, args.repeats, args.budget_s)
     masks = tk.get_masks(state)
     got = [*jax.tree.leaves(masks.forward), *jax.tree.leaves(masks.backward)]
     for i, (a, b) in enumerate(zip(got, sorted_masks, strict=True)):
@@ -364,6 +408,9 @@ def run_init_case(kernels_host: Sequence[np.ndarray], args: argparse.Namespace) 
             f"{name:<26}{timing.median_ms:>11.2f}{timing.min_ms:>10.2f}{len(timing.samples_ms):>4}"
             f"{timing.compile_s:>11.2f}{sort_timing.median_ms / timing.median_ms:>10.1f}x"
         )
+    if args.pairs:
+        pair = paired(init_call, sort_call, args.pairs)
+        print(f"{'argsort/tx.init, paired':<26} {pair.describe()}")
 
 
 def parse_args() -> argparse.Namespace:
@@ -384,6 +431,12 @@ def parse_args() -> argparse.Namespace:
         help="stop timing a method after this many seconds of calls (see the module docstring)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random kernels")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=3,
+        help="alternated streaming/sort pairs for the paired ratio (0: none; needs both methods)",
+    )
     args = parser.parse_args()
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for method in args.methods:
@@ -392,6 +445,8 @@ def parse_args() -> argparse.Namespace:
             parser.error(f"--methods: unknown method {method!r}; choose from {known}")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.pairs < 0:
+        parser.error("--pairs must be >= 0")
     if args.quick:
         args.repeats = min(args.repeats, 3)
         args.budget_s = min(args.budget_s, 1.0)
