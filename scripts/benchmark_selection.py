@@ -422,7 +422,9 @@ def parse_args() -> argparse.Namespace:
         help=f"comma-separated subset of {(*selection.METHODS, *EXTRA_METHODS)}",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="smoke run: keep 0.5 only, 3 repeats, 1 s budgets"
+        "--quick",
+        action="store_true",
+        help="smoke run: keep 0.5 only, 3 repeats, 1 s budgets, 1 pair",
     )
     parser.add_argument(
         "--budget_s",
@@ -450,6 +452,7 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.repeats = min(args.repeats, 3)
         args.budget_s = min(args.budget_s, 1.0)
+        args.pairs = min(args.pairs, 1)
     return args
 
 

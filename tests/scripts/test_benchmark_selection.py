@@ -60,3 +60,11 @@ def test_pairs_flag_rejects_negative_counts(monkeypatch):
     monkeypatch.setattr("sys.argv", ["benchmark_selection.py", "--pairs=-1"])
     with pytest.raises(SystemExit):
         bench.parse_args()
+
+
+def test_quick_runs_one_pair(monkeypatch):
+    """``--quick`` (the smoke run) times one pair per table whatever ``--pairs`` says."""
+    monkeypatch.setattr("sys.argv", ["benchmark_selection.py", "--quick", "--pairs=5"])
+    assert bench.parse_args().pairs == 1
+    monkeypatch.setattr("sys.argv", ["benchmark_selection.py", "--pairs=5"])
+    assert bench.parse_args().pairs == 5
