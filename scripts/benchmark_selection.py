@@ -28,7 +28,7 @@ the median of the pairs with their min–max (``tx.init`` against the argsort of
 
 Usage::
 
-  python scripts/benchmark_selection.py                      # full run, ~2-3 min on 2 CPU cores
+  python scripts/benchmark_selection.py                      # full run, ~3-4 min on 2 CPU cores
   python scripts/benchmark_selection.py --quick              # smoke run, keep 0.5 only
   python scripts/benchmark_selection.py --methods=histogram,bisect --repeats=20
   python scripts/benchmark_selection.py --methods=streaming,sort --repeats=7 --pairs=5
@@ -166,6 +166,10 @@ def time_call(
     return Timing(compile_s=compile_s, samples_ms=tuple(samples)), result
 
 
+#: ``fast`` calls per pair of :func:`paired` (their median is the pair's denominator).
+FAST_CALLS_PER_PAIR = 3
+
+
 @dataclasses.dataclass(frozen=True)
 class Paired:
     """``slow / fast`` wall-time ratios measured in alternation (both already compiled): per
@@ -193,10 +197,6 @@ def paired(fast: Callable[[], object], slow: Callable[[], object], pairs: int) -
         slow()
         ratios.append((time.perf_counter() - start) * 1e3 / statistics.median(fast_ms))
     return Paired(tuple(ratios))
-
-
-#: ``fast`` calls per pair of :func:`paired` (their median is the pair's denominator).
-FAST_CALLS_PER_PAIR = 3
 
 
 #: Benchmark-only variant: the histogram method through ``selection.top_k_masks``, which stacks
