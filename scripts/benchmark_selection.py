@@ -139,6 +139,13 @@ def he_normal_kernels(shapes: Sequence[Shape], seed: int) -> list[np.ndarray]:
     return kernels
 
 
+def seconds_of(fn: Callable[[], object]) -> float:
+    """Wall seconds of one call of ``fn`` (which must block until its result is ready)."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def time_call(
     fn: Callable[[], object], repeats: int, budget_s: float, min_repeats: int = 2
 ) -> tuple[Timing, object]:
@@ -156,9 +163,7 @@ def time_call(
     samples: list[float] = []
     spent = 0.0
     while len(samples) < repeats:
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
+        elapsed = seconds_of(fn)
         samples.append(elapsed * 1e3)
         spent += elapsed
         if elapsed > budget_s or (spent > budget_s and len(samples) >= min_repeats):
@@ -188,14 +193,8 @@ def paired(fast: Callable[[], object], slow: Callable[[], object], pairs: int) -
     then one of ``slow`` (the functions must block until their results are ready)."""
     ratios = []
     for _ in range(pairs):
-        fast_ms = []
-        for _ in range(FAST_CALLS_PER_PAIR):
-            start = time.perf_counter()
-            fast()
-            fast_ms.append((time.perf_counter() - start) * 1e3)
-        start = time.perf_counter()
-        slow()
-        ratios.append((time.perf_counter() - start) * 1e3 / statistics.median(fast_ms))
+        fast_s = [seconds_of(fast) for _ in range(FAST_CALLS_PER_PAIR)]
+        ratios.append(seconds_of(slow) / statistics.median(fast_s))
     return Paired(tuple(ratios))
 
 
