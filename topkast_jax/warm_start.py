@@ -6,10 +6,10 @@ the keys move a little too, and mostly the same way as at the refresh before: on
 Transformer-XL of ``scripts/benchmark_step.py`` (Adam, refresh every step) the keys of float32
 thresholds moved by a median 40,517 units of the last place in one step, and the linear guess
 ``2 · latest − previous`` missed by a median of 748 (``scripts/benchmark_warm_start.py``, 2-core
-CPU, 2026-11-23).  The selection looks for each key in
-a window of 65,024 keys around its guess first and searches the key's digits only where that
-misses, so it takes one histogram pass instead of two where the guesses hold
-(:class:`topkast_jax.streaming._Window`).  The guesses change the cost only, never the sets.
+CPU, 2026-11-23).  The selection looks for each key in a window of 65,024 keys around its guess
+first and searches the key's digits only where that misses, so it takes one histogram pass
+instead of two where the guesses hold (:class:`topkast_jax.streaming._Window`).  The guesses
+change the cost only, never the sets.
 
 The state holds one array ``history[2, R, 2]`` for all sparse leaves (``R`` rows: every slice of
 every sparse leaf in order, :func:`topkast_jax.streaming.leaf_keys`; one row with global top-k):
