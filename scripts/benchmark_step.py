@@ -28,7 +28,11 @@ Configurations: forward/backward sparsity 0.8/0.5 and 0.9/0.8, ``refresh_every``
 At 100 the step is shown three ways: ``cond`` (``tx.update`` decides with ``lax.cond``, the
 default), ``no-refresh`` (``refresh_masks=False``: what 99 of 100 steps cost when the loop
 compiles the two cases apart) and ``refresh`` (``refresh_masks=True``); "amortised" is
-``(99 · no-refresh + refresh) / 100`` of the wall-time ratios.
+``(99 · no-refresh + refresh) / 100`` of the wall-time ratios.  A fourth row, ``program``, is
+``tk.refresh_sets(tx)`` compiled alone (params and state donated): its peak, bytes and compile
+time, and as wall ratio the no-refresh step followed by the program against one dense step.
+Below them: the CPU seconds a loop at refresh 100 compiles — two steps, or the no-refresh step
+and the program — and the amortised wall ratio either way.
 
 Usage:
   .venv/bin/python scripts/benchmark_step.py                 # both models, ~10 minutes on 2 cores
@@ -144,6 +148,31 @@ def topkast_step(problem: Problem, tx: optax.GradientTransformation, refresh_mas
     return step
 
 
+def refresh_program(tx: optax.GradientTransformation):
+    """``tk.refresh_sets(tx)`` with a step's signature: the state refreshed from the params
+    (donated like a step's, returned unchanged) and a zero loss."""
+    refresh = tk.refresh_sets(tx)
+
+    def program(params, opt_state, batch):
+        del batch
+        return params, refresh(opt_state, params), jnp.zeros(())
+
+    return program
+
+
+@dataclasses.dataclass
+class Then:
+    """Two compiled programs run one after the other, called like one compiled step."""
+
+    first: Any
+    second: Any
+
+    def __call__(self, params, opt_state, batch):
+        params, opt_state, loss = self.first(params, opt_state, batch)
+        params, opt_state, _ = self.second(params, opt_state, batch)
+        return params, opt_state, loss
+
+
 @dataclasses.dataclass
 class Measured:
     compiled: Any
@@ -185,7 +214,7 @@ def wall_ratios(dense: Measured, other: Measured, problem: Problem, states, pair
     def timed(compiled, params, state):
         start = time.perf_counter()
         params, state, loss = compiled(params, state, problem.batch)
-        loss.block_until_ready()
+        jax.block_until_ready((params, state, loss))
         return time.perf_counter() - start, params, state
 
     _, dp, ds = timed(dense.compiled, dp, ds)
@@ -222,6 +251,25 @@ def row(label: str, m: Measured, dense: Measured, extra_gib: float, ratios) -> s
     )
 
 
+def print_split(measured: dict[str, Measured], dense: Measured, wall: dict[str, float]) -> None:
+    """At refresh 100, what a loop compiles and runs: two steps (``refresh_masks`` False and
+    True), or the no-refresh step and ``tk.refresh_sets``' program after every 100th."""
+    two_steps = measured["no-refresh"].compile_s + measured["refresh"].compile_s
+    with_program = measured["no-refresh"].compile_s + measured["program"].compile_s
+    print(
+        f"{'':26s} compiled by a loop: two steps {two_steps:.2f} s "
+        f"({two_steps / dense.compile_s:.2f}x), step + program {with_program:.2f} s "
+        f"({with_program / dense.compile_s:.2f}x)"
+    )
+    if {"no-refresh", "refresh", "program"} <= wall.keys():
+        in_step = (99 * wall["no-refresh"] + wall["refresh"]) / 100
+        split = (99 * wall["no-refresh"] + wall["program"]) / 100
+        print(
+            f"{'':26s} amortised wall ratio at refresh 100: {in_step:.3f} "
+            f"(in-step refresh), {split:.3f} (program)"
+        )
+
+
 def run_problem(problem: Problem, pairs: int) -> None:
     print(f"\n## {problem.name}: {nbytes(problem.params) / MiB:.1f} MiB of params", flush=True)
     inner = inner_optimizer()
@@ -252,23 +300,32 @@ def run_problem(problem: Problem, pairs: int) -> None:
             )  # fmt: skip
             state = jax.jit(tx.init)(problem.params)
             variants = [("cond", None, extra)] if refresh_every == 1 else [
-                ("cond", None, extra), ("no-refresh", False, 0.0), ("refresh", True, extra)
+                ("cond", None, extra), ("no-refresh", False, 0.0), ("refresh", True, extra),
+                ("program", "program", extra),
             ]  # fmt: skip
             wall: dict[str, float] = {}
+            measured: dict[str, Measured] = {}
             for name, refresh_masks, extra_gib in variants:
-                step = topkast_step(problem, tx, refresh_masks)
-                m = measure(step, problem.params, state, problem.batch)
+                if refresh_masks == "program":
+                    step = refresh_program(tx)
+                else:
+                    step = topkast_step(problem, tx, refresh_masks)
+                m = measured[name] = measure(step, problem.params, state, problem.batch)
                 ratios = []
                 if pairs:
                     states = ((fresh(problem.params), fresh(dense_state)),
                               (fresh(problem.params), fresh(state)))  # fmt: skip
-                    ratios = wall_ratios(dense, m, problem, states, pairs)
+                    timed = m
+                    if name == "program":  # the step it follows, then the program
+                        timed = dataclasses.replace(
+                            m, compiled=Then(measured["no-refresh"].compiled, m.compiled)
+                        )
+                    ratios = wall_ratios(dense, timed, problem, states, pairs)
                     wall[name] = statistics.median(ratios)
                 label = f"{fs}/{bs} r{refresh_every} {name if refresh_every > 1 else ''}"
                 print(row(label, m, dense, extra_gib, ratios), flush=True)
-            if refresh_every > 1 and {"no-refresh", "refresh"} <= wall.keys():
-                amortised = (99 * wall["no-refresh"] + wall["refresh"]) / 100
-                print(f"{'':26s} amortised wall ratio at refresh 100: {amortised:.3f}")
+            if refresh_every > 1:
+                print_split(measured, dense, wall)
 
 
 def main(argv):

@@ -12,6 +12,7 @@ Public API::
     inner = inner_state(opt_state)                     # the wrapped optimizer's own state
     exported = export.sparse_params(params, opt_state) # θ ⊙ A, compact: export.save/load
     tx = topkast(inner, structure=NM(2, 4), ...)       # N:M sets (extension of the paper)
+    refresh = refresh_sets(tx)                         # A, B selected by a program of its own
 """
 
 from topkast_jax import baselines, export, flops, nm, nnx, selection, sparsify
@@ -33,7 +34,7 @@ from topkast_jax.state import (
     inner_state,
 )
 from topkast_jax.stats import mask_stats
-from topkast_jax.transform import topkast
+from topkast_jax.transform import refresh_sets, topkast
 
 __version__ = "0.1.0"
 
@@ -64,6 +65,7 @@ __all__ = [
     "mask_stats",
     "nm",
     "nnx",
+    "refresh_sets",
     "selection",
     "sparsify",
     "topkast",

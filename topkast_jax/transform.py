@@ -26,8 +26,8 @@ temporaries), first near the thresholds extrapolated from the last two refreshes
 (:mod:`topkast_jax.warm_start`: one histogram pass instead of two where they hold).  With
 ``refresh_every > 1`` the refresh sits in a ``lax.cond``, whose compiled program holds both
 branches; a training loop that
-knows its step can pass ``refresh_masks=True/False`` (a Python bool) to ``update`` and compile the
-two cases apart, so non-refresh steps contain no selection at all.
+knows its step passes ``refresh_masks=False`` (a Python bool) to ``update``, so its step contains
+no selection at all, and runs :func:`refresh_sets`' program after every ``refresh_every``-th step.
 """
 
 from __future__ import annotations
@@ -323,9 +323,9 @@ def topkast(
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params,
       refresh_masks=None)`` requires ``params``.  ``refresh_masks`` (a Python bool, optional)
-      says statically whether this update refreshes ``A`` and ``B``: pass
-      ``(step + 1) % refresh_every == 0`` from a loop that compiles the two cases apart, so the
-      non-refresh program holds no selection.  ``None`` (default) decides from the state's count.
+      says statically whether this update refreshes ``A`` and ``B``: ``False`` from a loop that
+      runs the refresh as a program of its own (:func:`refresh_sets`), so its step holds no
+      selection.  ``None`` (default) decides from the state's count.
       Inside ``optax.MultiSteps``, which computes its inner update at every micro-step and keeps
       only the last one's, pass ``refresh_masks=False`` on the other micro-steps (also at
       ``refresh_every=1``) so they run no selection.
@@ -402,12 +402,31 @@ def topkast(
             history=history,
         )
 
+    def refreshed(state: TopKastState, params: Any, plan: list[LeafDensity]) -> tuple:
+        """``(sets, key_history, stats, rng)`` of ``state`` after ``A`` and ``B`` are selected
+        from ``params`` (step (e), before the stop-exploration ablation)."""
+        rng, mask_rng = jax.random.split(state.rng)
+        sets, history = compute_sets(params, plan, mask_rng, state.key_history)
+        # The new packed sets go into the donated buffers of the old ones, and the statistic
+        # reads both: the output is made to depend on the statistic, so XLA packs into a
+        # temporary and writes the output after the statistic has read the old sets (a copy of
+        # 2 bits per weight at the end).  Otherwise it copies the old sets at the start of the
+        # step and holds them through the backward pass (the Transformer-XL's refresh peak:
+        # 1.101× instead of 1.095× the dense step).
+        changed = stats_lib.sets_changed(state.sets, sets)
+        sets = _after(sets, changed)
+        return sets, history, stats_lib.refreshed_stats(state.stats, changed, sets), rng
+
+    def stopped(count: jax.Array, sets: Any) -> Any:
+        if stop_exploration_step is None:
+            return sets
+        return _stop_exploration_sets(count, sets, stop_exploration_step)
+
     def init_fn(params: Any) -> TopKastState:
         plan = plan_for(params)
         rng, mask_rng = jax.random.split(jax.random.PRNGKey(seed))
         sets, history = compute_sets(params, plan, mask_rng)
-        if stop_exploration_step is not None:
-            sets = _stop_exploration_sets(jnp.zeros((), jnp.int32), sets, stop_exploration_step)
+        sets = stopped(jnp.zeros((), jnp.int32), sets)
         masks = sets_masks(sets)
         densities = boxes.strip(  # no Flax box: a box shards its value like the leaf
             unflatten_sparse(params, plan, [slice_densities(leaf) for leaf in plan if leaf.sparse])
@@ -450,18 +469,7 @@ def topkast(
         new_params = optax.apply_updates(params, updates)
 
         def refresh():
-            rng, mask_rng = jax.random.split(state.rng)
-            sets, history = compute_sets(new_params, plan, mask_rng, state.key_history)
-            # The new packed sets go into the donated buffers of the old ones, and the
-            # statistic reads both: the output is made to depend on the statistic, so XLA packs
-            # into a temporary and writes the output after the statistic has read the old sets
-            # (a copy of 2 bits per weight at the end).  Otherwise it copies the old sets at the
-            # start of the step and holds them through the backward pass (the Transformer-XL's
-            # refresh peak: 1.101× instead of 1.095× the dense step).
-            changed = stats_lib.sets_changed(state.sets, sets)
-            sets = _after(sets, changed)
-            stats = stats_lib.refreshed_stats(state.stats, changed, sets)
-            return sets, history, stats, rng
+            return refreshed(state, new_params, plan)
 
         def keep():
             return state.sets, state.key_history, state.stats, state.rng
@@ -474,8 +482,7 @@ def topkast(
             new_sets, history, new_stats, rng = jax.lax.cond(
                 count % refresh_every == 0, refresh, keep
             )
-        if stop_exploration_step is not None:
-            new_sets = _stop_exploration_sets(count, new_sets, stop_exploration_step)
+        new_sets = stopped(count, new_sets)
         new_state = TopKastState(
             count=count,
             sets=new_sets,
@@ -488,4 +495,60 @@ def topkast(
         )
         return updates, new_state
 
+    def refresh_fn(state: TopKastState, params: Any) -> TopKastState:
+        check_update_inputs(params, state, params, TopKastState)
+        plan = plan_for(params)
+        check_layer_axes(plan, state.densities)
+        sets, history, stats, rng = refreshed(state, params, plan)
+        return state._replace(
+            sets=stopped(state.count, sets), key_history=history, stats=stats, rng=rng
+        )
+
+    update_fn.refresh = refresh_fn  # reached through refresh_sets(tx)
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def refresh_sets(tx: Any) -> Any:
+    r"""Step (e) of ``tx = tk.topkast(...)`` as a function of its own: ``refresh(state, params)
+    -> state`` with ``A`` and ``B`` selected from ``params``.
+
+    For a loop with ``refresh_every = N > 1`` that compiles its steps apart: every step runs
+    ``tx.update(..., refresh_masks=False)``, and after the steps where ``(step + 1) % N == 0``
+    the loop calls ``refresh(opt_state, new_params)``, jitted once.  The result equals, bit
+    for bit, the state of ``tx.update(..., refresh_masks=True)`` on that step — the selection
+    from ``θ + u``, the statistics, the warm-start history, the random-``B∖A`` key and the
+    stop-exploration ablation — so the loop compiles one training step and a refresh program
+    (the selection alone) instead of two training steps.  At ``refresh_every = 1`` the in-step
+    refresh stays cheaper: one program, which reads the new params where it writes them.
+
+    Args:
+      tx: the transformation :func:`topkast` returned (not wrapped in ``optax.chain`` or
+        another transformation: wrap its ``inner`` instead).
+
+    Returns:
+      ``refresh(state, params)``: ``state`` the :class:`TopKastState` ``tx.update`` returned
+      (its ``count`` already counts the step), ``params`` the params after that update.  It
+      checks both as ``update`` does (clear errors naming the leaf).
+
+    Raises:
+      ValueError: ``tx`` is not a transformation returned by :func:`topkast`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, topkast_jax as tk
+      >>> params = {"w": jnp.arange(1.0, 11.0).reshape(2, 5)}
+      >>> tx = tk.topkast(optax.sgd(1.0), forward_sparsity=0.8, refresh_every=100)
+      >>> state = tx.init(params)
+      >>> refresh = jax.jit(tk.refresh_sets(tx))
+      >>> state = refresh(state, {"w": params["w"][::-1]})  # e.g. the params after an update
+      >>> tk.get_masks(state).forward["w"]
+      Array([[False, False, False,  True,  True],
+             [False, False, False, False, False]], dtype=bool)
+    """
+    refresh = getattr(getattr(tx, "update", None), "refresh", None)
+    if refresh is None:
+        raise ValueError(
+            "refresh_sets needs the transformation tk.topkast returned, got "
+            f"{type(tx).__name__}{' (its update has no refresh)' if hasattr(tx, 'update') else ''}"
+            ": pass tk.topkast(...) itself, not a chain or wrapper around it."
+        )
+    return refresh

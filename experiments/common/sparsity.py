@@ -180,23 +180,19 @@ def planned_densities(sparsity: Any) -> tuple[float, float]:
     return float(sparsity.forward), float(sparsity.backward)
 
 
-def refresh_schedule(sparsity: Any) -> Callable[[int], bool | None]:
-    """``due(step)``: the static ``refresh_masks`` for the update that follows ``step`` updates.
-
-    With Top-KAST (masked) and ``refresh_every = N > 1`` a trainer compiles two steps, one that
-    refreshes A and B and one that does not, and runs the first when ``(step + 1) % N == 0`` —
-    the decision ``tk.topkast`` would take inside a ``lax.cond`` (``step`` = updates done so far,
-    the transform's ``count``), so 99 of 100 steps at ``N = 100`` carry no selection code.
-    Otherwise ``due`` always returns ``None`` (one step; baselines decide by themselves).
-    """
-    if refresh_cases(sparsity) == (None,):
-        return lambda step: None
-    every = int(sparsity.refresh_every)
-    return lambda step: (step + 1) % every == 0
-
-
-def refresh_cases(sparsity: Any) -> tuple[bool | None, ...]:
-    """The values :func:`refresh_schedule`'s ``due`` takes: ``(False, True)`` or ``(None,)``."""
+def separate_refresh(sparsity: Any) -> bool:
+    """Whether the trainer refreshes A and B in a program of its own
+    (:mod:`experiments.common.updates`): masked Top-KAST with ``refresh_every > 1``.  Its train
+    step then passes ``refresh_masks=False``; otherwise the step refreshes by itself."""
     every = int(sparsity.get("refresh_every", 1))
-    split = sparsity.method == "topkast" and every > 1 and not sparsity.get("always_sparse", False)
-    return (False, True) if split else (None,)
+    return sparsity.method == "topkast" and every > 1 and not sparsity.get("always_sparse", False)
+
+
+def refresh_schedule(sparsity: Any) -> Callable[[int], bool]:
+    """``due(step)``: whether A and B are refreshed after the update that follows ``step``
+    updates — ``(step + 1) % refresh_every == 0``, the decision ``tk.topkast`` takes from its
+    ``count`` (``step`` = updates done so far).  With :func:`separate_refresh` the trainer runs
+    the refresh program after those updates, so 99 of 100 steps at ``refresh_every = 100`` run
+    no selection and the loop compiles the train step once."""
+    every = int(sparsity.get("refresh_every", 1))
+    return lambda step: (step + 1) % every == 0

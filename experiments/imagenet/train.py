@@ -44,6 +44,7 @@ from experiments.common import export as export_lib
 from experiments.common import mesh as mesh_lib
 from experiments.common import sparsity as sparsity_lib
 from experiments.common import summary as summary_lib
+from experiments.common import updates as updates_lib
 from experiments.common import workdir as workdir_lib
 from experiments.common.checkpoint import Checkpointer
 from experiments.common.metrics import MetricsWriter
@@ -174,7 +175,8 @@ def make_train_step(
     refresh_masks: bool | None = None,
 ) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
     """The (un-jitted) train step ``(state, batch) -> (state, metrics)``; ``refresh_masks`` is
-    passed to Top-KAST's ``update`` when not ``None`` (see ``sparsity.refresh_schedule``)."""
+    passed to Top-KAST's ``update`` when not ``None`` (``False`` where the loop refreshes A and B
+    in a program of its own, :mod:`experiments.common.updates`)."""
     static = {} if refresh_masks is None else {"refresh_masks": refresh_masks}
     dtype = compute_dtype(config)
     smoothing = float(config.label_smoothing)
@@ -526,15 +528,19 @@ def _train(
     start_step = int(jax.device_get(state["step"]))
     last_good = ckpt.latest_step()
 
-    refresh_due = sparsity_lib.refresh_schedule(config.sparsity)
-    train_steps = {
-        due: jax.jit(
-            make_train_step(model, tx, schedule, config, refresh_masks=due),
+    split = sparsity_lib.separate_refresh(config.sparsity)
+    train_step = jax.jit(
+        make_train_step(model, tx, schedule, config, refresh_masks=False if split else None),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=0,
+    )
+    refresh_step = None
+    if split:  # jitted lazily: compiled at the first refresh
+        refresh_step = jax.jit(
+            updates_lib.make_refresh_step(tx),
             out_shardings=(state_sharding, replicated),
             donate_argnums=0,
         )
-        for due in sparsity_lib.refresh_cases(config.sparsity)  # jitted lazily: compiled when used
-    }
     eval_step = jax.jit(make_eval_step(model, config))
     stats_fn = jax.jit(lambda s: tk.mask_stats(s["opt_state"]))
     window_fn, snapshot_fn = mask_dynamics.jitted_window_fns(state_sharding)
@@ -550,6 +556,9 @@ def _train(
         summary_lib.write_provenance(workdir)
     progress = ProgressLogger(
         config.num_train_steps, start_step, eval_units_after=evaluations_left(config)
+    )
+    update = updates_lib.Updates(
+        train_step, refresh_step, sparsity_lib.refresh_schedule(config.sparsity), progress
     )
     batches = train_iterator(config, mesh, start_step)
     t_start = time.monotonic()
@@ -572,12 +581,8 @@ def _train(
 
     if start_step < config.num_train_steps and run.should_stop(at_sync_point=True):
         raise run.stop.interrupted(start_step, ckpt.directory, saved=False)
-    compiled = set()
     for step in range(start_step + 1, config.num_train_steps + 1):
-        due = refresh_due(step - 1)  # step - 1 updates done before this one
-        with progress.excluded("compile") if due not in compiled else contextlib.nullcontext():
-            state, metrics = train_steps[due](state, next(batches))
-        compiled.add(due)
+        state, metrics = update(step - 1, state, next(batches))  # step - 1 updates done
         steps_since_check += 1
         due_log = step % config.log_every_steps == 0 or step == config.num_train_steps
         stopping = run.should_stop(at_sync_point=due_log)

@@ -33,6 +33,7 @@ from experiments.common import export as export_lib
 from experiments.common import mesh as mesh_lib
 from experiments.common import sparsity as sparsity_lib
 from experiments.common import summary as summary_lib
+from experiments.common import updates as updates_lib
 from experiments.common import workdir as workdir_lib
 from experiments.common.checkpoint import Checkpointer
 from experiments.common.metrics import MetricsWriter
@@ -207,9 +208,9 @@ def with_shardings(abstract, shardings):
 def make_train_step(model, tx, schedule, refresh_masks=None):
     """The jittable ``train_step(state, batch, reset) -> (state, metrics)``.
 
-    ``refresh_masks`` (a Python bool or ``None``) is passed to Top-KAST's ``update``: a loop that
-    knows which steps refresh A and B compiles the two cases apart
-    (:func:`experiments.common.sparsity.refresh_schedule`); ``None`` lets the transform decide.
+    ``refresh_masks`` (a Python bool or ``None``) is passed to Top-KAST's ``update``: ``False``
+    where the loop refreshes A and B in a program of its own (:mod:`experiments.common.updates`);
+    ``None`` lets the transform decide.
     """
     import topkast_jax as tk
 
@@ -506,16 +507,21 @@ def _train(config, run, corpus, stop_at_step, start_time, closing) -> dict[str, 
     )
     batch_shard = mesh_lib.batch_sharded(mesh, 2)
     rep = mesh_lib.replicated(mesh)
-    refresh_due = sparsity_lib.refresh_schedule(config.sparsity)
-    train_steps = {
-        due: jax.jit(
-            make_train_step(model, tx, schedule, refresh_masks=due),
-            in_shardings=(shardings, batch_shard, rep),
+    split = sparsity_lib.separate_refresh(config.sparsity)
+    train_step = jax.jit(
+        make_train_step(model, tx, schedule, refresh_masks=False if split else None),
+        in_shardings=(shardings, batch_shard, rep),
+        out_shardings=(shardings, rep),
+        donate_argnums=(0,),
+    )
+    refresh_step = None
+    if split:  # jitted lazily: compiled at the first refresh
+        refresh_step = jax.jit(
+            updates_lib.make_refresh_step(tx),
+            in_shardings=(shardings,),
             out_shardings=(shardings, rep),
             donate_argnums=(0,),
         )
-        for due in sparsity_lib.refresh_cases(config.sparsity)  # jitted lazily: compiled when used
-    }
     evaluator = Evaluator(config, model, mesh, shardings)
     writer = MetricsWriter(workdir, enabled=run.primary, start_step=step)
     closing.callback(writer.close)
@@ -526,6 +532,9 @@ def _train(config, run, corpus, stop_at_step, start_time, closing) -> dict[str, 
         config.num_train_steps,
         start_step=step,
         eval_units_after=eval_plan(config, evaluator, corpus),
+    )
+    update = updates_lib.Updates(
+        train_step, refresh_step, sparsity_lib.refresh_schedule(config.sparsity), progress
     )
     rows_plan = dry_run_lib.plan_rows(abstract["params"], config.sparsity, sparsify_fn(config))
     window = mask_dynamics.window_steps(config)
@@ -561,17 +570,13 @@ def _train(config, run, corpus, stop_at_step, start_time, closing) -> dict[str, 
 
     if step < end and run.should_stop(at_sync_point=True):
         raise run.stop.interrupted(step, ckpt.directory, saved=False)
-    compiled = set()
     while step < end:
         local, reset = stream.next()
         batch = {
             k: mesh_lib.global_batch(local[k], mesh, config.batch_size)
             for k in ("inputs", "targets")
         }
-        due = refresh_due(step)
-        with progress.excluded("compile") if due not in compiled else contextlib.nullcontext():
-            state, metrics = train_steps[due](state, batch, np.asarray(reset))
-        compiled.add(due)
+        state, metrics = update(step, state, batch, np.asarray(reset))
         step += 1
         loss_sum, loss_count = loss_sum + metrics["loss"], loss_count + 1
         due_log = step % config.log_every_steps == 0 or step == end

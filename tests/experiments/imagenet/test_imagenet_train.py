@@ -329,10 +329,12 @@ def test_sparsity_options_reach_topkast():
 
 
 def test_split_refresh_steps_equal_the_transforms_own_decision():
-    """At ``refresh_every > 1`` the trainer runs a refresh or a non-refresh step per step
-    (``sparsity.refresh_schedule`` of the updates done so far): the same run, bit for bit, as
-    the one step in which ``tk.topkast`` decides inside ``lax.cond``."""
+    """At ``refresh_every > 1`` the trainer runs a non-refresh step and, after the steps
+    ``sparsity.refresh_schedule`` names (of the updates done so far), the refresh program
+    (``updates.make_refresh_step``): the same run, bit for bit, as the one step in which
+    ``tk.topkast`` decides inside ``lax.cond``, and the same logged exploration penalty."""
     from experiments.common import sparsity as sparsity_lib
+    from experiments.common import updates as updates_lib
 
     config = tiny.get_config("0.8,0.5")
     config.image_size, config.sparsity.refresh_every = 16, 2
@@ -342,8 +344,10 @@ def test_split_refresh_steps_equal_the_transforms_own_decision():
     due = sparsity_lib.refresh_schedule(config.sparsity)
     steps = {
         d: jax.jit(train.make_train_step(model, tx, schedule, config, refresh_masks=d))
-        for d in (None, False, True)
+        for d in (None, False)
     }
+    refresh_step = jax.jit(updates_lib.make_refresh_step(tx))
+    assert sparsity_lib.separate_refresh(config.sparsity)
     cond = split = jax.jit(lambda: train.init_state(model, tx, config))()
     rng = np.random.default_rng(0)
     for t in range(5):
@@ -351,8 +355,12 @@ def test_split_refresh_steps_equal_the_transforms_own_decision():
             "image": rng.integers(0, 256, (8, 16, 16, 3)).astype(np.uint8),
             "label": rng.integers(0, config.num_classes, 8).astype(np.int32),
         }
-        cond, _ = steps[None](cond, batch)
-        split, _ = steps[due(t)](split, batch)
+        cond, cond_metrics = steps[None](cond, batch)
+        split, split_metrics = steps[False](split, batch)
+        if due(t):
+            split, split_metrics["exploration_penalty"] = refresh_step(split)
+        for key, value in cond_metrics.items():
+            np.testing.assert_array_equal(value, split_metrics[key], err_msg=key)
     for a, b in zip(jax.tree.leaves(cond), jax.tree.leaves(split), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     first, last = tk.get_masks(cond["opt_state"]).forward, cond["mask_snapshot"]

@@ -332,21 +332,21 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(text_file, tmp_path):
 
 
 def test_split_refresh_steps_equal_the_transforms_own_decision(text_file, tmp_path, monkeypatch):
-    """At ``refresh_every > 1`` the loop compiles a refresh and a non-refresh step and picks one
-    per step (``sparsity.refresh_schedule``); resumed at an odd step, it trains exactly as the
-    single step whose ``tk.topkast`` decides inside ``lax.cond`` (``refresh_cases`` gives
-    ``(None,)``)."""
+    """At ``refresh_every > 1`` the loop compiles a non-refresh step and runs the refresh program
+    after the steps ``sparsity.refresh_schedule`` names; resumed at an odd step, it trains
+    exactly as the single step whose ``tk.topkast`` decides inside ``lax.cond``
+    (``separate_refresh`` off)."""
     from experiments.common import sparsity as sparsity_lib
 
     config = tiny_config(text_file, **{"sparsity.refresh_every": 2})
-    assert sparsity_lib.refresh_cases(config.sparsity) == (False, True)
+    assert sparsity_lib.separate_refresh(config.sparsity)
     due = sparsity_lib.refresh_schedule(config.sparsity)
     assert [due(s) for s in range(5)] == [False, True, False, True, False]
     split = str(tmp_path / "split")
     assert train.train_and_evaluate(config, split, stop_at_step=3) is None
     train.train_and_evaluate(config, split)
     with monkeypatch.context() as m:
-        m.setattr(sparsity_lib, "refresh_cases", lambda sparsity: (None,))
+        m.setattr(sparsity_lib, "separate_refresh", lambda sparsity: False)
         cond = str(tmp_path / "cond")
         train.train_and_evaluate(config, cond)
     assert train_losses(split) == train_losses(cond)
