@@ -77,7 +77,8 @@ def check_exploration(
       patience: consecutive zero-gradient updates before the warning (``>= 1``).
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with ``tx``'s ``init`` and state.
+      An ``optax.GradientTransformationExtraArgs`` with ``tx``'s ``init`` and state (and, for a
+      ``tk.topkast``, its :func:`~topkast_jax.refresh_sets`).
 
     Example::
 
@@ -93,4 +94,6 @@ def check_exploration(
             jax.debug.callback(functools.partial(_record, runs, names, patience), zero)
         return tx.update(updates, state, params, **extra)
 
+    if hasattr(tx.update, "refresh"):  # the state is tx's: tk.refresh_sets(checked) still works
+        update_fn.refresh = tx.update.refresh
     return optax.GradientTransformationExtraArgs(tx.init, update_fn)

@@ -97,8 +97,14 @@ def test_separate_refresh_counts_the_step_it_follows():
 
 @pytest.mark.parametrize(
     "tx",
-    [optax.adam(0.1), optax.chain(_transform()), tk.check_exploration(_transform())],
-    ids=["adam", "chain", "wrapper"],
+    [
+        optax.adam(0.1),
+        optax.chain(_transform()),
+        optax.inject_hyperparams(tk.topkast, static_args=("forward_sparsity",))(
+            optax.sgd(0.1), forward_sparsity=0.8
+        ),
+    ],
+    ids=["adam", "chain", "inject_hyperparams"],
 )
 def test_refresh_sets_needs_the_topkast_transformation(tx):
     with pytest.raises(ValueError, match="refresh_sets needs the transformation tk.topkast"):
@@ -115,3 +121,13 @@ def test_refresh_checks_its_arguments():
     wrong = dict(params, w1=jnp.zeros((5, 6)))
     with pytest.raises(ValueError, match="'w1' has shape \\(5, 6\\)"):
         refresh(state, wrong)
+
+
+def test_check_exploration_keeps_the_refresh():
+    """``tk.check_exploration`` keeps ``tx``'s state, so its refresh applies unchanged."""
+    params = tk_harness.make_params(seed=3)
+    tx = _transform()
+    state = tk_harness.init(tx, params)
+    moved = jax.tree.map(lambda x: x[::-1], params)
+    want = tk.refresh_sets(tx)(state, moved)
+    _assert_identical(want, tk.refresh_sets(tk.check_exploration(tx))(state, moved), 0)
