@@ -131,3 +131,34 @@ def test_check_exploration_keeps_the_refresh():
     moved = jax.tree.map(lambda x: x[::-1], params)
     want = tk.refresh_sets(tx)(state, moved)
     _assert_identical(want, tk.refresh_sets(tk.check_exploration(tx))(state, moved), 0)
+
+
+def test_separate_refresh_inside_multisteps():
+    """``optax.MultiSteps(tk.topkast(...))``: every micro-step with ``refresh_masks=False`` and
+    the refresh applied to ``inner_opt_state`` after the due optimizer steps trains the run of
+    ``refresh_masks`` set on the last micro-step of those steps, bit for bit."""
+    params = tk_harness.make_params(seed=3)
+    problem = tk_harness.make_problem(params, seed=4)
+    k = 3
+    topkast_tx = _transform(refresh_every=2)
+    tx = optax.MultiSteps(topkast_tx, every_k_schedule=k)
+    refresh = jax.jit(tk.refresh_sets(topkast_tx))
+
+    @functools.partial(jax.jit, static_argnums=3)
+    def micro_step(params, state, scale, refresh_masks):
+        grads = jax.grad(lambda a: scale * problem.loss(a))(tk.forward_params(params, state))
+        updates, state = tx.update(grads, state, params, refresh_masks=refresh_masks)
+        return optax.apply_updates(params, updates), state
+
+    def run(split):
+        p, s = params, tx.init(params)
+        for t in range(4 * k):
+            due = t % k == k - 1 and (t // k + 1) % 2 == 0
+            p, s = micro_step(p, s, 1.0 + t / 10, False if split else due)
+            if split and due:
+                s = s._replace(inner_opt_state=refresh(s.inner_opt_state, p))
+        return jax.device_get((p, s))
+
+    want = run(split=False)
+    _assert_identical(want, run(split=True), 4 * k)
+    assert float(tk.mask_stats(want[1])["mask_change"]) > 0  # the last refresh moved A
