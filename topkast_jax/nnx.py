@@ -16,6 +16,10 @@ statistics and ``nnx.Dropout`` RNG counts back into the model)::
 
     model_for_eval = tk.nnx.sparse_model(*tk.nnx.split(model), optimizer)
 
+At ``refresh_every > 1`` the step may pass ``refresh_masks=False`` to ``optimizer.update`` and
+the loop call ``optimizer.refresh(model)`` (jitted apart) after every ``refresh_every``-th step:
+the selection then stays out of the step (:func:`topkast_jax.refresh_sets`).
+
 Without an optimizer object, split → mask → merge, the non-parameter state threaded through the
 step by :func:`apply`::
 
@@ -157,6 +161,9 @@ def for_optimizer(
     nnx = _nnx()
     boxed = None if params is None else jax.tree.structure(params)
 
+    def rebox(tree: Any) -> Any:
+        return jax.tree.unflatten(boxed, jax.tree.leaves(tree))
+
     def update_fn(updates: Any, opt_state: Any, params: Any = None, **extra: Any) -> Any:
         if params is None:
             raise ValueError(
@@ -164,11 +171,23 @@ def for_optimizer(
             )
         if boxed is None:
             return tx.update(updates, restore_state(tx, params, opt_state), params, **extra)
-        params, updates = (jax.tree.unflatten(boxed, jax.tree.leaves(t)) for t in (params, updates))
+        params, updates = rebox(params), rebox(updates)
         state = restore_state(tx, params, opt_state, keep_boxes=True)
         new_updates, new_state = tx.update(updates, state, params, **extra)
         return nnx.as_pure(new_updates), nnx.as_pure(new_state)
 
+    refresh = getattr(tx.update, "refresh", None)  # tx is a tk.topkast: tk.refresh_sets
+    if refresh is not None:
+
+        def refresh_fn(opt_state: Any, params: Any) -> Any:
+            if boxed is None:
+                return refresh(restore_state(tx, params, opt_state), params)
+            params = rebox(params)
+            return nnx.as_pure(
+                refresh(restore_state(tx, params, opt_state, keep_boxes=True), params)
+            )
+
+        update_fn.refresh = refresh_fn
     return optax.GradientTransformationExtraArgs(jax.jit(tx.init), update_fn)
 
 
@@ -290,6 +309,7 @@ def value_and_grad(
 def _optimizer_class() -> type:
     """:class:`Optimizer`, defined on first use (so the module imports without Flax)."""
     nnx = _nnx()
+    from topkast_jax.transform import refresh_sets
 
     class Optimizer(nnx.Optimizer):
         """``nnx.Optimizer`` for a Top-KAST transformation (``wrt=nnx.Param``).
@@ -329,6 +349,27 @@ def _optimizer_class() -> type:
                     "dense network."
                 )
             return super().update(model, grads.state, **kwargs)
+
+        def refresh(self, model: Any) -> None:
+            """``A`` and ``B`` selected from the ``θ`` of ``model`` now
+            (:func:`topkast_jax.refresh_sets`): for a loop whose updates pass
+            ``refresh_masks=False`` (no selection in its step) and which calls this, jitted
+            apart, after every ``refresh_every``-th update — the run the transformation would
+            train by itself, bit for bit::
+
+                refresh = nnx.jit(lambda model, optimizer: optimizer.refresh(model))
+                ...
+                loss = train_step(model, optimizer, x, y)  # update(..., refresh_masks=False)
+                if (step + 1) % refresh_every == 0:
+                    refresh(model, optimizer)
+
+            Raises:
+              ValueError: the optimizer's transformation is not a ``tk.topkast`` itself (the
+                refresh of one inside ``optax.chain`` or another wrapper is not reachable).
+            """
+            params = nnx.as_pure(nnx.state(model, self.wrt))
+            new_state = refresh_sets(self.tx)(nnx.as_pure(self.opt_state), params)
+            nnx.update(self.opt_state, nnx.state(new_state))
 
     Optimizer.__module__ = __name__
     return Optimizer

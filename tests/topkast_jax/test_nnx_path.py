@@ -228,3 +228,55 @@ def test_update_without_the_stack_metadata_init_saw_raises():
     plain = nnx.Optimizer(model, tk.nnx.for_optimizer(make_tx()), wrt=nnx.Param)
     with pytest.raises(ValueError, match=r"'blocks/linear/kernel' has layer axis None.*axis 0"):
         plain.update(model, zeros)
+
+
+def _refresh_every_two(split: bool):
+    """Four steps of the CNN at ``refresh_every=2``: by ``update`` itself, or (``split``) with
+    ``refresh_masks=False`` and ``Optimizer.refresh`` jitted apart after the second and fourth;
+    the params and the plain state after each step."""
+    x, y = data()
+    model = make_model()
+    tx = tk.topkast(
+        optax.adam(0.02), forward_sparsity=FS, backward_sparsity=BS, exploration_l2=1e-4,
+        refresh_every=2,
+    )  # fmt: skip
+    optimizer = tk.nnx.Optimizer(model, tx)
+
+    @nnx.jit(static_argnums=4)
+    def step(model, optimizer, x, y, split):
+        grads = tk.nnx.value_and_grad(loss_fn)(model, optimizer, x, y)[1]
+        optimizer.update(model, grads, **({"refresh_masks": False} if split else {}))
+
+    refresh = nnx.jit(lambda model, optimizer: optimizer.refresh(model))
+    after = []
+    for t in range(4):
+        step(model, optimizer, x, y, split)
+        if split and t % 2 == 1:
+            refresh(model, optimizer)
+        params = nnx.state(model, nnx.Param)
+        after.append((pure_leaves(params), tk.nnx.optimizer_state(optimizer, params)))
+    return after
+
+
+def test_optimizer_refresh_equals_the_refresh_inside_update():
+    """Per layer of the scan stack as well: the layer axis survives the refresh."""
+    want, got = _refresh_every_two(split=False), _refresh_every_two(split=True)
+    for (w_params, w_state), (g_params, g_state) in zip(want, got, strict=True):
+        assert w_params.keys() == g_params.keys()
+        for name in w_params:
+            np.testing.assert_array_equal(w_params[name], g_params[name], name)
+        for a, b in zip(jax.tree.leaves(w_state), jax.tree.leaves(g_state), strict=True):
+            np.testing.assert_array_equal(a, b)
+    masks = pure_leaves(tk.get_masks(want[-1][1]).forward)
+    assert set(masks) == set(SPARSE)
+    stack = masks["blocks/linear/kernel"]  # A per layer: D of every slice
+    assert [int(layer.sum()) for layer in stack] == [round((1 - FS) * WIDTH * WIDTH)] * LAYERS
+    first = pure_leaves(tk.get_masks(want[0][1]).forward)
+    assert any((masks[n] != first[n]).any() for n in masks)  # a refresh moved A
+
+
+def test_optimizer_refresh_needs_a_topkast_transformation():
+    model, _ = tiny()
+    optimizer = tk.nnx.Optimizer(model, optax.chain(make_tx()))
+    with pytest.raises(ValueError, match="refresh_sets needs the transformation tk.topkast"):
+        optimizer.refresh(model)
