@@ -32,6 +32,7 @@ no selection at all, and runs :func:`refresh_sets`' program after every ``refres
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -496,7 +497,7 @@ def topkast(
         return updates, new_state
 
     def refresh_fn(state: TopKastState, params: Any) -> TopKastState:
-        check_update_inputs(params, state, params, TopKastState)
+        check_update_inputs(params, state, params, TopKastState)  # params stand in for grads
         plan = plan_for(params)
         check_layer_axes(plan, state.densities)
         sets, history, stats, rng = refreshed(state, params, plan)
@@ -508,7 +509,7 @@ def topkast(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def refresh_sets(tx: Any) -> Any:
+def refresh_sets(tx: Any) -> Callable[[TopKastState, Any], TopKastState]:
     r"""Step (e) of ``tx = tk.topkast(...)`` as a function of its own: ``refresh(state, params)
     -> state`` with ``A`` and ``B`` selected from ``params``.
 
@@ -522,8 +523,9 @@ def refresh_sets(tx: Any) -> Any:
     refresh stays cheaper: one program, which reads the new params where it writes them.
 
     Args:
-      tx: the transformation :func:`topkast` returned (not wrapped in ``optax.chain`` or
-        another transformation: wrap its ``inner`` instead).
+      tx: the transformation :func:`topkast` returned, or :func:`~topkast_jax.check_exploration`
+        or ``tk.nnx.for_optimizer`` around it (they keep its state and its refresh).  Not a
+        ``tk.topkast`` inside ``optax.chain`` or another wrapper: chain its ``inner`` instead.
 
     Returns:
       ``refresh(state, params)``: ``state`` the :class:`TopKastState` ``tx.update`` returned
