@@ -35,7 +35,7 @@ Below them: the CPU seconds a loop at refresh 100 compiles — two steps, or the
 and the program — and the amortised wall ratio either way.
 
 Usage:
-  .venv/bin/python scripts/benchmark_step.py                 # both models, ~10 minutes on 2 cores
+  .venv/bin/python scripts/benchmark_step.py                 # both models, ~5 minutes on 2 cores
   .venv/bin/python scripts/benchmark_step.py --models=mlp --pairs=3
   .venv/bin/python scripts/benchmark_step.py --width=512     # a small MLP (quick check)
 """
