@@ -164,30 +164,26 @@ def for_optimizer(
     def rebox(tree: Any) -> Any:
         return jax.tree.unflatten(boxed, jax.tree.leaves(tree))
 
+    def on_tx_state(fn: Callable[..., Any], opt_state: Any, params: Any, *trees: Any) -> Any:
+        """``fn(*trees, state, params)`` on ``tx``'s own state (:func:`restore_state`); given
+        the init's ``params``, with their boxes put back on ``params`` and ``trees`` and bare
+        arrays returned, as ``nnx.Optimizer`` expects."""
+        if boxed is None:
+            return fn(*trees, restore_state(tx, params, opt_state), params)
+        params = rebox(params)
+        state = restore_state(tx, params, opt_state, keep_boxes=True)
+        return nnx.as_pure(fn(*map(rebox, trees), state, params))
+
     def update_fn(updates: Any, opt_state: Any, params: Any = None, **extra: Any) -> Any:
         if params is None:
             raise ValueError(
                 "tk.nnx.for_optimizer: update needs params (nnx.Optimizer passes them)"
             )
-        if boxed is None:
-            return tx.update(updates, restore_state(tx, params, opt_state), params, **extra)
-        params, updates = rebox(params), rebox(updates)
-        state = restore_state(tx, params, opt_state, keep_boxes=True)
-        new_updates, new_state = tx.update(updates, state, params, **extra)
-        return nnx.as_pure(new_updates), nnx.as_pure(new_state)
+        return on_tx_state(functools.partial(tx.update, **extra), opt_state, params, updates)
 
     refresh = getattr(tx.update, "refresh", None)  # tx is a tk.topkast: tk.refresh_sets
     if refresh is not None:
-
-        def refresh_fn(opt_state: Any, params: Any) -> Any:
-            if boxed is None:
-                return refresh(restore_state(tx, params, opt_state), params)
-            params = rebox(params)
-            return nnx.as_pure(
-                refresh(restore_state(tx, params, opt_state, keep_boxes=True), params)
-            )
-
-        update_fn.refresh = refresh_fn
+        update_fn.refresh = functools.partial(on_tx_state, refresh)
     return optax.GradientTransformationExtraArgs(jax.jit(tx.init), update_fn)
 
 
