@@ -329,12 +329,13 @@ def test_sparsity_options_reach_topkast():
 
 
 def test_split_refresh_steps_equal_the_transforms_own_decision():
-    """At ``refresh_every > 1`` the trainer runs a non-refresh step and, after the steps
-    ``sparsity.refresh_schedule`` names (of the updates done so far), the refresh program
-    (``updates.make_refresh_step``): the same run, bit for bit, as the one step in which
-    ``tk.topkast`` decides inside ``lax.cond``, and the same logged exploration penalty."""
+    """At ``refresh_every > 1`` the trainer's ``updates.Updates`` runs a non-refresh step and,
+    after the steps ``sparsity.refresh_schedule`` names (of the updates done so far), the
+    refresh program (``updates.make_refresh_step``): the same run, bit for bit, as the one step
+    in which ``tk.topkast`` decides inside ``lax.cond``, and the same logged metrics."""
     from experiments.common import sparsity as sparsity_lib
     from experiments.common import updates as updates_lib
+    from experiments.common.progress import ProgressLogger
 
     config = tiny.get_config("0.8,0.5")
     config.image_size, config.sparsity.refresh_every = 16, 2
@@ -346,7 +347,9 @@ def test_split_refresh_steps_equal_the_transforms_own_decision():
         d: jax.jit(train.make_train_step(model, tx, schedule, config, refresh_masks=d))
         for d in (None, False)
     }
-    refresh_step = jax.jit(updates_lib.make_refresh_step(tx))
+    update = updates_lib.Updates(
+        steps[False], jax.jit(updates_lib.make_refresh_step(tx)), due, ProgressLogger(5)
+    )
     assert sparsity_lib.separate_refresh(config.sparsity)
     cond = split = jax.jit(lambda: train.init_state(model, tx, config))()
     rng = np.random.default_rng(0)
@@ -356,9 +359,7 @@ def test_split_refresh_steps_equal_the_transforms_own_decision():
             "label": rng.integers(0, config.num_classes, 8).astype(np.int32),
         }
         cond, cond_metrics = steps[None](cond, batch)
-        split, split_metrics = steps[False](split, batch)
-        if due(t):
-            split, split_metrics["exploration_penalty"] = refresh_step(split)
+        split, split_metrics = update(t, split, batch)
         for key, value in cond_metrics.items():
             np.testing.assert_array_equal(value, split_metrics[key], err_msg=key)
     for a, b in zip(jax.tree.leaves(cond), jax.tree.leaves(split), strict=True):
