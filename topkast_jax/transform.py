@@ -519,8 +519,8 @@ def refresh_sets(tx: Any) -> Callable[[TopKastState, Any], TopKastState]:
     for bit, the state of ``tx.update(..., refresh_masks=True)`` on that step — the selection
     from ``θ + u``, the statistics, the warm-start history, the random-``B∖A`` key and the
     stop-exploration ablation — so the loop compiles one training step and a refresh program
-    (the selection alone) instead of two training steps.  At ``refresh_every = 1`` the in-step
-    refresh stays cheaper: one program, which reads the new params where it writes them.
+    (the selection alone) instead of two training steps.  At ``refresh_every = 1`` keep the
+    in-step refresh: splitting saves no compile time there and runs two programs per step.
 
     Args:
       tx: the transformation :func:`topkast` returned, or :func:`~topkast_jax.check_exploration`
