@@ -63,7 +63,8 @@ class AlwaysSparseState(NamedTuple):
 
     Attributes:
       count: host int64 scalar, the number of steps taken.
-      rng: host uint32[2] PRNG key (advanced at every refresh, as in the masked transform).
+      rng: host uint32[2] PRNG key (advanced at every refresh of the random-``B∖A`` ablation,
+        as in the masked transform; unchanged with magnitude ``B``).
       host_params: params-shaped; sparse leaves the dense host ``θ`` (numpy, or with
         ``host_memory="pinned_host"`` a ``jax.Array`` in that memory kind; stale on ``B``
         between refreshes, where the device holds the current values), ``None`` on dense leaves.
@@ -459,10 +460,11 @@ class AlwaysSparse:
         plan = self.plan(self.abstract_params(state))
         thetas = self._current_thetas(state)
         old = self._old_layouts(state)
-        rng = state.rng
+        rng, mask_rng = state.rng, None
         if reselect:
-            with jax.default_device(jax.devices("cpu")[0]):
-                rng, mask_rng = np.asarray(jax.random.split(jnp.asarray(state.rng)))
+            if self.backward_selection == "random":  # the masked path's rule (tk.topkast)
+                with jax.default_device(jax.devices("cpu")[0]):
+                    rng, mask_rng = np.asarray(jax.random.split(jnp.asarray(state.rng)))
             masks = self._select(thetas, plan, mask_rng)
         else:
             masks = [host.flat_masks(lay, t.size) for lay, t in zip(old, thetas, strict=True)]

@@ -154,7 +154,8 @@ class TopKastState(NamedTuple):
         partitioning setup replicates it.
       exploration_l2: float32 scalar ``λ``.
       stats: mask dynamics (:class:`SetStats`).
-      rng: PRNG key (uint32[2]) for the random-``B∖A`` ablation.
+      rng: PRNG key (uint32[2]) for the random-``B∖A`` ablation: split once per refresh there,
+        left as it is with magnitude ``B`` (nothing else draws from it).
       inner_state: the wrapped optimizer's state, zero outside ``B`` on param-shaped leaves.
     """
 

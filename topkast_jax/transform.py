@@ -406,7 +406,9 @@ def topkast(
     def refreshed(state: TopKastState, params: Any, plan: list[LeafDensity]) -> tuple:
         """``(sets, key_history, stats, rng)`` of ``state`` after ``A`` and ``B`` are selected
         from ``params`` (step (e), before the stop-exploration ablation)."""
-        rng, mask_rng = jax.random.split(state.rng)
+        rng, mask_rng = state.rng, None
+        if backward_selection == "random":  # only the random B∖A draws: no PRNG work otherwise
+            rng, mask_rng = jax.random.split(state.rng)
         sets, history = compute_sets(params, plan, mask_rng, state.key_history)
         # The new packed sets go into the donated buffers of the old ones, and the statistic
         # reads both: the output is made to depend on the statistic, so XLA packs into a
