@@ -1,12 +1,12 @@
 """Where a Top-KAST refresh's compile time goes, beside the dense step, measured in one run.
 
 Issue 8 asks for a Top-KAST step that compiles in at most 1.5× the dense step's time.  On XLA's
-CPU backend compile time follows the number of kernels the program holds (each fusion is an
-LLVM module of its own), so this script compiles, for each of ``scripts/benchmark_step.py``'s
-models (clip + Adam, 0.8/0.5, ``refresh_every=100``, params and state donated), the programs a
-refresh is made of and prints for each the CPU seconds of ``compile()`` (the least of
-``--repeats`` fresh compiles, after one discarded warm-up), the kernels of the compiled program
-and the ratio to the dense step's compile:
+CPU backend compile time grows with the kernels the program holds (each fusion is an LLVM
+module of its own), though small ones cost little.  So this script compiles, for each of
+``scripts/benchmark_step.py``'s models (clip + Adam, 0.8/0.5, ``refresh_every=100``, params and
+state donated), the programs a refresh is made of and prints for each the CPU seconds of
+``compile()`` (the least of ``--repeats`` fresh compiles, after one discarded warm-up), the
+kernels of the compiled program and the ratio to the dense step's compile:
 
 * ``dense step``, ``no-refresh step`` (``refresh_masks=False``), ``refresh step``
   (``refresh_masks=True``) and ``refresh program`` (``tk.refresh_sets(tx)`` alone);
@@ -30,10 +30,8 @@ Usage:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +54,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("repeats", 3, "Fresh compiles per program; the least CPU time is printed.")
 
 GOAL = 1.5
+FORWARD, BACKWARD = 0.8, 0.5  # the sparsities of every row
 #: XLA instructions that become kernels of their own in the compiled CPU program.
 _KERNEL = re.compile(r"\s*(?:ROOT )?%\S+ = \S+ (fusion|scatter|sort|dot|custom-call|copy)\(")
 
@@ -77,19 +76,15 @@ def compile_cost(make: Callable[[], Any], args: Sequence[Any], repeats: int) -> 
     """``make()`` (a new ``jax.jit`` each call, so no cache hit) compiled for ``args``: one
     warm-up compile discarded, then the least CPU seconds of ``repeats`` compiles."""
     make().lower(*args).compile()
-    seconds, compiled = float("inf"), None
-    for _ in range(max(1, repeats)):
-        lowered = make().lower(*args)
-        start = time.process_time()
-        compiled = lowered.compile()
-        seconds = min(seconds, time.process_time() - start)
+    seconds, compiled = bs.least_compile(make, args, repeats)
     return Compiled(seconds, kernel_count(compiled))
 
 
 def one_scatter_pass(xs: Sequence[jax.Array]) -> jax.Array:
     """int32 ``[len(xs) · 65536]``: per leaf, how many weights have each high 16 bits of their
-    magnitude key — one ``fori_loop`` over chunks of ``CHUNK`` weights (a leaf's last chunk
-    overlaps the one before; this is a compile-time floor, the counts are not exact there)."""
+    magnitude key — one ``fori_loop`` over chunks of ``CHUNK`` weights.  A compile-time floor,
+    not a selection: a leaf's last chunk overlaps the one before and a leaf smaller than a chunk
+    is repeated to fill it, so those counts are not exact."""
     chunk = streaming.CHUNK
     flat = [x.reshape(-1) for x in xs]
     table = jnp.asarray(
@@ -115,15 +110,19 @@ def programs(problem: bs.Problem) -> dict[str, tuple[Callable[[], Any], tuple]]:
     """Name → (a new jitted program, its arguments) for every row."""
     inner = bs.inner_optimizer()
     tx = tk.topkast(
-        inner, forward_sparsity=0.8, backward_sparsity=0.5, exploration_l2=1e-4, refresh_every=100
+        inner,
+        forward_sparsity=FORWARD,
+        backward_sparsity=BACKWARD,
+        exploration_l2=1e-4,
+        refresh_every=100,
     )
     state = jax.jit(tx.init)(problem.params)
     dense_state = jax.jit(inner.init)(problem.params)
     plan = layer_densities(
         problem.params,
         sparsify=sparsify_lib.default(),
-        forward_sparsity=0.8,
-        backward_sparsity=0.5,
+        forward_sparsity=FORWARD,
+        backward_sparsity=BACKWARD,
         distribution="uniform",
         layer_axis=None,
     )
@@ -134,17 +133,14 @@ def programs(problem: bs.Problem) -> dict[str, tuple[Callable[[], Any], tuple]]:
     guess = streaming.leaf_keys(thresholds)
     step_args = (problem.params, state, problem.batch)
 
-    def donated(step):  # a new function for every jit: no cache hit
-        return lambda: jax.jit(functools.partial(step), donate_argnums=(0, 1))
-
     return {
         "dense step": (
-            donated(bs.dense_step(problem, inner)),
+            bs.donated_jit(bs.dense_step(problem, inner)),
             (problem.params, dense_state, problem.batch),
         ),
-        "no-refresh step": (donated(bs.topkast_step(problem, tx, False)), step_args),
-        "refresh step": (donated(bs.topkast_step(problem, tx, True)), step_args),
-        "refresh program": (donated(bs.refresh_program(tx)), step_args),
+        "no-refresh step": (bs.donated_jit(bs.topkast_step(problem, tx, False)), step_args),
+        "refresh step": (bs.donated_jit(bs.topkast_step(problem, tx, True)), step_args),
+        "refresh program": (bs.donated_jit(bs.refresh_program(tx)), step_args),
         "selection, cold": (
             lambda: jax.jit(lambda xs: streaming.leaf_thresholds(xs, k_a, k_b)),
             (xs,),

@@ -47,7 +47,7 @@ import functools
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,15 +186,30 @@ def nbytes(tree: Any) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def measure(step, params, opt_state, batch) -> Measured:
-    """Compile the donated step and read XLA's memory and cost analysis."""
-    compile_s = float("inf")
-    for _ in range(max(1, FLAGS.compile_repeats)):  # a new function each time: no cache hit
-        fresh_step = functools.partial(step)
-        lowered = jax.jit(fresh_step, donate_argnums=(0, 1)).lower(params, opt_state, batch)
+def donated_jit(step) -> Callable[[], Any]:
+    """A maker of ``jax.jit(step)`` with params and state donated, a new function each call
+    (so that a second compile is not a cache hit)."""
+    return lambda: jax.jit(functools.partial(step), donate_argnums=(0, 1))
+
+
+def least_compile(make: Callable[[], Any], args: Sequence[Any], repeats: int) -> tuple[float, Any]:
+    """``(seconds, compiled)``: the least CPU seconds of ``repeats`` compiles of
+    ``make().lower(*args)`` (``make`` returns a new ``jax.jit`` each call) and the last
+    compiled program."""
+    seconds, compiled = float("inf"), None
+    for _ in range(max(1, repeats)):
+        lowered = make().lower(*args)
         start = time.process_time()  # CPU seconds of this process: robust to other jobs' load
         compiled = lowered.compile()
-        compile_s = min(compile_s, time.process_time() - start)
+        seconds = min(seconds, time.process_time() - start)
+    return seconds, compiled
+
+
+def measure(step, params, opt_state, batch) -> Measured:
+    """Compile the donated step and read XLA's memory and cost analysis."""
+    compile_s, compiled = least_compile(
+        donated_jit(step), (params, opt_state, batch), FLAGS.compile_repeats
+    )
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
